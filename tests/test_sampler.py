@@ -1,0 +1,169 @@
+"""The sampling loop: tiled == untiled for one tile, batch invariance, seeds, every scheduler."""
+
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+
+from anysize.sampler import TiledModel, TileMerger, UNetTileDenoiser, sample, sample_tiled
+from anysize.tiling import TilingConfig
+
+SCHEDULERS = {
+    "ddim": DDIMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler_a": EulerAncestralDiscreteScheduler,
+    "dpmpp": DPMSolverMultistepScheduler,
+    "unipc": UniPCMultistepScheduler,
+}
+STEPS = 4
+
+
+def make_scheduler(name):
+    s = SCHEDULERS[name](num_train_timesteps=1000)
+    s.set_timesteps(STEPS)
+    return s
+
+
+def noise(h, w, seed=0, channels=4):
+    return torch.randn(1, channels, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def reference_loop(unet, latents, scheduler, pos, neg, scale, generator):
+    """Plain untiled sampling with CFG, written as diffusers' StableDiffusionPipeline writes it."""
+    extra = {"generator": generator} if not isinstance(scheduler, UniPCMultistepScheduler) else {}
+    for t in scheduler.timesteps:
+        x = scheduler.scale_model_input(latents, t)
+        out = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([neg, pos])).sample
+        u, c = out.chunk(2)
+        latents = scheduler.step(u + scale * (c - u), t, latents, **extra).prev_sample
+    return latents
+
+
+def run(unet, embeds, config, scheduler_name, *, h=24, w=40, seed=0, scale=5.0):
+    pos, neg = embeds
+    g = torch.Generator().manual_seed(seed)
+    den = UNetTileDenoiser(unet, pos, negative_prompt_embeds=neg, guidance_scale=scale)
+    with torch.no_grad():
+        return sample_tiled(den, noise(h, w), make_scheduler(scheduler_name), config, generator=g, progress=False)
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_one_tile_is_exactly_untiled_sampling(unet, embeds, name):
+    pos, neg = embeds
+    with torch.no_grad():
+        ref = reference_loop(unet, noise(24, 40), make_scheduler(name), pos, neg, 5.0, torch.Generator().manual_seed(0))
+    for method in ("fstd", "naive", "overlap", "none"):
+        out = run(unet, embeds, TilingConfig(method=method, tile_size=64), name)
+        assert torch.equal(out, ref), method
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_fstd_bit_identical_whatever_tile_batch_size(unet, embeds, name):
+    outs = [run(unet, embeds, TilingConfig(tile_size=16, tile_batch_size=b), name) for b in (1, 3, 64)]
+    assert torch.isfinite(outs[0]).all()
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_batch_invariance_without_guidance(unet, embeds):
+    # without CFG a tile batch of 1 is a UNet batch of 1, where oneDNN's convolution takes another
+    # code path; with oneDNN off, CPU convolutions are batch-invariant too (README: Determinism).
+    with torch.backends.mkldnn.flags(enabled=False):
+        outs = [run(unet, embeds, TilingConfig(tile_size=16, tile_batch_size=b), "euler_a", scale=1.0) for b in (1, 4)]
+    assert torch.equal(*outs)
+
+
+@pytest.mark.parametrize("method", ["fstd", "overlap", "naive"])
+def test_same_seed_same_output_other_seed_differs(unet, embeds, method):
+    cfg = TilingConfig(method=method, tile_size=16, tile_batch_size=4)
+    a, b = run(unet, embeds, cfg, "euler_a", seed=7), run(unet, embeds, cfg, "euler_a", seed=7)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, run(unet, embeds, cfg, "euler_a", seed=8))
+
+
+def test_small_tiles_really_tile(unet, embeds):
+    # guards against a plan that silently falls back to one whole-latent tile
+    untiled = run(unet, embeds, TilingConfig(method="none"), "ddim")
+    for method in ("fstd", "overlap", "naive"):
+        tiled = run(unet, embeds, TilingConfig(method=method, tile_size=16), "ddim")
+        assert torch.isfinite(tiled).all() and not torch.equal(tiled, untiled)
+
+
+def test_super_resolution_conditioning_is_cropped_per_tile(sr_unet, embeds):
+    """Concat-conditioned UNet (SD x4-upscaler layout): tiled with one tile == a direct call."""
+    pos, _ = embeds
+    low_res = noise(24, 40, seed=3, channels=3)
+    level = torch.tensor([20])
+    den = UNetTileDenoiser(sr_unet, pos, cond=low_res, class_labels=level)
+    x, t = noise(24, 40), torch.tensor(500)
+    with torch.no_grad():
+        direct = sr_unet(torch.cat([x, low_res], 1), t, encoder_hidden_states=pos, class_labels=level).sample
+        one = TiledModel(den, TilingConfig(method="none"), height=24, width=40, num_steps=1)(x, t, 0)
+        assert torch.equal(one, direct)
+        # with many tiles each crop of the conditioning goes with its crop of the latent
+        tiled = TiledModel(den, TilingConfig(method="naive", tile_size=8), height=24, width=40, num_steps=1)(x, t, 0)
+        crop = sr_unet(torch.cat([x[..., 8:16, 16:24], low_res[..., 8:16, 16:24]], 1), t,
+                       encoder_hidden_states=pos, class_labels=level).sample
+        assert torch.allclose(tiled[..., 8:16, 16:24], crop, atol=1e-5)
+
+
+def test_per_tile_prompt_embeddings(unet, embeds):
+    pos, neg = embeds
+    seen = []
+
+    def regional(box):
+        seen.append(box)
+        return pos if box[1] < 16 else neg
+
+    den = UNetTileDenoiser(unet, pos, tile_prompt_embeds=regional)
+    x, t = noise(16, 32), torch.tensor(300)
+    with torch.no_grad():
+        out = TiledModel(den, TilingConfig(method="naive", tile_size=16), height=16, width=32, num_steps=1)(x, t, 0)
+        right = unet(x[..., 16:], t, encoder_hidden_states=neg).sample
+    assert seen == [(0, 0, 16, 16), (0, 16, 16, 32)]
+    assert torch.allclose(out[..., 16:], right, atol=1e-5)
+
+
+def test_batch_of_images_and_progress_counts_tiles(unet, embeds):
+    pos, neg = embeds
+    den = UNetTileDenoiser(unet, pos.repeat(2, 1, 1), negative_prompt_embeds=neg.repeat(2, 1, 1), guidance_scale=3)
+    model = TiledModel(den, TilingConfig(tile_size=16, tile_batch_size=3), height=24, width=40, num_steps=STEPS,
+                       generator=torch.Generator().manual_seed(0))
+    counted = []
+    model.progress = counted.append
+    lat = torch.randn(2, 4, 24, 40, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = sample(model, lat, make_scheduler("ddim"))
+    assert out.shape == lat.shape and sum(counted) == model.total_evaluations
+    assert model.total_evaluations == sum(len(p) for p in model.plans) >= STEPS * 6
+
+
+def test_callback_can_replace_latents(unet, embeds):
+    calls = []
+
+    def cb(i, t, lat):
+        calls.append(i)
+        return torch.zeros_like(lat) if i == STEPS - 1 else None
+
+    den = UNetTileDenoiser(unet, embeds[0])
+    with torch.no_grad():
+        out = sample_tiled(den, noise(16, 16), make_scheduler("euler"), TilingConfig(tile_size=8),
+                           callback_on_step_end=cb, progress=False)
+    assert calls == list(range(STEPS)) and torch.equal(out, torch.zeros_like(out))
+
+
+def test_merger_refuses_uncovered_pixels():
+    m = TileMerger(torch.Size((1, 4, 8, 8)), "uniform", dtype=torch.float32, device=torch.device("cpu"))
+    m.add(torch.ones(1, 4, 4, 8), [(0, 0, 4, 8)])
+    with pytest.raises(RuntimeError, match="uncovered"):
+        m.result()
+
+
+def test_merger_blends_overlaps_with_weights():
+    m = TileMerger(torch.Size((1, 1, 1, 6)), "uniform", dtype=torch.float32, device=torch.device("cpu"))
+    m.add(torch.cat([torch.full((1, 1, 1, 4), 1.0), torch.full((1, 1, 1, 4), 3.0)]), [(0, 0, 1, 4), (0, 2, 1, 6)])
+    assert m.result().flatten().tolist() == [1, 1, 2, 2, 3, 3]

@@ -1,0 +1,136 @@
+"""Geometry properties of the tile plans, over hundreds of random sizes."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from anysize.tiling import TilingConfig, coverage, fstd_tiles, naive_tiles, overlap_tiles, tile_weights
+
+sizes = st.integers(min_value=1, max_value=300) | st.sampled_from([1, 2, 63, 64, 65, 128, 4096])
+tiles = st.integers(min_value=1, max_value=96) | st.sampled_from([64, 128])
+
+
+def assert_valid(boxes, h, w, tile):
+    th, tw = min(tile, h), min(tile, w)
+    for top, left, bottom, right in boxes:
+        assert 0 <= top < bottom <= h and 0 <= left < right <= w, "tile outside the canvas"
+        assert (bottom - top, right - left) == (th, tw), "tiles of one step must share one size"
+    assert len(set(boxes)) == len(boxes), "duplicate tile"
+    rows = sorted({b[0] for b in boxes})
+    cols = sorted({b[1] for b in boxes})
+    assert len(boxes) == len(rows) * len(cols)
+    # full coverage, checked per axis (the plans are products of two 1-D covers)
+    for starts, t, n in ((rows, th, h), (cols, tw, w)):
+        covered = 0
+        for s in starts:
+            assert s <= covered, f"gap at {covered}"
+            covered = max(covered, s + t)
+        assert covered == n
+
+
+@settings(max_examples=300, deadline=None)
+@given(h=sizes, w=sizes, tile=tiles, seed=st.integers(0, 2**31 - 1), max_offset=st.none() | st.integers(0, 200))
+def test_fstd_covers_everything_inside_canvas(h, w, tile, seed, max_offset):
+    boxes = fstd_tiles(h, w, tile, generator=torch.Generator().manual_seed(seed), max_offset=max_offset)
+    assert_valid(boxes, h, w, tile)
+    assert len(boxes) <= (math.ceil(h / tile) + 1) * (math.ceil(w / tile) + 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(h=sizes, w=sizes, tile=tiles)
+def test_naive_is_minimal_grid(h, w, tile):
+    boxes = naive_tiles(h, w, tile)
+    assert_valid(boxes, h, w, tile)
+    assert len(boxes) == math.ceil(h / tile) * math.ceil(w / tile)
+
+
+@settings(max_examples=300, deadline=None)
+@given(h=sizes, w=sizes, tile=tiles, frac=st.floats(0.05, 1.0))
+def test_overlap_snaps_last_tile_and_covers(h, w, tile, frac):
+    stride = max(1, int(tile * frac))
+    boxes = overlap_tiles(h, w, tile, stride)
+    assert_valid(boxes, h, w, tile)
+    assert max(b[2] for b in boxes) == h and max(b[3] for b in boxes) == w
+
+
+def test_small_coverage_map_is_exact():
+    # a 1-pixel-wide canvas, a latent smaller than a tile, and a large one, checked pixel by pixel
+    for h, w, t in ((1, 37, 8), (5, 3, 64), (300, 260, 64)):
+        for boxes in (fstd_tiles(h, w, t, generator=torch.Generator().manual_seed(3)), naive_tiles(h, w, t)):
+            assert int(coverage(h, w, boxes).min()) >= 1
+
+
+def test_fstd_same_generator_state_same_tiles_and_borders_move():
+    plans = [fstd_tiles(200, 200, 64, generator=torch.Generator().manual_seed(s)) for s in range(20)]
+    assert plans[0] == fstd_tiles(200, 200, 64, generator=torch.Generator().manual_seed(0))
+    assert len({tuple(p) for p in plans}) > 10, "offsets should vary with the seed"
+
+
+def test_fstd_offset_spreads_borders_and_never_wraps():
+    g = torch.Generator().manual_seed(0)
+    starts = set()
+    for _ in range(400):
+        boxes = fstd_tiles(256, 256, 64, generator=g)
+        starts |= {b[0] for b in boxes}
+    # every interior border position 1..255 is reachable with the default bound (tile - 1)
+    assert len(starts) > 150
+    g = torch.Generator().manual_seed(0)
+    bounded = {b[1] for _ in range(200) for b in fstd_tiles(256, 256, 64, generator=g, max_offset=8)}
+    assert all(s % 64 <= 8 or s == 256 - 64 for s in bounded)
+
+
+def test_fstd_single_tile_draws_nothing():
+    g = torch.Generator().manual_seed(5)
+    state = g.get_state()
+    assert fstd_tiles(40, 60, 64, generator=g) == [(0, 0, 40, 60)]
+    assert torch.equal(g.get_state(), state)
+
+
+def test_fstd_axes_option_limits_the_shift():
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        boxes = fstd_tiles(256, 256, 64, generator=g, axes="y")
+        assert {b[1] for b in boxes} == {0, 64, 128, 192}
+    assert fstd_tiles(256, 256, 64, generator=g, axes="none") == naive_tiles(256, 256, 64)
+
+
+def test_fstd_area_alternate_vs_both():
+    cfg_both = TilingConfig(tile_size=64)
+    cfg_alt = TilingConfig(tile_size=64, shift="alternate")
+    g = torch.Generator().manual_seed(0)
+    n_both = [len(cfg_both.plan(512, 512, i, g)) for i in range(50)]
+    n_alt = [len(cfg_alt.plan(512, 512, i, g)) for i in range(50)]
+    assert max(n_both) == 81 and max(n_alt) == 72  # (n+1)^2 vs n(n+1) on an 8x8 grid
+
+
+def test_reset_every_uses_the_fixed_grid():
+    cfg = TilingConfig(tile_size=64, reset_every=4)
+    g = torch.Generator().manual_seed(0)
+    assert cfg.plan(256, 256, 0, g) == naive_tiles(256, 256, 64)
+    assert cfg.plan(256, 256, 8, g) == naive_tiles(256, 256, 64)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "linear", "gaussian"])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (64, 64), (5, 64)])
+def test_weights_positive(kind, shape):
+    w = tile_weights(*shape, kind)
+    assert w.shape == shape and bool((w > 0).all())
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: naive_tiles(0, 5, 4), "height=0"),
+        (lambda: overlap_tiles(5, 5, 4, 8), "stride=8"),
+        (lambda: fstd_tiles(5, 5, -1, generator=torch.Generator()), "tile=-1"),
+        (lambda: TilingConfig(method="spiral"), "tiling='spiral'"),
+        (lambda: TilingConfig(tile_batch_size=0), "tile_batch_size=0"),
+        (lambda: tile_weights(4, 4, "cosine"), "weighting='cosine'"),
+    ],
+)
+def test_bad_arguments_name_the_argument(call, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        call()
