@@ -152,15 +152,20 @@ def sample_tiled(
     callback_on_step_end=None,
     progress: bool = True,
     desc: str = "denoise",
+    timesteps: Sequence | None = None,
 ) -> torch.Tensor:
-    """:func:`sample` over a :class:`TiledModel`, with one progress bar counting tile evaluations."""
-    steps = len(scheduler.timesteps)
+    """:func:`sample` over a :class:`TiledModel`, with one progress bar counting tile evaluations.
+
+    ``timesteps``: a tail of ``scheduler.timesteps`` to run (img2img), default all of them.
+    """
+    steps = len(scheduler.timesteps if timesteps is None else timesteps)
     model = TiledModel(
         denoiser, config, height=latents.shape[-2], width=latents.shape[-1], num_steps=steps, generator=generator
     )
     with tqdm(total=model.total_evaluations, desc=desc, unit="tile", disable=not progress) as bar:
         model.progress = bar.update
-        return sample(model, latents, scheduler, generator=generator, callback_on_step_end=callback_on_step_end)
+        return sample(model, latents, scheduler, generator=generator, timesteps=timesteps,
+                      callback_on_step_end=callback_on_step_end)
 
 
 class UNetTileDenoiser:
@@ -171,7 +176,8 @@ class UNetTileDenoiser:
     ``cond``: (B, c, H, W) at latent resolution, cropped per tile and concatenated on channels
         (super-resolution UNets such as the SD x4 upscaler: in_channels = latent + c).
     ``class_labels``: (B,) e.g. the x4 upscaler's noise level. ``added_cond_kwargs``: per-image SDXL
-        extras (``text_embeds`` (B, d), ``time_ids`` (B, 6)).
+        extras (``text_embeds`` (B, d), ``time_ids`` (B, 6)); ``negative_added_cond_kwargs`` the same for
+        the unconditional half (SDXL's negative pooled embedding; default: ``added_cond_kwargs``).
     ``tile_prompt_embeds(box)``: optional per-tile positive embeddings (B, seq, dim) (regional prompts).
     """
 
@@ -185,6 +191,7 @@ class UNetTileDenoiser:
         cond: torch.Tensor | None = None,
         class_labels: torch.Tensor | None = None,
         added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        negative_added_cond_kwargs: dict[str, torch.Tensor] | None = None,
         tile_prompt_embeds: Callable[[Box], torch.Tensor] | None = None,
     ):
         self.unet, self.guidance_scale = unet, guidance_scale
@@ -194,6 +201,7 @@ class UNetTileDenoiser:
         if self.do_cfg and negative_prompt_embeds is None:
             negative_prompt_embeds = torch.zeros_like(prompt_embeds)
         self.negative_prompt_embeds = negative_prompt_embeds
+        self.negative_added_cond_kwargs = negative_added_cond_kwargs or added_cond_kwargs
 
     def _per_box(self, value: torch.Tensor | None, n_boxes: int) -> torch.Tensor | None:
         return None if value is None else value.repeat(n_boxes, *([1] * (value.dim() - 1)))
@@ -207,17 +215,21 @@ class UNetTileDenoiser:
         if self.cond is not None:
             x = torch.cat([x, crop_tiles(self.cond, boxes).to(x.dtype)], dim=1)
         labels = self._per_box(self.class_labels, n)
-        added = {k: self._per_box(v, n) for k, v in (self.added_cond_kwargs or {}).items()} or None
+        added = self._added(self.added_cond_kwargs, n)
         if not self.do_cfg:
             return self._unet(x, t, pos, labels, added)
         neg = self._per_box(self.negative_prompt_embeds, n)
-        double = lambda v: None if v is None else torch.cat([v, v])  # noqa: E731
+        if added is not None:
+            neg_added = self._added(self.negative_added_cond_kwargs, n)
+            added = {k: torch.cat([neg_added[k], v]) for k, v in added.items()}
         out = self._unet(
-            torch.cat([x, x]), t, torch.cat([neg, pos]), double(labels),
-            None if added is None else {k: double(v) for k, v in added.items()},
+            torch.cat([x, x]), t, torch.cat([neg, pos]), None if labels is None else torch.cat([labels, labels]), added
         )
         uncond, cond = out.chunk(2)
         return uncond + self.guidance_scale * (cond - uncond)
+
+    def _added(self, kwargs: dict[str, torch.Tensor] | None, n_boxes: int) -> dict[str, torch.Tensor] | None:
+        return {k: self._per_box(v, n_boxes) for k, v in kwargs.items()} if kwargs else None
 
     def _unet(self, x, t, embeds, labels, added) -> torch.Tensor:
         kwargs: dict[str, Any] = {"encoder_hidden_states": embeds.to(x.dtype), "return_dict": False}

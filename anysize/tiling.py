@@ -24,7 +24,8 @@ Box = tuple[int, int, int, int]
 
 METHODS = ("fstd", "overlap", "naive", "none")
 WEIGHTINGS = ("uniform", "linear", "gaussian")
-SHIFTS = ("both", "alternate")
+SHIFTS = ("auto", "both", "alternate")
+AREA_BUDGET = 1.15  # "auto" shifts both axes only while that costs at most this much evaluated area
 
 
 def _check_size(name: str, value: int, minimum: int = 1) -> None:
@@ -137,8 +138,11 @@ class TilingConfig:
     max_offset: FSTD offset bound in latent px (default ``tile_size - 1``; the official code used tile/2).
     reset_every: FSTD: every k-th step (k > 0, counting from step 0) uses the unshifted grid
         (the official code used 4; 0 never resets).
-    shift: FSTD: "both" shifts both axes every step; "alternate" shifts y on even steps and x on odd
-        ones, which costs ``n (n + 1)`` tiles instead of ``(n + 1)^2`` on an ``n x n`` grid.
+    shift: FSTD: "both" shifts both axes every step, which costs ``(n + 1)^2`` tiles on an ``n x n``
+        grid; "alternate" shifts y on even steps and x on odd ones, ``n (n + 1)`` tiles; "auto"
+        (default) shifts both while that costs at most ``AREA_BUDGET`` (1.15) times the latent area
+        (grids of about 14 x 14 tiles and up) and alternates below, where a shift of both axes would
+        cost up to 27% (8 x 8) or more. An axis holding a single tile never shifts.
     weighting: how overlapping tile outputs blend: "uniform", "linear" or "gaussian"
         (None: uniform for fstd/naive/none, gaussian for overlap).
     tile_batch_size: tiles per denoiser call (classifier-free guidance doubles the model batch).
@@ -149,7 +153,7 @@ class TilingConfig:
     stride: int | None = None
     max_offset: int | None = None
     reset_every: int = 0
-    shift: str = "both"
+    shift: str = "auto"
     weighting: str | None = None
     tile_batch_size: int = 8
 
@@ -172,6 +176,16 @@ class TilingConfig:
             return self.weighting
         return "gaussian" if self.method == "overlap" else "uniform"
 
+    def _axes(self, height: int, width: int, step: int) -> str:
+        """Which axes FSTD shifts at ``step`` (see ``shift``)."""
+        t = self.tile_size
+        ny, nx = math.ceil(height / t), math.ceil(width / t)
+        if self.shift == "both" or ny == 1 or nx == 1:
+            return "both"  # with one axis fixed by the canvas, "both" shifts the other every step
+        if self.shift == "auto" and (ny + 1) * (nx + 1) <= AREA_BUDGET * ny * nx:
+            return "both"
+        return "y" if step % 2 == 0 else "x"
+
     def plan(self, height: int, width: int, step: int, generator: torch.Generator) -> list[Box]:
         """The boxes to evaluate at denoising step ``step`` of a ``height x width`` latent."""
         if self.method == "none":
@@ -181,7 +195,7 @@ class TilingConfig:
         if self.method == "overlap":
             stride = self.stride or max(1, self.tile_size // 2)
             return overlap_tiles(height, width, self.tile_size, min(stride, self.tile_size))
-        axes = "both" if self.shift == "both" else ("y" if step % 2 == 0 else "x")
+        axes = self._axes(height, width, step)
         if self.reset_every and step % self.reset_every == 0:
             axes = "none"
         return fstd_tiles(height, width, self.tile_size, generator=generator, max_offset=self.max_offset, axes=axes)

@@ -97,13 +97,24 @@ def test_fstd_axes_option_limits_the_shift():
     assert fstd_tiles(256, 256, 64, generator=g, axes="none") == naive_tiles(256, 256, 64)
 
 
-def test_fstd_area_alternate_vs_both():
-    cfg_both = TilingConfig(tile_size=64)
-    cfg_alt = TilingConfig(tile_size=64, shift="alternate")
+def test_fstd_area_alternate_vs_both_vs_auto():
+    def counts(shift, side):
+        cfg = TilingConfig(tile_size=64, shift=shift)
+        g = torch.Generator().manual_seed(0)
+        return [len(cfg.plan(side, side, i, g)) for i in range(50)]
+
+    assert max(counts("both", 512)) == 81 and max(counts("alternate", 512)) == 72  # (n+1)^2 vs n(n+1), 8x8
+    assert counts("auto", 512) == counts("alternate", 512)  # (9/8)^2 = 1.27 > 1.15: alternate
+    assert max(counts("auto", 1024)) == 17 * 17  # (17/16)^2 = 1.13 <= 1.15: both axes every step
+    for side in (512, 1024, 4096):  # auto keeps the evaluated area within the budget
+        assert max(counts("auto", side)) * 64 * 64 <= 1.15 * side * side
+
+
+def test_fstd_auto_always_shifts_a_single_row():
+    cfg = TilingConfig(tile_size=64)
     g = torch.Generator().manual_seed(0)
-    n_both = [len(cfg_both.plan(512, 512, i, g)) for i in range(50)]
-    n_alt = [len(cfg_alt.plan(512, 512, i, g)) for i in range(50)]
-    assert max(n_both) == 81 and max(n_alt) == 72  # (n+1)^2 vs n(n+1) on an 8x8 grid
+    plans = [cfg.plan(64, 640, i, g) for i in range(10)]
+    assert sum(len(p) == 11 for p in plans) >= 8  # a 1 x 10 strip shifts along x at every step
 
 
 def test_reset_every_uses_the_fixed_grid():
