@@ -1,17 +1,31 @@
-"""anysize: text to an image of any width x height (Any-Size-Diffusion: ARAD buckets, then FSTD)."""
+"""anysize: text to an image of any width x height (Any-Size-Diffusion: ARAD buckets, then FSTD).
 
-from .sampler import TiledModel, TileMerger, UNetTileDenoiser, sample, sample_tiled
-from .tiling import TilingConfig, fstd_tiles, naive_tiles, overlap_tiles
+Names load lazily, so ``import anysize`` (and ``anysize --help``) does not import torch.
+"""
+
+from importlib import import_module
 
 __version__ = "0.1.0"
-__all__ = [
-    "TiledModel",
-    "TileMerger",
-    "TilingConfig",
-    "UNetTileDenoiser",
-    "fstd_tiles",
-    "naive_tiles",
-    "overlap_tiles",
-    "sample",
-    "sample_tiled",
-]
+
+_EXPORTS = {
+    "AnySizePipeline": "pipeline",
+    "AnySizeOutput": "pipeline",
+    "TiledModel": "sampler",
+    "TileMerger": "sampler",
+    "UNetTileDenoiser": "sampler",
+    "sample": "sampler",
+    "sample_tiled": "sampler",
+    "TilingConfig": "tiling",
+    "fstd_tiles": "tiling",
+    "naive_tiles": "tiling",
+    "overlap_tiles": "tiling",
+    "tiled_decode": "vae",
+    "tiled_encode": "vae",
+}
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'anysize' has no attribute {name!r}")

@@ -46,3 +46,21 @@ def sr_unet():
 def embeds():
     g = torch.Generator().manual_seed(1)
     return torch.randn(1, 5, EMBED_DIM, generator=g), torch.randn(1, 5, EMBED_DIM, generator=g)
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    """(base, upscaler) directories of tiny random-weight diffusers pipelines, saved as safetensors."""
+    import tiny_models
+
+    root = tmp_path_factory.mktemp("models")
+    return tiny_models.make_base(root / "base"), tiny_models.make_upscaler(root / "upscaler")
+
+
+@pytest.fixture(scope="session")
+def pipe(model_dirs):
+    from anysize import AnySizePipeline
+
+    p = AnySizePipeline.from_pretrained(base=model_dirs[0], upscaler=model_dirs[1], device="cpu")
+    p.set_progress_bar_config(disable=True)
+    return p

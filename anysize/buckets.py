@@ -1,0 +1,107 @@
+"""Aspect-ratio buckets (ARAD, Zheng et al. 2023, sec. 3.2), shared by inference and training.
+
+A bucket is a ``(width, height)`` in image pixels, both multiples of the model's granularity, with
+an area close to the model's native area. Generation starts at the bucket nearest the requested
+ratio, so the base model composes at a shape it was trained on; training sorts each image into the
+bucket nearest its own ratio. Ratios are height / width, as in the paper.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# The paper's nine ratios, H / W.
+ARAD_RATIOS = (0.5, 0.5625, 0.625, 0.75, 1.0, 4 / 3, 1.6, 16 / 9, 2.0)
+
+# Native pixel areas of common model families.
+NATIVE_AREAS = {"sd1": 512 * 512, "sd2-v": 768 * 768, "sdxl": 1024 * 1024}
+
+Bucket = tuple[int, int]
+
+
+def _positive_int(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name}={value!r}: must be a positive integer")
+
+
+def _round_to(value: float, step: int) -> int:
+    return max(step, int(round(value / step)) * step)
+
+
+def arad_buckets(area: int = 512 * 512, granularity: int = 64, ratios: tuple[float, ...] = ARAD_RATIOS) -> list[Bucket]:
+    """The paper's ratio buckets at about ``area`` pixels, sides multiples of ``granularity`` px.
+
+    For each ratio the side pair on the grid is the one that best trades ratio error against area
+    error (``|log ratio error| + |log area error| / 2``); ratios that land on the same pair merge.
+    """
+    _positive_int("area", area)
+    _positive_int("granularity", granularity)
+    buckets = set()
+    for r in ratios:
+        if r <= 0:
+            raise ValueError(f"ratio={r!r}: must be > 0")
+        ideal = math.sqrt(area / r) / granularity
+        candidates = [(w * granularity, _round_to(w * granularity * r, granularity))
+                      for w in range(max(1, math.floor(ideal) - 2), math.ceil(ideal) + 3)]
+        buckets.add(min(candidates, key=lambda b: abs(math.log(b[1] / b[0] / r)) + abs(math.log(b[0] * b[1] / area)) / 2))
+    return sorted(buckets, key=lambda b: b[1] / b[0])
+
+
+def kohya_buckets(min_side: int = 256, max_side: int = 1024, step: int = 64, max_area: int = 512 * 512) -> list[Bucket]:
+    """kohya / NovelAI-style buckets: for every width on the ``step`` grid, the tallest height that fits
+    ``max_area`` (and vice versa), within ``[min_side, max_side]``."""
+    for name, v in (("min_side", min_side), ("max_side", max_side), ("step", step), ("max_area", max_area)):
+        _positive_int(name, v)
+    if min_side > max_side:
+        raise ValueError(f"min_side={min_side}: must be <= max_side={max_side}")
+    buckets = set()
+    for w in range(_round_to(min_side, step), max_side + 1, step):
+        h = min(max_side, (max_area // w) // step * step)
+        if h >= min_side:
+            buckets.add((w, h))
+            buckets.add((h, w))
+    if not buckets:
+        raise ValueError(f"max_area={max_area}: no bucket with sides in [{min_side}, {max_side}] fits")
+    return sorted(buckets, key=lambda b: b[1] / b[0])
+
+
+def nearest_bucket(width: int, height: int, buckets: list[Bucket]) -> Bucket:
+    """The bucket whose ratio H/W is nearest the request's, measured by ``|log ratio|``."""
+    _positive_int("width", width)
+    _positive_int("height", height)
+    if not buckets:
+        raise ValueError("buckets=[]: need at least one bucket")
+    target = math.log(height / width)
+    return min(buckets, key=lambda b: (abs(math.log(b[1] / b[0]) - target), -b[0] * b[1]))
+
+
+@dataclass(frozen=True)
+class BucketChoice:
+    """Where stage 1 generates for a ``width x height`` request."""
+
+    width: int
+    height: int
+    panorama: bool  # the request's ratio lies outside the buckets: generate at its own ratio, tiled
+
+    @property
+    def size(self) -> Bucket:
+        return self.width, self.height
+
+
+def choose_base_size(width: int, height: int, buckets: list[Bucket], *, granularity: int = 64,
+                     tolerance: float = 0.15) -> BucketChoice:
+    """Stage 1's size: the nearest bucket; or, when the requested ratio lies more than ``tolerance``
+    (in log ratio) outside the buckets' range (a 4:1 banner, a 1:3 scroll), a size at the requested
+    ratio whose shorter side is the nearest extreme bucket's shorter side (panorama mode)."""
+    bucket = nearest_bucket(width, height, buckets)
+    logs = [math.log(b[1] / b[0]) for b in buckets]
+    target = math.log(height / width)
+    if min(logs) - tolerance <= target <= max(logs) + tolerance:
+        return BucketChoice(*bucket, panorama=False)
+    short = min(bucket)
+    if width >= height:
+        size = (_round_to(short * width / height, granularity), short)
+    else:
+        size = (short, _round_to(short * height / width, granularity))
+    return BucketChoice(*size, panorama=True)

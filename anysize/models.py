@@ -1,0 +1,146 @@
+"""Loading models: one path for the embedded default model and a user's Stable Diffusion weights.
+
+Everything loads through diffusers: a local diffusers directory (``model_index.json``), a single-file
+``.safetensors`` checkpoint (``from_single_file``), or a hub id where a network exists. Weights load
+from safetensors; pickle checkpoints (``.ckpt``, ``.bin``, ``.pt``, ``.pth``) can run arbitrary code
+and are refused unless ``allow_pickle=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message is one line naming what was tried."""
+
+
+def default_device() -> torch.device:
+    """cuda if present, then Apple's mps, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """float16 on accelerators (the VAE is upcast where it overflows), float32 on the CPU."""
+    return torch.float32 if device.type == "cpu" else torch.float16
+
+
+def parse_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if name is None or name == "auto":
+        return default_dtype(device)
+    if isinstance(name, torch.dtype):
+        return name
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if name not in table:
+        raise ValueError(f"dtype={name!r}: must be one of {', '.join(table)} or 'auto'")
+    return table[name]
+
+
+@dataclass
+class ModelKind:
+    """What a loaded diffusers pipeline can do for anysize."""
+
+    is_upscaler: bool  # SD x4-upscaler layout: UNet in_channels = latent + 3, noise level as class label
+    is_sdxl: bool  # two text encoders and added time ids
+
+
+def model_kind(pipe) -> ModelKind:
+    unet = pipe.unet
+    latent = pipe.vae.config.latent_channels
+    return ModelKind(
+        is_upscaler=unet.config.in_channels == latent + 3 and hasattr(pipe, "low_res_scheduler"),
+        is_sdxl=getattr(pipe, "text_encoder_2", None) is not None,
+    )
+
+
+def _refuse_pickle(path: Path, allow_pickle: bool) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+        raise ModelLoadError(
+            f"{path}: a pickle checkpoint can run arbitrary code when loaded; convert it to .safetensors, "
+            "or pass allow_pickle=True (CLI: --allow-pickle) if you trust it"
+        )
+
+
+def _dir_has_only_pickle(path: Path) -> bool:
+    weights = [p for p in path.rglob("*") if p.suffix in (".safetensors", *PICKLE_SUFFIXES)]
+    return bool(weights) and not any(p.suffix == ".safetensors" for p in weights)
+
+
+def load_pipeline(source: str | os.PathLike, *, device: torch.device, dtype: torch.dtype,
+                  allow_pickle: bool = False, role: str = "model"):
+    """A diffusers pipeline from a directory, a single ``.safetensors`` file, or a hub id.
+
+    Raises :class:`ModelLoadError` with one line naming the source and what was tried.
+    """
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+    from diffusers.utils import logging as dlogging
+
+    path = Path(source).expanduser()
+    dlogging.set_verbosity_error()
+    try:
+        if path.is_dir():
+            if not (path / "model_index.json").is_file():
+                raise ModelLoadError(f"{role} {path}: directory has no model_index.json (not a diffusers model)")
+            if _dir_has_only_pickle(path) and not allow_pickle:
+                _refuse_pickle(path / "weights.bin", allow_pickle)
+            pipe = DiffusionPipeline.from_pretrained(
+                path, dtype=dtype, use_safetensors=not allow_pickle or None, local_files_only=True
+            )
+        elif path.is_file():
+            _refuse_pickle(path, allow_pickle)
+            if path.suffix.lower() != ".safetensors" and not allow_pickle:
+                raise ModelLoadError(f"{role} {path}: not a .safetensors checkpoint or a diffusers directory")
+            pipe = StableDiffusionPipeline.from_single_file(str(path), dtype=dtype)
+        elif str(source).count("/") == 1 and not str(source).startswith((".", "/", "~")):
+            pipe = DiffusionPipeline.from_pretrained(str(source), dtype=dtype, use_safetensors=not allow_pickle or None)
+        else:
+            raise ModelLoadError(f"{role} {source}: no such file or directory")
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # diffusers raises many kinds; the user needs one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        tried = "local diffusers directory" if path.is_dir() else (
+            "single-file checkpoint" if path.is_file() else "hub id (no network here?)")
+        raise ModelLoadError(f"{role} {source}: could not load as a {tried}: {first}") from exc
+    if getattr(pipe, "unet", None) is None or getattr(pipe, "vae", None) is None:
+        raise ModelLoadError(f"{role} {source}: needs a UNet and a VAE (got {type(pipe).__name__})")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def default_model_paths() -> tuple[Path, Path]:
+    """(base, upscaler) directories of the embedded default model; a clear error while it is not shipped."""
+    base, up = DEFAULT_MODEL_DIR / "base", DEFAULT_MODEL_DIR / "upscaler"
+    if not (base / "model_index.json").is_file() or not (up / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"the embedded default model is not in this install ({DEFAULT_MODEL_DIR} is missing); "
+            "it ships with a later release. Pass base=... and upscaler=... (CLI: --base, --upscaler) "
+            "with diffusers directories or .safetensors files"
+        )
+    return base, up
+
+
+def describe(source) -> str:
+    """A short id for metadata: the directory or file name, or the hub id."""
+    if source is None:
+        return "none"
+    p = Path(source)
+    if (p / "model_index.json").is_file():
+        try:
+            return f"{p.name} ({json.loads((p / 'model_index.json').read_text())['_class_name']})"
+        except (OSError, KeyError, json.JSONDecodeError):
+            return p.name
+    return str(source)

@@ -1,0 +1,409 @@
+"""AnySizePipeline: text to an image of exactly W x H in two stages (Any-Size-Diffusion).
+
+Stage 1 (ARAD, Zheng et al. 2023, sec. 3.2): the base model samples at the aspect-ratio bucket
+nearest the request (untiled, classifier-free guidance); when the ratio lies outside the buckets it
+samples at the requested ratio with the tiled sampler instead (panorama mode). Stage 2 (FSTD, sec.
+3.3): the stage-1 image is enlarged pass by pass (x4 each for an x4 super-resolution model, x2 for
+img2img with the base model), the last pass landing exactly on W x H, each through the tiled sampler
+and the tiled VAE decode.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+import numpy as np
+import PIL.Image
+import torch
+
+from . import models
+from .buckets import arad_buckets, choose_base_size
+from .memory import MemoryEstimate, check_memory
+from .sampler import UNetTileDenoiser, sample_tiled
+from .tiling import METHODS, TilingConfig
+from .vae import tiled_decode, tiled_encode, vae_scale_factor
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+COLOR_FIXES = ("adain", "none")
+MIN_SIDE = 8
+Size = tuple[int, int]  # (width, height) in image pixels
+
+
+@dataclass
+class AnySizeOutput:
+    """``images``: PIL images, float32 HWC arrays in [0, 1] (np), CHW tensors (pt) or latents;
+    ``info``: per image, what was done (sizes, passes, tiling, models), e.g. for file metadata."""
+
+    images: list[Any]
+    info: list[dict] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Stage sizes for one request."""
+
+    base: Size  # stage 1's size (a bucket, or the request's ratio in panorama mode)
+    panorama: bool
+    passes: tuple[Size, ...]  # stage 2's output size per pass; the last is the request
+
+
+@dataclass(frozen=True)
+class _Stage2:
+    """Stage-2 settings shared by every pass."""
+
+    prompt: str
+    negative_prompt: str | None
+    steps: int
+    guidance_scale: float
+    tiling: TilingConfig
+    tile_size: int | None
+    noise_level: int
+    strength: float
+    generator: torch.Generator
+    callback: Callable | None
+
+
+def upscale_passes(source: Size, target: Size, factor: int) -> tuple[Size, ...]:
+    """Pass sizes from ``source`` to ``target``: x``factor`` each at the target's aspect ratio, the last
+    pass exactly ``target``. Empty when the target is no larger than the source."""
+    (sw, sh), (tw, th) = source, target
+    if tw <= sw and th <= sh:
+        return ()
+    scale = math.sqrt(tw * th / (sw * sh))
+    n = max(1, math.ceil(math.log(scale) / math.log(factor) - 1e-9))
+    inter = [(round(tw / scale * factor**k), round(th / scale * factor**k)) for k in range(1, n)]
+    return (*inter, target)
+
+
+def _resize(image: PIL.Image.Image, size: Size) -> PIL.Image.Image:
+    return image if image.size == tuple(size) else image.resize(tuple(size), PIL.Image.Resampling.LANCZOS)
+
+
+def to_pil(image) -> PIL.Image.Image:
+    """A PIL RGB image from PIL, a uint8 / float [0, 1] HWC array, or a [0, 1] (C, H, W) tensor."""
+    if isinstance(image, PIL.Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        arr = image if image.dtype == np.uint8 else (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+        return PIL.Image.fromarray(arr).convert("RGB")
+    if torch.is_tensor(image):
+        t = image[0] if image.ndim == 4 else image
+        return to_pil(t.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy())
+    raise ValueError(f"image of type {type(image).__name__}: must be a PIL image, a numpy array or a tensor")
+
+
+def _image_tensor(image: PIL.Image.Image, device) -> torch.Tensor:
+    """(1, 3, h, w) float32 in [-1, 1]."""
+    arr = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0)
+    return arr.permute(2, 0, 1)[None].to(device)
+
+
+def adain_color_fix(image: np.ndarray, reference: PIL.Image.Image, rows: int = 1024) -> np.ndarray:
+    """Match each channel's mean and std to ``reference`` (the AdaIN colour fix of StableSR), in place,
+    ``rows`` at a time so a huge uint8 image never becomes float all at once."""
+    ref = np.asarray(reference.convert("RGB"), dtype=np.float64).reshape(-1, 3)
+    total, squares = np.zeros(3), np.zeros(3)
+    for top in range(0, image.shape[0], rows):
+        band = image[top : top + rows].reshape(-1, 3).astype(np.float64)
+        total += band.sum(0)
+        squares += (band**2).sum(0)
+    n = image.shape[0] * image.shape[1]
+    mean = total / n
+    std = np.sqrt(np.maximum(squares / n - mean**2, 1e-12))
+    scale = (ref.std(0) / std).astype(np.float32)
+    shift = (ref.mean(0) - mean * ref.std(0) / std).astype(np.float32)
+    for top in range(0, image.shape[0], rows):
+        band = image[top : top + rows].astype(np.float32) * scale + shift
+        image[top : top + rows] = np.clip(band.round(), 0, 255).astype(np.uint8)
+    return image
+
+
+class AnySizePipeline:
+    """Two-stage any-size text-to-image: ARAD bucketed base generation, then FSTD tiled upscaling.
+
+    ``base``: a diffusers text-to-image pipeline (SD 1.x/2.x, epsilon or v-prediction; SDXL).
+    ``upscaler``: a pipeline in the SD x4-upscaler layout, or None to upscale img2img-style with the
+    base model itself (``strength``), as Tiled Diffusion and Ultimate SD Upscale users do.
+    """
+
+    def __init__(self, base, upscaler=None, *, model_ids: dict | None = None):
+        if models.model_kind(base).is_upscaler:
+            raise models.ModelLoadError("base: is a super-resolution model (x4-upscaler layout); pass it as upscaler")
+        if upscaler is not None and not models.model_kind(upscaler).is_upscaler:
+            raise models.ModelLoadError(
+                "upscaler: not in the SD x4-upscaler layout (UNet in_channels = latent + 3 and a low_res_scheduler)")
+        self.base, self.upscaler = base, upscaler
+        self.model_ids = model_ids or {}
+        self.progress = True
+        self.base_factor = vae_scale_factor(base.vae)
+        self.base_tile = int(base.unet.config.sample_size)
+        native = self.base_tile * self.base_factor
+        self.buckets = arad_buckets(native * native, granularity=self.base_factor * 8)
+
+    @classmethod
+    def from_pretrained(cls, base=None, upscaler=None, *, device=None, dtype=None, allow_pickle: bool = False,
+                        img2img: bool = False) -> AnySizePipeline:
+        """Load ``base`` and ``upscaler`` (diffusers directories, ``.safetensors`` files or hub ids);
+        with neither, the embedded default model. ``img2img=True`` with no upscaler upscales with the
+        base model. ``dtype``: "auto" (float16 on GPUs, float32 on the CPU), "float32", "float16", "bfloat16"."""
+        device = torch.device(device) if device is not None else models.default_device()
+        dtype = models.parse_dtype(dtype, device)
+        if base is None and upscaler is None and not img2img:
+            base, upscaler = models.default_model_paths()
+        if base is None:
+            raise models.ModelLoadError("base: required when upscaler is given")
+        kw = dict(device=device, dtype=dtype, allow_pickle=allow_pickle)
+        base_pipe = models.load_pipeline(base, role="base", **kw)
+        up_pipe = None if upscaler is None else models.load_pipeline(upscaler, role="upscaler", **kw)
+        ids = {"base": models.describe(base), "upscaler": models.describe(upscaler) if upscaler else "base (img2img)"}
+        return cls(base_pipe, up_pipe, model_ids=ids)
+
+    def set_progress_bar_config(self, disable: bool = False) -> None:
+        self.progress = not disable
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.unet.device
+
+    @property
+    def stage2_factor(self) -> int:
+        return 4 if self.upscaler is not None else 2
+
+    # ------------------------------------------------------------------ checks and plans
+    def check_inputs(self, prompt, width, height, num_inference_steps=1, upscale_inference_steps=1,
+                     guidance_scale=1.0, tiling="fstd", tile_size=None, tile_batch_size=1, output_type="pil",
+                     strength=0.3, color_fix="adain", noise_level=20) -> None:
+        """Validate every argument before any compute; each message names the argument, its value and the rule."""
+        if not isinstance(prompt, str) and not (isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt)):
+            raise ValueError(f"prompt={prompt!r}: must be a string or a non-empty list of strings")
+        for name, value, minimum in (("width", width, MIN_SIDE), ("height", height, MIN_SIDE),
+                                     ("num_inference_steps", num_inference_steps, 1),
+                                     ("upscale_inference_steps", upscale_inference_steps, 1),
+                                     ("tile_batch_size", tile_batch_size, 1), ("noise_level", noise_level, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ValueError(f"{name}={value!r}: must be an integer >= {minimum}")
+        if tile_size is not None and (not isinstance(tile_size, int) or isinstance(tile_size, bool) or tile_size < 8):
+            raise ValueError(f"tile_size={tile_size!r}: must be None (the model's native size) or an integer >= 8 latent px")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not (
+                math.isfinite(guidance_scale) and guidance_scale >= 0):
+            raise ValueError(f"guidance_scale={guidance_scale!r}: must be a finite number >= 0")
+        if tiling not in METHODS:
+            raise ValueError(f"tiling={tiling!r}: must be one of {', '.join(METHODS)}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r}: must be one of {', '.join(OUTPUT_TYPES)}")
+        if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+            raise ValueError(f"strength={strength!r}: must be a number in (0, 1]")
+        if color_fix is not None and color_fix not in COLOR_FIXES:
+            raise ValueError(f"color_fix={color_fix!r}: must be one of {', '.join(COLOR_FIXES)} or None")
+
+    def plan(self, width: int, height: int) -> Plan:
+        """Where stage 1 generates and which stage-2 passes follow, for a ``width x height`` request."""
+        choice = choose_base_size(width, height, self.buckets, granularity=self.base_factor * 8)
+        return Plan(choice.size, choice.panorama, upscale_passes(choice.size, (width, height), self.stage2_factor))
+
+    def estimate_memory(self, width: int, height: int, *, tile_size=None, tile_batch_size: int = 8,
+                        output_type: str = "pil") -> MemoryEstimate:
+        """The memory preflight's estimate of a request's peak (see :mod:`anysize.memory`)."""
+        pipe = self.upscaler if self.upscaler is not None else self.base
+        return MemoryEstimate.for_request(
+            width, height, latent_factor=vae_scale_factor(pipe.vae), unet=pipe.unet,
+            tile=tile_size or int(pipe.unet.config.sample_size), tile_batch_size=tile_batch_size,
+            output_bytes_per_px=12 if output_type in ("np", "pt") else 3,
+            vae_channels=int(pipe.vae.config.block_out_channels[0]), device=self.device,
+        )
+
+    # ------------------------------------------------------------------ public calls
+    @torch.no_grad()
+    def __call__(self, prompt, width: int = 1024, height: int = 1024, *, generator: torch.Generator | None = None,
+                 num_inference_steps: int = 30, upscale_inference_steps: int = 20, guidance_scale: float = 7.5,
+                 upscale_guidance_scale: float | None = None, negative_prompt: str | None = None,
+                 tiling: str = "fstd", tile_size: int | None = None, tile_batch_size: int = 8,
+                 output_type: str = "pil", callback_on_step_end: Callable | None = None, noise_level: int = 20,
+                 strength: float = 0.3, color_fix: str | None = "adain", max_memory: int | None = None) -> AnySizeOutput:
+        """Generate one image of exactly ``width x height`` pixels per prompt.
+
+        Stage 1 uses ``num_inference_steps`` and ``guidance_scale``; stage 2 uses
+        ``upscale_inference_steps``, ``upscale_guidance_scale`` (default ``guidance_scale``) and
+        ``noise_level`` (x4 upscaler) or ``strength`` (img2img). ``tiling``: "fstd" | "overlap" |
+        "naive" | "none"; ``tile_size`` in latent px (None: the model's native sample size);
+        ``tile_batch_size`` tiles per UNet call. ``color_fix="adain"`` matches stage 2's colour
+        statistics to stage 1's. ``callback_on_step_end(pipe, step, timestep, kwargs)`` gets
+        ``{"latents", "stage"}`` and may return ``{"latents": tensor}`` to replace them.
+        ``max_memory`` (bytes) caps the preflight estimate instead of the free memory.
+        """
+        self.check_inputs(prompt, width, height, num_inference_steps, upscale_inference_steps, guidance_scale,
+                          tiling, tile_size, tile_batch_size, output_type, strength, color_fix, noise_level)
+        check_memory(self.estimate_memory(width, height, tile_size=tile_size, tile_batch_size=tile_batch_size,
+                                          output_type=output_type), max_memory)
+        generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        plan = self.plan(width, height)
+        tiles = TilingConfig(method=tiling, tile_size=tile_size or self.base_tile, tile_batch_size=tile_batch_size)
+        images, infos = [], []
+        for text in [prompt] if isinstance(prompt, str) else prompt:
+            latents = self._stage1(text, negative_prompt, plan, num_inference_steps, guidance_scale, tiles,
+                                   generator, callback_on_step_end)
+            stage1 = PIL.Image.fromarray(self._decode(self.base.vae, latents, plan.base))
+            opts = _Stage2(text, negative_prompt, upscale_inference_steps,
+                           guidance_scale if upscale_guidance_scale is None else upscale_guidance_scale,
+                           tiles, tile_size, noise_level, strength, generator, callback_on_step_end)
+            if not plan.passes and output_type == "latent":
+                images.append(latents)
+            else:
+                images.append(self._stage2(stage1, plan.passes, (width, height), opts, output_type, color_fix))
+            infos.append({"prompt": text, "negative_prompt": negative_prompt, "width": width, "height": height,
+                          "base_size": list(plan.base), "panorama": plan.panorama,
+                          "passes": [list(p) for p in plan.passes], "tiling": tiling, **self.model_ids})
+        return AnySizeOutput(images=images, info=infos)
+
+    @torch.no_grad()
+    def upscale(self, image, width: int, height: int, prompt: str = "", *, num_inference_steps: int = 20,
+                guidance_scale: float = 1.0, negative_prompt: str | None = None, tiling: str = "fstd",
+                tile_size: int | None = None, tile_batch_size: int = 8, generator: torch.Generator | None = None,
+                output_type: str = "pil", noise_level: int = 20, strength: float = 0.3,
+                color_fix: str | None = "adain", callback_on_step_end: Callable | None = None,
+                max_memory: int | None = None) -> AnySizeOutput:
+        """Stage 2 alone: enlarge ``image`` (PIL, uint8 / float array, or tensor) to exactly ``width x height``."""
+        self.check_inputs(prompt, width, height, 1, num_inference_steps, guidance_scale, tiling, tile_size,
+                          tile_batch_size, output_type, strength, color_fix, noise_level)
+        check_memory(self.estimate_memory(width, height, tile_size=tile_size, tile_batch_size=tile_batch_size,
+                                          output_type=output_type), max_memory)
+        source = to_pil(image)
+        generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        tiles = TilingConfig(method=tiling, tile_size=tile_size or self.base_tile, tile_batch_size=tile_batch_size)
+        opts = _Stage2(prompt, negative_prompt, num_inference_steps, guidance_scale, tiles, tile_size, noise_level,
+                       strength, generator, callback_on_step_end)
+        passes = upscale_passes(source.size, (width, height), self.stage2_factor)
+        result = self._stage2(source, passes, (width, height), opts, output_type, color_fix)
+        info = {"prompt": prompt, "width": width, "height": height, "passes": [list(p) for p in passes],
+                "tiling": tiling, **self.model_ids}
+        return AnySizeOutput(images=[result], info=[info])
+
+    # ------------------------------------------------------------------ shared steps
+    def _denoiser(self, pipe, prompt: str, negative_prompt: str | None, guidance_scale: float, size: Size,
+                  **extra) -> UNetTileDenoiser:
+        """Prompt embeddings through diffusers' own ``encode_prompt`` (SD or SDXL), wrapped for tiles."""
+        do_cfg = guidance_scale > 1.0
+        device = pipe.unet.device
+        added = negative_added = None
+        if models.model_kind(pipe).is_sdxl:
+            pos, neg, pooled, neg_pooled = pipe.encode_prompt(
+                prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=do_cfg,
+                negative_prompt=negative_prompt)
+            w, h = size
+            ids = torch.tensor([[h, w, 0, 0, h, w]], device=device, dtype=pos.dtype)
+            added = {"text_embeds": pooled, "time_ids": ids}
+            negative_added = {"text_embeds": neg_pooled, "time_ids": ids} if do_cfg else None
+        else:
+            pos, neg = pipe.encode_prompt(prompt, device, 1, do_cfg, negative_prompt)
+        return UNetTileDenoiser(pipe.unet, pos, negative_prompt_embeds=neg, guidance_scale=guidance_scale,
+                                added_cond_kwargs=added, negative_added_cond_kwargs=negative_added, **extra)
+
+    def _callback(self, callback: Callable | None, stage: str):
+        """Adapt a diffusers-style ``callback_on_step_end`` to the sampler's ``(step, t, latents)``."""
+        if callback is None:
+            return None
+
+        def step_end(i, t, latents):
+            out = callback(self, i, t, {"latents": latents, "stage": stage})
+            return out.get("latents") if out else None
+
+        return step_end
+
+    def _noise(self, shape, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+        """Gaussian noise from the caller's generator (drawn on the generator's device, in float32)."""
+        noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+        return noise.to(self.device, dtype)
+
+    def _sample(self, pipe, denoiser, latents, tiles: TilingConfig, opts_generator, callback, stage: str,
+                desc: str, timesteps=None) -> torch.Tensor:
+        return sample_tiled(denoiser, latents, pipe.scheduler, tiles, generator=opts_generator,
+                            callback_on_step_end=self._callback(callback, stage), progress=self.progress,
+                            desc=desc, timesteps=timesteps)
+
+    def _decode(self, vae, latents: torch.Tensor, size: Size) -> np.ndarray:
+        """Latents -> uint8 (H, W, 3) cropped to ``size``: tiled VAE, exact GroupNorm statistics while
+        the latent is at most 2x2 tiles (cheap), fast mode above."""
+        scaled = latents / vae.config.scaling_factor
+        if getattr(vae.config, "shift_factor", None):
+            scaled = scaled + vae.config.shift_factor
+        n_tiles = math.ceil(scaled.shape[-2] / 64) * math.ceil(scaled.shape[-1] / 64)
+        array = tiled_decode(vae, scaled, tile_size=64, mode="exact" if n_tiles <= 4 else "fast",
+                             progress=self.progress and n_tiles > 4)
+        return array[: size[1], : size[0]]
+
+    # ------------------------------------------------------------------ stages
+    def _stage1(self, prompt, negative_prompt, plan: Plan, steps, guidance_scale, tiles, generator, callback):
+        """Base model at the bucket (untiled), or at the request's ratio with the tiled sampler (panorama)."""
+        pipe, (w, h) = self.base, plan.base
+        den = self._denoiser(pipe, prompt, negative_prompt, guidance_scale, plan.base)
+        pipe.scheduler.set_timesteps(steps)
+        shape = (1, pipe.unet.config.in_channels, h // self.base_factor, w // self.base_factor)
+        latents = self._noise(shape, generator, pipe.unet.dtype) * pipe.scheduler.init_noise_sigma
+        config = tiles if plan.panorama else replace(tiles, method="none")
+        desc = f"stage 1 ({'panorama' if plan.panorama else 'bucket'} {w}x{h})"
+        return self._sample(pipe, den, latents, config, generator, callback, "base", desc)
+
+    def _stage2(self, image: PIL.Image.Image, passes, target: Size, opts: _Stage2, output_type: str, color_fix):
+        """Every upscaling pass, then colour fix and the output type; no pass: a plain resize."""
+        reference, latents, array = image, None, None
+        run = self._sr_pass if self.upscaler is not None else self._img2img_pass
+        for k, size in enumerate(passes):
+            last = k == len(passes) - 1
+            desc = f"stage 2 pass {k + 1}/{len(passes)} ({size[0]}x{size[1]})"
+            latents, vae = run(image, size, opts, desc)
+            if last and output_type == "latent":
+                return latents
+            array = self._decode(vae, latents, size)
+            image = PIL.Image.fromarray(array) if not last else image
+        if array is None:
+            array = np.array(_resize(image, target))
+        elif color_fix == "adain":
+            array = adain_color_fix(array, reference)
+        if output_type == "pil":
+            return PIL.Image.fromarray(array)
+        if output_type == "np":
+            return array.astype(np.float32) / 255.0
+        if output_type == "pt":
+            return torch.from_numpy(array).permute(2, 0, 1).float().div(255.0)
+        return array  # "latent" with no pass: nothing to enlarge
+
+    def _sr_pass(self, image: PIL.Image.Image, size: Size, opts: _Stage2, desc: str):
+        """One pass of an x4 super-resolution model landing on ``size``: the conditioning image is the
+        input resized to size / 4 (rounded up), noised to ``noise_level``; the latent has its size."""
+        pipe = self.upscaler
+        f = vae_scale_factor(pipe.vae)
+        lat_w, lat_h = math.ceil(size[0] / f), math.ceil(size[1] / f)
+        low = _image_tensor(_resize(image, (lat_w, lat_h)), self.device)
+        level = torch.tensor([opts.noise_level], device=self.device, dtype=torch.long)
+        low = pipe.low_res_scheduler.add_noise(low, self._noise(low.shape, opts.generator, torch.float32), level)
+        dtype = pipe.unet.dtype
+        den = self._denoiser(pipe, opts.prompt, opts.negative_prompt, opts.guidance_scale, size,
+                             cond=low.to(dtype), class_labels=level)
+        pipe.scheduler.set_timesteps(opts.steps)
+        latents = self._noise((1, pipe.vae.config.latent_channels, lat_h, lat_w), opts.generator, dtype)
+        tiles = replace(opts.tiling, tile_size=opts.tile_size or int(pipe.unet.config.sample_size))
+        latents = self._sample(pipe, den, latents * pipe.scheduler.init_noise_sigma, tiles, opts.generator,
+                               opts.callback, "upscale", desc)
+        return latents, pipe.vae
+
+    def _img2img_pass(self, image: PIL.Image.Image, size: Size, opts: _Stage2, desc: str):
+        """One img2img pass with the base model: resize to ``size``, encode with the tiled VAE, noise to
+        ``strength``, denoise tiled (Tiled Diffusion / Ultimate SD Upscale style)."""
+        pipe, f = self.base, self.base_factor
+        lat_w, lat_h = math.ceil(size[0] / f), math.ceil(size[1] / f)
+        dtype = pipe.unet.dtype
+        pixels = np.asarray(_resize(image, (lat_w * f, lat_h * f)))
+        init = tiled_encode(pipe.vae, pixels, mode="fast").to(self.device, dtype) * pipe.vae.config.scaling_factor
+        scheduler = pipe.scheduler
+        scheduler.set_timesteps(opts.steps)
+        start = min(opts.steps - 1, int(round(opts.steps * (1 - opts.strength))))
+        timesteps = scheduler.timesteps[start * scheduler.order :]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start * scheduler.order)
+        noisy = scheduler.add_noise(init, self._noise(init.shape, opts.generator, dtype), timesteps[:1])
+        den = self._denoiser(pipe, opts.prompt, opts.negative_prompt, opts.guidance_scale, size)
+        latents = self._sample(pipe, den, noisy, opts.tiling, opts.generator, opts.callback, "upscale", desc,
+                               timesteps=timesteps)
+        return latents, pipe.vae

@@ -1,0 +1,58 @@
+"""Aspect-ratio buckets: the paper's nine ratios, kohya-style generation, nearest by |log ratio|."""
+
+import math
+
+import pytest
+
+from anysize.buckets import ARAD_RATIOS, arad_buckets, choose_base_size, kohya_buckets, nearest_bucket
+
+
+@pytest.mark.parametrize("area, step", [(512 * 512, 64), (768 * 768, 64), (1024 * 1024, 64), (64 * 64, 16)])
+def test_arad_buckets_keep_area_ratio_and_granularity(area, step):
+    buckets = arad_buckets(area, step)
+    assert len(buckets) == 9 if step == 64 else len(buckets) >= 5
+    for w, h in buckets:
+        assert w % step == 0 and h % step == 0
+        assert abs(w * h / area - 1) <= 0.25
+    ratios = [h / w for w, h in buckets]
+    assert ratios == sorted(ratios) and min(ratios) <= 0.55 and max(ratios) >= 1.8
+
+
+def test_sd15_buckets_match_the_paper_ratios():
+    buckets = arad_buckets(512 * 512, 64)
+    for r, (w, h) in zip(ARAD_RATIOS, buckets):
+        assert abs(math.log((h / w) / r)) < 0.12, (r, w, h)
+    assert (512, 512) in buckets
+
+
+def test_nearest_bucket_by_log_ratio():
+    buckets = arad_buckets(512 * 512, 64)
+    assert nearest_bucket(1920, 1080, buckets) == min(buckets, key=lambda b: abs(math.log(b[1] / b[0] / (1080 / 1920))))
+    assert nearest_bucket(1000, 1000, buckets) == (512, 512)
+    w, h = nearest_bucket(1080, 1920, buckets)
+    assert h > w
+
+
+def test_kohya_buckets_fit_area_and_bounds():
+    buckets = kohya_buckets(256, 1024, 64, 512 * 512)
+    assert all(256 <= s <= 1024 and s % 64 == 0 for b in buckets for s in b)
+    assert all(w * h <= 512 * 512 for w, h in buckets)
+    assert (512, 512) in buckets and (1024, 256) in buckets and (256, 1024) in buckets
+
+
+def test_choose_base_size_panorama_outside_range_only():
+    buckets = arad_buckets(512 * 512, 64)
+    assert not choose_base_size(1920, 1080, buckets).panorama
+    wide = choose_base_size(4096, 1024, buckets)  # 4:1 is past the widest bucket (2:1)
+    assert wide.panorama and wide.width > 2 * wide.height and wide.height % 64 == 0
+    tall = choose_base_size(1000, 3000, buckets)
+    assert tall.panorama and tall.height >= 2.5 * tall.width
+    coarse = arad_buckets(64 * 64, 16)  # coarse buckets: a ratio between two buckets is no panorama
+    assert not choose_base_size(200, 150, coarse).panorama
+
+
+@pytest.mark.parametrize("call, msg", [(lambda: arad_buckets(0), "area=0"), (lambda: nearest_bucket(0, 5, [(1, 1)]), "width=0"),
+                                        (lambda: kohya_buckets(512, 256), "min_side=512"), (lambda: nearest_bucket(5, 5, []), "buckets")])
+def test_bucket_errors_name_the_argument(call, msg):
+    with pytest.raises(ValueError, match=msg):
+        call()

@@ -1,0 +1,166 @@
+"""AnySizePipeline on tiny random-weight models: exact sizes, seeds, output types, checks, loading."""
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from anysize import AnySizePipeline
+from anysize.memory import MemoryPreflightError
+from anysize.models import ModelLoadError
+from anysize.pipeline import adain_color_fix, upscale_passes
+
+FAST = dict(num_inference_steps=2, upscale_inference_steps=2)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (8, 8), (37, 61), (300, 77), (90, 400), (257, 513)])
+def test_exact_size_for_any_request(pipe, size):
+    out = pipe("two red circles over water", width=size[0], height=size[1], generator=gen(), **FAST)
+    image = out.images[0]
+    assert isinstance(image, PIL.Image.Image) and image.size == size and image.mode == "RGB"
+    info = out.info[0]
+    assert info["width"] == size[0] and info["passes"][-1:] in ([], [list(size)])
+
+
+def test_plans_follow_the_request():
+    assert upscale_passes((64, 64), (64, 64), 4) == ()
+    assert upscale_passes((64, 64), (200, 200), 4) == ((200, 200),)
+    assert upscale_passes((512, 512), (3000, 3000), 4) == ((2048, 2048), (3000, 3000))
+    assert upscale_passes((512, 512), (16384, 16384), 4) == ((2048, 2048), (8192, 8192), (16384, 16384))
+    assert upscale_passes((64, 48), (200, 150), 2) == ((128, 96), (200, 150))
+
+
+def test_panorama_for_ratios_outside_the_buckets(pipe):
+    wide, tall, square = pipe.plan(400, 90), pipe.plan(60, 300), pipe.plan(200, 200)
+    assert wide.panorama and wide.base[0] > 3 * wide.base[1]
+    assert tall.panorama and tall.base[1] > 3 * tall.base[0]
+    assert not square.panorama and square.base == (64, 64) and square.passes == ((200, 200),)
+
+
+def test_same_seed_same_image_other_seed_differs(pipe):
+    a = np.asarray(pipe("a blue square", width=120, height=100, generator=gen(3), **FAST).images[0])
+    b = np.asarray(pipe("a blue square", width=120, height=100, generator=gen(3), **FAST).images[0])
+    c = np.asarray(pipe("a blue square", width=120, height=100, generator=gen(4), **FAST).images[0])
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("tiling", ["fstd", "overlap", "naive", "none"])
+def test_every_tiling_runs(pipe, tiling):
+    out = pipe("grass", width=150, height=90, generator=gen(), tiling=tiling, tile_size=8, tile_batch_size=3, **FAST)
+    assert out.images[0].size == (150, 90)
+
+
+def test_output_types(pipe):
+    def run(kind):
+        return pipe("x", width=70, height=50, generator=gen(), output_type=kind, **FAST).images[0]
+
+    arr = run("np")
+    assert arr.shape == (50, 70, 3) and arr.dtype == np.float32 and 0 <= arr.min() and arr.max() <= 1
+    pt = run("pt")
+    assert pt.shape == (3, 50, 70) and torch.equal(pt, torch.from_numpy(arr).permute(2, 0, 1))
+    lat = run("latent")
+    assert torch.is_tensor(lat) and lat.shape == (1, 4, 13, 18)  # the last pass's latent: ceil(size / 4)
+    assert np.array_equal(np.asarray(run("pil")), np.round(arr * 255))
+
+
+def test_negative_prompt_and_guidance_change_the_image(pipe):
+    kw = dict(width=64, height=64, generator=gen(), **FAST)
+    plain = np.asarray(pipe("a red circle", **kw).images[0])
+    assert not np.array_equal(plain, np.asarray(pipe("a red circle", negative_prompt="blue", **kw).images[0]))
+
+
+def test_callback_sees_both_stages_and_can_replace_latents(pipe):
+    stages = []
+
+    def cb(p, step, t, kwargs):
+        stages.append(kwargs["stage"])
+        if kwargs["stage"] == "base" and step == 1:
+            return {"latents": torch.zeros_like(kwargs["latents"])}
+        return None
+
+    out = pipe("x", width=64, height=64, generator=gen(), callback_on_step_end=cb, output_type="latent", **FAST)
+    assert stages == ["base", "base"] and torch.count_nonzero(out.images[0]) == 0
+    stages.clear()
+    pipe("x", width=130, height=130, generator=gen(), callback_on_step_end=cb, **FAST)
+    assert stages == ["base", "base", "upscale", "upscale"]
+
+
+def test_upscale_alone(pipe):
+    src = PIL.Image.new("RGB", (40, 30), (200, 40, 40))
+    out = pipe.upscale(src, width=161, height=121, num_inference_steps=2, generator=gen())
+    assert out.images[0].size == (161, 121)
+    same = pipe.upscale(np.asarray(src), width=161, height=121, num_inference_steps=2, generator=gen())
+    assert np.array_equal(np.asarray(out.images[0]), np.asarray(same.images[0]))
+
+
+def test_img2img_upscaling_with_the_base_model(model_dirs):
+    p = AnySizePipeline.from_pretrained(base=model_dirs[0], img2img=True, device="cpu")
+    p.set_progress_bar_config(disable=True)
+    out = p("a tree", width=150, height=110, generator=gen(), strength=0.5, **FAST)
+    assert out.images[0].size == (150, 110) and out.info[0]["upscaler"] == "base (img2img)"
+
+
+def test_adain_color_fix_matches_reference_statistics():
+    rng = np.random.default_rng(0)
+    ref = PIL.Image.fromarray(rng.integers(100, 200, (20, 30, 3), dtype=np.uint8))
+    img = rng.integers(0, 90, (50, 70, 3), dtype=np.uint8)
+    fixed = adain_color_fix(img.copy(), ref, rows=7)
+    assert np.allclose(fixed.reshape(-1, 3).mean(0), np.asarray(ref).reshape(-1, 3).mean(0), atol=1.5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(width=0), "width=0"), (dict(width=7), "width=7"), (dict(height=-5), "height=-5"),
+    (dict(num_inference_steps=0), "num_inference_steps=0"), (dict(tiling="spiral"), "tiling='spiral'"),
+    (dict(output_type="gif"), "output_type='gif'"), (dict(guidance_scale=-1.0), "guidance_scale=-1.0"),
+    (dict(tile_batch_size=0), "tile_batch_size=0"), (dict(tile_size=3), "tile_size=3"),
+    (dict(strength=0.0), "strength=0.0"), (dict(width=1.5), "width=1.5"),
+])
+def test_check_inputs_before_any_compute(pipe, monkeypatch, kwargs, message):
+    monkeypatch.setattr(pipe.base.unet, "forward", lambda *a, **k: pytest.fail("computed before checking"))
+    args = dict(width=64, height=64) | kwargs
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        pipe("x", **args)
+
+
+def test_memory_preflight_refuses_absurd_sizes(pipe, monkeypatch):
+    monkeypatch.setattr(pipe.base.unet, "forward", lambda *a, **k: pytest.fail("computed before the preflight"))
+    with pytest.raises(MemoryPreflightError, match=r"size 400000x400000 needs about .* GiB"):
+        pipe("x", width=400_000, height=400_000)
+    with pytest.raises(MemoryPreflightError, match="max_memory"):
+        pipe("x", width=2048, height=2048, max_memory=10 * 2**20)
+    est = pipe.estimate_memory(4096, 4096)
+    assert est.image >= 4096 * 4096 * 3 and est.total > est.image
+
+
+def test_default_model_missing_is_a_clear_error():
+    with pytest.raises(ModelLoadError, match="embedded default model"):
+        AnySizePipeline.from_pretrained()
+
+
+def test_loading_errors(tmp_path, model_dirs):
+    with pytest.raises(ModelLoadError, match="no such file"):
+        AnySizePipeline.from_pretrained(base=tmp_path / "nope", upscaler=model_dirs[1])
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"not really a pickle")
+    with pytest.raises(ModelLoadError, match="pickle"):
+        AnySizePipeline.from_pretrained(base=ckpt, img2img=True)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="model_index.json"):
+        AnySizePipeline.from_pretrained(base=tmp_path / "empty", img2img=True)
+    with pytest.raises(ModelLoadError, match="super-resolution"):
+        AnySizePipeline.from_pretrained(base=model_dirs[1], upscaler=model_dirs[1])
+
+
+def test_pickle_only_directory_is_refused(tmp_path, model_dirs):
+    import shutil
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(model_dirs[0], pickled)
+    for f in pickled.rglob("*.safetensors"):
+        f.rename(f.with_suffix(".bin"))
+    with pytest.raises(ModelLoadError, match="pickle"):
+        AnySizePipeline.from_pretrained(base=pickled, img2img=True)

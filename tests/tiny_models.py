@@ -1,0 +1,89 @@
+"""Tiny random-weight Stable Diffusion pipelines, built offline (no downloads) and saved in diffusers layout.
+
+A base text-to-image pipeline (VAE factor 2, UNet sample size 32: native 64 px) and an upscaler in
+the SD x4-upscaler layout (VAE factor 4, UNet in_channels 4 + 3, noise level as class label).
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import torch
+
+EMBED = 32
+
+
+def make_tokenizer(directory: Path):
+    """A CLIP BPE tokenizer over single characters, written as vocab.json + merges.txt and loaded back."""
+    from transformers import CLIPTokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    chars = list(string.ascii_lowercase + string.digits + ",.!?'-")
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
+    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    (directory / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 16}))
+    return CLIPTokenizer.from_pretrained(directory)
+
+
+def make_text_encoder(vocab_size: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=EMBED, intermediate_size=37, num_attention_heads=4,
+        num_hidden_layers=2, max_position_embeddings=16, projection_dim=EMBED,
+    )).eval()
+
+
+def _vae(blocks: int, scaling_factor: float = 0.18215):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=(8,) * blocks, down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks, layers_per_block=1, norm_num_groups=4, latent_channels=4,
+        sample_size=64, scaling_factor=scaling_factor,
+    ).eval()
+
+
+def _unet(in_channels: int, sample_size: int, num_class_embeds=None):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=in_channels, out_channels=4, layers_per_block=1,
+        block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=EMBED, norm_num_groups=8,
+        attention_head_dim=8, num_class_embeds=num_class_embeds,
+    ).eval()
+
+
+def make_base(directory: Path) -> Path:
+    """Save a tiny StableDiffusionPipeline to ``directory`` (safetensors) and return the path."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    tok = make_tokenizer(directory / "_tok")
+    pipe = StableDiffusionPipeline(
+        vae=_vae(2), text_encoder=make_text_encoder(len(tok)), tokenizer=tok, unet=_unet(4, 32),
+        scheduler=DDIMScheduler(num_train_timesteps=1000, clip_sample=False), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def make_upscaler(directory: Path) -> Path:
+    """Save a tiny StableDiffusionUpscalePipeline (x4 layout) to ``directory`` and return the path."""
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline
+
+    tok = make_tokenizer(directory / "_tok")
+    pipe = StableDiffusionUpscalePipeline(
+        vae=_vae(3, scaling_factor=0.08333), text_encoder=make_text_encoder(len(tok)), tokenizer=tok, unet=_unet(7, 16, num_class_embeds=351),
+        low_res_scheduler=DDPMScheduler(), scheduler=DDIMScheduler(prediction_type="v_prediction", clip_sample=False),
+        max_noise_level=350,
+    )
+    pipe.save_pretrained(directory, safe_serialization=True)
+    return directory
