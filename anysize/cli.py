@@ -1,0 +1,396 @@
+"""The ``anysize`` command line: ``generate``, ``upscale``, ``buckets`` (and ``train``, later).
+
+Every error is one line on stderr, ``anysize: error: ...``, with no traceback: exit 2 for a bad
+argument, 1 when a valid request fails (model loading, memory preflight, I/O), 130 on Ctrl-C. Output
+paths are checked before any compute and written atomically, so a failed run leaves no file behind.
+Set ``ANYSIZE_DEBUG=1`` to see the traceback of a runtime error instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Batch-invariant MKL GEMM on the CPU, so a seed gives the same image whatever the tile batch size
+# (README: Determinism). It only works if set before torch loads, hence torch's lazy imports below.
+os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")
+
+import argparse  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
+import secrets  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+from . import __version__  # noqa: E402
+from .output import check_output_path, save_image  # noqa: E402
+
+TILING = ("fstd", "overlap", "naive", "none")  # anysize.tiling.METHODS, named here without importing torch
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+MIN_SIDE = 8
+EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+class UsageError(Exception):
+    """A bad command line (exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage, so ``main`` prints one line."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+# ---------------------------------------------------------------------- argument types
+def parse_size(text: str) -> tuple[int, int]:
+    """``WxH`` (also ``W*H``, ``WXH``) with integer sides >= 8 -> (width, height)."""
+    match = re.fullmatch(r"\s*([+-]?\d+)\s*[xX*]\s*([+-]?\d+)\s*", text)
+    if not match or min(int(match[1]), int(match[2])) < MIN_SIDE:
+        raise argparse.ArgumentTypeError(
+            f"'{text}': must be WIDTHxHEIGHT with integers >= {MIN_SIDE}, e.g. 1024x768")
+    return int(match[1]), int(match[2])
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        if not re.fullmatch(r"\s*[+-]?\d+\s*", text) or int(text) < minimum:
+            raise argparse.ArgumentTypeError(f"'{text}': must be an integer >= {minimum}")
+        return int(text)
+
+    return parse
+
+
+def _float_in(low: float, high: float, low_open: bool = False) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (value > low if low_open else value >= low) and value <= high):
+            rule = f"in ({low:g}, {high:g}]" if low_open else (
+                f">= {low:g}" if math.isinf(high) else f"in [{low:g}, {high:g}]")
+            raise argparse.ArgumentTypeError(f"'{text}': must be a number {rule}")
+        return value
+
+    return parse
+
+
+def _seed(text: str) -> int:
+    if not re.fullmatch(r"\s*\d+\s*", text) or int(text) >= 2**64:
+        raise argparse.ArgumentTypeError(f"'{text}': must be an integer in [0, 2**64)")
+    return int(text)
+
+
+# ---------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    """The ``anysize`` argument parser with its four subcommands."""
+    parser = _Parser(prog="anysize", description="Text to an image of any width x height (Any-Size-Diffusion).",
+                     epilog="Errors print one line; set ANYSIZE_DEBUG=1 for a traceback of runtime errors.")
+    parser.add_argument("--version", action="version", version=f"anysize {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_generate(sub)
+    _add_upscale(sub)
+    _add_buckets(sub)
+    train = sub.add_parser("train", help="fine-tune on your images (not available yet)", add_help=False)
+    train.set_defaults(run=_train)  # takes any arguments (main parses known ones only), then says so
+    return parser
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="text to an image of exactly WxH pixels",
+                       description="Stage 1 samples at the aspect-ratio bucket nearest WxH; stage 2 enlarges "
+                                   "it with tiled diffusion to exactly WxH.")
+    p.add_argument("prompt", metavar="PROMPT")
+    _add_request(p, steps=30)
+    p.add_argument("--upscale-steps", type=_int_at_least(1), default=20, metavar="N",
+                   help="stage 2 sampling steps per pass (default 20)")
+    p.add_argument("--guidance", type=_float_in(0, math.inf), default=7.5, metavar="X",
+                   help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--negative", default=None, metavar="TEXT", help="negative prompt")
+    _add_run_options(p)
+    p.set_defaults(run=_generate)
+
+
+def _add_upscale(sub) -> None:
+    p = sub.add_parser("upscale", help="enlarge an image to exactly WxH pixels (stage 2 alone)")
+    p.add_argument("image", metavar="IMAGE", help="input image (any format Pillow reads)")
+    _add_request(p, steps=20)
+    p.add_argument("--prompt", default="", metavar="TEXT", help="what the image shows (default: empty)")
+    _add_run_options(p)
+    p.set_defaults(run=_upscale)
+
+
+def _add_request(p: argparse.ArgumentParser, steps: int) -> None:
+    p.add_argument("--size", type=parse_size, required=True, metavar="WxH",
+                   help="output size in pixels, e.g. 3000x4500")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output file: .png, .jpg, .webp or .tif")
+    p.add_argument("--seed", type=_seed, default=None, metavar="N", help="random seed (default: a random one, "
+                   "printed and stored in the file)")
+    p.add_argument("--steps", type=_int_at_least(1), default=steps, metavar="N",
+                   help=f"sampling steps (default {steps})")
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tiling", choices=TILING, default="fstd", help="tiling method (default fstd)")
+    p.add_argument("--tile-size", type=_int_at_least(8), default=None, metavar="N",
+                   help="tile size in latent pixels (default: the model's native size)")
+    p.add_argument("--tile-batch", type=_int_at_least(1), default=8, metavar="N",
+                   help="tiles per UNet call (default 8)")
+    p.add_argument("--strength", type=_float_in(0, 1, low_open=True), default=0.3, metavar="X",
+                   help="img2img upscaling: how much each pass may change (default 0.3)")
+    models = p.add_argument_group("models")
+    models.add_argument("--base", metavar="PATH", help="base model: diffusers directory, .safetensors file or hub id")
+    models.add_argument("--upscaler", metavar="PATH", help="x4 upscaler model (SD x4-upscaler layout)")
+    models.add_argument("--img2img", action="store_true", help="upscale img2img-style with the base model")
+    models.add_argument("--device", default=None, metavar="D", help="cpu, cuda, cuda:1, mps (default: best available)")
+    models.add_argument("--dtype", choices=DTYPES, default="auto", help="weights' dtype (default: float16 on GPUs)")
+    models.add_argument("--allow-pickle", action="store_true",
+                        help="allow pickle checkpoints (.ckpt); they can run code")
+    p.add_argument("--quiet", action="store_true", help="no plan line and no progress bars")
+
+
+def _add_buckets(sub) -> None:
+    p = sub.add_parser("buckets", help="list the aspect-ratio buckets and where a size maps (no model needed)")
+    p.add_argument("--size", type=parse_size, default=None, metavar="WxH", help="a request to map to its bucket")
+    p.add_argument("--area", type=_int_at_least(1), default=512 * 512, metavar="N",
+                   help="native pixel area (default 262144 = 512x512; SDXL 1048576)")
+    p.add_argument("--granularity", type=_int_at_least(1), default=64, metavar="N",
+                   help="bucket sides are multiples of this (default 64)")
+    p.set_defaults(run=_buckets)
+
+
+# ---------------------------------------------------------------------- commands
+def _generate(args: argparse.Namespace) -> int:
+    width, height = args.size
+    out = check_output_path(args.output, args.size)
+    pipe = _load(args)
+    pipe.check_inputs(args.prompt, width, height, args.steps, args.upscale_steps, args.guidance, args.tiling,
+                      args.tile_size, args.tile_batch, "pil", args.strength)
+    _preflight(pipe, args)
+    seed = _pick_seed(args)
+    _say(args, f"{_plan_line(pipe.plan(width, height), args.size)}; seed {seed}")
+    result = pipe(args.prompt, width, height, generator=_generator(seed), num_inference_steps=args.steps,
+                  upscale_inference_steps=args.upscale_steps, guidance_scale=args.guidance,
+                  negative_prompt=args.negative, strength=args.strength, **_tile_kwargs(args))
+    extra = {"steps": args.steps, "upscale_steps": args.upscale_steps, "guidance": args.guidance}
+    return _save(args, pipe, result, seed, out, extra)
+
+
+def _upscale(args: argparse.Namespace) -> int:
+    from .pipeline import upscale_passes
+
+    width, height = args.size
+    out = check_output_path(args.output, args.size)
+    source = _read_image(args.image)
+    pipe = _load(args)
+    pipe.check_inputs(args.prompt, width, height, 1, args.steps, 1.0, args.tiling, args.tile_size,
+                      args.tile_batch, "pil", args.strength)
+    _preflight(pipe, args)
+    seed = _pick_seed(args)
+    passes = upscale_passes(source.size, args.size, pipe.stage2_factor)
+    _say(args, f"upscale: {source.size[0]}x{source.size[1]} -> {_passes(passes)} -> {width}x{height}; seed {seed}")
+    result = pipe.upscale(source, width, height, args.prompt, num_inference_steps=args.steps,
+                          generator=_generator(seed), strength=args.strength, **_tile_kwargs(args))
+    extra = {"steps": args.steps, "source": str(args.image), "source_size": list(source.size)}
+    return _save(args, pipe, result, seed, out, extra)
+
+
+def _buckets(args: argparse.Namespace) -> int:
+    from .buckets import arad_buckets, choose_base_size
+
+    buckets = arad_buckets(args.area, args.granularity)
+    choice = choose_base_size(*args.size, buckets, granularity=args.granularity) if args.size else None
+    print(f"ARAD buckets at {args.area} px, sides multiples of {args.granularity} (W x H, ratio H/W):")
+    for w, h in buckets:
+        mark = "*" if choice is not None and not choice.panorama and choice.size == (w, h) else " "
+        print(f" {mark} {w:>5} x {h:<5} {h / w:.3f}")
+    if choice is not None:
+        w, h = args.size
+        where = (f"panorama {choice.width}x{choice.height} (ratio outside the buckets: stage 1 samples tiled)"
+                 if choice.panorama else f"bucket {choice.width}x{choice.height}")
+        print(f"{w}x{h} (ratio {h / w:.3f}) -> {where}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    raise UsageError("train: not available yet; training comes with a later release")
+
+
+# ---------------------------------------------------------------------- helpers
+def _load(args: argparse.Namespace):
+    """Check the model options, then load the pipeline (torch and diffusers are imported here)."""
+    if args.img2img and args.upscaler:
+        raise UsageError("--img2img and --upscaler: pass one (img2img upscales with the base model instead)")
+    if args.img2img and not args.base:
+        raise UsageError("--img2img: upscales with the base model, so it needs --base PATH")
+    if args.upscaler and not args.base:
+        raise UsageError("--upscaler: needs --base PATH too (stage 1's model)")
+    _check_device(args.device)
+    _quiet_libraries()
+    from .pipeline import AnySizePipeline
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the libraries' deprecation notices
+        pipe = AnySizePipeline.from_pretrained(args.base, args.upscaler, device=args.device, dtype=args.dtype,
+                                               allow_pickle=args.allow_pickle, img2img=args.img2img)
+    pipe.set_progress_bar_config(disable=args.quiet)
+    return pipe
+
+
+def _quiet_libraries() -> None:
+    """diffusers' and transformers' info logs and loading bars are noise on a command line."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for logging in (diffusers_logging, transformers_logging):
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+
+
+def _check_device(device: str | None) -> None:
+    """A one-line usage error for a device torch does not know or this machine lacks."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device '{device}': not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    mps = getattr(torch.backends, "mps", None)
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": mps is not None and mps.is_available()}
+    if not available.get(kind, True):
+        raise UsageError(f"--device '{device}': {kind} is not available on this machine")
+
+
+def _preflight(pipe, args: argparse.Namespace) -> None:
+    """The pipeline's memory preflight, run before the plan line is printed (it runs again inside)."""
+    from .memory import check_memory
+
+    check_memory(pipe.estimate_memory(*args.size, tile_size=args.tile_size, tile_batch_size=args.tile_batch))
+
+
+def _read_image(path: str):
+    """The input image as RGB; a one-line ValueError when it cannot be read."""
+    import PIL.Image
+
+    try:
+        with PIL.Image.open(path) as image:
+            return image.convert("RGB")
+    except PIL.UnidentifiedImageError:
+        raise ValueError(f"IMAGE '{path}': not an image file Pillow can read") from None
+    except FileNotFoundError:
+        raise ValueError(f"IMAGE '{path}': no such file") from None
+    except (OSError, SyntaxError, PIL.Image.DecompressionBombError) as exc:
+        raise ValueError(f"IMAGE '{path}': cannot be read ({_one_line(str(exc))})") from None
+
+
+def _tile_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"tiling": args.tiling, "tile_size": args.tile_size, "tile_batch_size": args.tile_batch}
+
+
+def _pick_seed(args: argparse.Namespace) -> int:
+    return args.seed if args.seed is not None else secrets.randbelow(2**32)
+
+
+def _generator(seed: int):
+    import torch
+
+    return torch.Generator().manual_seed(seed)  # on the CPU, so a seed gives the same noise on any device
+
+
+def _passes(passes: Sequence[tuple[int, int]]) -> str:
+    if not passes:
+        return "no pass (resize)"
+    return f"{len(passes)} pass{'es' if len(passes) > 1 else ''} ({', '.join(f'{w}x{h}' for w, h in passes)})"
+
+
+def _plan_line(plan, size: tuple[int, int]) -> str:
+    """e.g. ``stage 1: bucket 832x1216 -> stage 2: 2 passes (...) -> 3000x4500``."""
+    where = "panorama" if plan.panorama else "bucket"
+    return f"stage 1: {where} {plan.base[0]}x{plan.base[1]} -> stage 2: {_passes(plan.passes)} -> {size[0]}x{size[1]}"
+
+
+def _save(args: argparse.Namespace, pipe, result, seed: int, out: Path, extra: dict) -> int:
+    """Write the image with its metadata (the pipeline's info, the settings, the version); print the path."""
+    metadata = {**result.info[0], "command": args.command, "seed": seed, **extra, "tile_size": args.tile_size,
+                "device": str(pipe.device), "dtype": str(pipe.base.unet.dtype).removeprefix("torch."),
+                "version": __version__}
+    if pipe.upscaler is None:
+        metadata["strength"] = args.strength
+    save_image(result.images[0], out, metadata)
+    print(out)
+    return 0
+
+
+def _say(args: argparse.Namespace, line: str) -> None:
+    if not args.quiet:
+        print(line, file=sys.stderr, flush=True)
+
+
+def _one_line(text: str) -> str:
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[0] + (" ..." if len(lines) > 1 else "") if lines else ""
+
+
+def _attach_size_values(argv: list[str]) -> list[str]:
+    """``--size -3x4`` -> ``--size=-3x4``, so argparse reports the value rather than a missing argument."""
+    out: list[str] = []
+    for token in argv:
+        if out and out[-1] == "--size" and re.match(r"-\d", token):
+            out[-1] = f"--size={token}"
+        else:
+            out.append(token)
+    return out
+
+
+def _error(message: str, code: int) -> int:
+    print(f"anysize: error: {_one_line(message)}", file=sys.stderr, flush=True)
+    return code
+
+
+def _loaded(module: str, name: str) -> tuple[type, ...]:
+    """``(module.name,)`` if that module is already imported, else ``()`` (never imports torch)."""
+    mod = sys.modules.get(module)
+    return (getattr(mod, name),) if mod is not None else ()
+
+
+def _exit_code(exc: Exception) -> int:
+    """1 for a valid request that failed (memory preflight included), 2 for any other bad value."""
+    if isinstance(exc, _loaded("anysize.memory", "MemoryPreflightError")):
+        return EXIT_RUNTIME
+    return EXIT_USAGE if isinstance(exc, (UsageError, ValueError)) else EXIT_RUNTIME
+
+
+def _message(exc: Exception) -> str:
+    """The message alone for the errors anysize raises on purpose; otherwise with the type's name."""
+    plain = (UsageError, ValueError, OSError, *_loaded("anysize.models", "ModelLoadError"))
+    text = _one_line(str(exc))
+    return text if isinstance(exc, plain) and text else f"{type(exc).__name__}: {text}".rstrip(": ")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0, 1 runtime error, 2 bad argument, 130 interrupted)."""
+    args_list = _attach_size_values(list(sys.argv[1:] if argv is None else argv))
+    try:
+        args, unknown = build_parser().parse_known_args(args_list)
+        if unknown and args.command != "train":
+            raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
+        return args.run(args)
+    except SystemExit as exc:  # --help, --version
+        return exc.code if isinstance(exc.code, int) else 0
+    except KeyboardInterrupt:
+        return _error("interrupted", EXIT_INTERRUPTED)
+    except Exception as exc:
+        if os.environ.get("ANYSIZE_DEBUG") and not isinstance(exc, UsageError):
+            raise
+        return _error(_message(exc), _exit_code(exc))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Writing images: PNG, JPEG, WebP (Pillow) and tiled TIFF (tifffile), atomically, with JSON metadata.
+
+Metadata is one JSON object (whatever dict the caller passes; the CLI passes the prompt, seed, sizes,
+steps, tiling, model ids and the anysize version): a PNG ``tEXt`` chunk keyed ``anysize``, the TIFF
+``ImageDescription``, and for JPEG and WebP the EXIF ``UserComment``. JPEG keeps EXIF in one APP1
+segment of at most 64 KiB, so metadata longer than that (a very long prompt) is left out of a JPEG,
+with a warning, rather than failing the save.
+
+A save never leaves a partial file: it writes a temporary file in the target's directory, fsyncs it,
+then ``os.replace``-s it onto the target; on any error (or Ctrl-C) the temporary file is removed and
+an existing file at the target is left as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+import tempfile
+import warnings
+from pathlib import Path
+from typing import BinaryIO, Callable, Union
+
+import numpy as np
+import PIL.Image
+from PIL import ExifTags, PngImagePlugin
+
+FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp", ".tif": "tiff", ".tiff": "tiff"}
+MAX_SIDE = {"jpeg": 65535, "webp": 16383}  # what the encoders accept per side
+METADATA_KEY = "anysize"
+TIFF_TILE = 256
+GIB = 2**30
+_JPEG_EXIF_LIMIT = 65000  # one APP1 segment holds 65533 bytes, with the EXIF header and IFDs
+_EXIF_ASCII = b"ASCII\0\0\0"  # UserComment's character-code prefix
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+ImageLike = Union[PIL.Image.Image, np.ndarray]
+Size = tuple[int, int]
+
+
+def output_format(path: str | os.PathLike) -> str:
+    """The format a path's extension names: "png", "jpeg", "webp" or "tiff"; ValueError otherwise."""
+    fmt = FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise ValueError(f"output path '{path}': unknown format; use .png, .jpg, .webp or .tif")
+    return fmt
+
+
+def check_output_path(path: str | os.PathLike, size: Size | None = None) -> Path:
+    """Check, before any compute, that ``path`` can be written: known extension, an existing writable
+    directory, not itself a directory, and (given ``size`` = (width, height)) within the format's limits."""
+    target = Path(path)
+    fmt = output_format(target)
+    if target.is_dir():
+        raise ValueError(f"output path '{target}': is a directory; give a file name such as '{target / 'image.png'}'")
+    parent = target.parent
+    if not parent.is_dir():
+        raise ValueError(f"output path '{target}': directory '{parent}' does not exist")
+    try:
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as exc:
+        raise ValueError(f"output path '{target}': directory '{parent}' is not writable ({exc.strerror})") from None
+    limit = MAX_SIDE.get(fmt)
+    if size is not None and limit is not None and max(size) > limit:
+        raise ValueError(f"output path '{target}': {size[0]}x{size[1]} is larger than {target.suffix} allows "
+                         f"({limit} px a side); use .png or .tif")
+    return target
+
+
+def save_image(image: ImageLike, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write ``image`` (PIL, or a uint8 HW / HWC array) to ``path`` atomically, in the format of its
+    extension, with ``metadata`` embedded as JSON; returns the path."""
+    target = check_output_path(path, _size(image))
+    fmt = output_format(target)
+    text = json.dumps(metadata or {}, ensure_ascii=True, default=str)
+    if fmt == "tiff":
+        _atomic_write(target, lambda f: _write_tiff(f, _as_array(image), text))
+    else:
+        _atomic_write(target, lambda f: _write_pillow(f, _as_pil(image, fmt), fmt, text))
+    return target
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The ``anysize`` JSON metadata of a PNG, TIFF, JPEG or WebP file; ``{}`` when it has none."""
+    fmt = output_format(path)
+    if fmt == "png":
+        text = _png_text(Path(path), METADATA_KEY)
+    elif fmt == "tiff":
+        text = _tiff_description(Path(path))
+    else:
+        text = _exif_comment(Path(path))
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+# ---------------------------------------------------------------------- pixels
+def _size(image: ImageLike) -> Size:
+    if isinstance(image, PIL.Image.Image):
+        return image.size
+    if isinstance(image, np.ndarray):
+        _check_array(image)
+        return image.shape[1], image.shape[0]
+    raise ValueError(f"image of type {type(image).__name__}: must be a PIL image or a uint8 numpy array")
+
+
+def _check_array(array: np.ndarray) -> None:
+    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
+        raise ValueError(
+            f"image array {array.dtype}{list(array.shape)}: must be uint8 of shape (H, W) or (H, W, 1|3|4)")
+
+
+def _as_array(image: ImageLike) -> np.ndarray:
+    """uint8 (H, W) or (H, W, 3|4); arrays pass through without a copy."""
+    if isinstance(image, np.ndarray):
+        return image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image
+    if image.mode not in ("L", "RGB", "RGBA"):
+        image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+    return np.asarray(image)
+
+
+def _as_pil(image: ImageLike, fmt: str) -> PIL.Image.Image:
+    """A PIL image in a mode ``fmt`` can store (JPEG drops alpha)."""
+    pil = PIL.Image.fromarray(_as_array(image)) if isinstance(image, np.ndarray) else image
+    if fmt == "jpeg" and pil.mode not in ("L", "RGB"):
+        return pil.convert("RGB")
+    if pil.mode not in ("L", "RGB", "RGBA"):
+        return pil.convert("RGBA" if "A" in pil.getbands() else "RGB")
+    return pil
+
+
+# ---------------------------------------------------------------------- writers
+def _atomic_write(target: Path, write: Callable[[BinaryIO], None]) -> None:
+    """``write`` into a temporary file beside ``target``, fsync, then rename it onto ``target``."""
+    tmp = tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.stem}.", suffix=target.suffix,
+                                      delete=False)
+    try:
+        with tmp:
+            write(tmp)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.chmod(tmp.name, 0o666 & ~_umask())
+        os.replace(tmp.name, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp.name)
+        raise
+    _fsync_dir(target.parent)
+
+
+def _umask() -> int:
+    """The process umask (NamedTemporaryFile creates files 0600; the result should get the usual mode)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename durable where the platform allows opening a directory."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_pillow(f: BinaryIO, image: PIL.Image.Image, fmt: str, text: str) -> None:
+    if fmt == "png":
+        info = PngImagePlugin.PngInfo()
+        info.add_text(METADATA_KEY, text)
+        image.save(f, format="PNG", pnginfo=info, compress_level=6)
+        return
+    options = {"quality": 95}
+    if fmt == "jpeg" and len(text) > _JPEG_EXIF_LIMIT:
+        warnings.warn(f"metadata of {len(text)} bytes does not fit a JPEG's EXIF segment; saved without it",
+                      stacklevel=3)
+    else:
+        options["exif"] = _exif(text)
+    image.save(f, format=fmt.upper(), **options)
+
+
+def _exif(text: str) -> PIL.Image.Exif:
+    exif = PIL.Image.Exif()
+    exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = _EXIF_ASCII + text.encode("ascii")
+    return exif
+
+
+def _write_tiff(f: BinaryIO, array: np.ndarray, text: str) -> None:
+    """Tiled (256 x 256), zlib-compressed; BigTIFF above 2 GiB or above Pillow's pixel limit."""
+    import tifffile
+
+    h, w = array.shape[:2]
+    limit = PIL.Image.MAX_IMAGE_PIXELS
+    bigtiff = array.nbytes > 2 * GIB or (limit is not None and h * w > limit)
+    tifffile.imwrite(f, array, bigtiff=bigtiff, tile=(TIFF_TILE, TIFF_TILE), compression="zlib",
+                     photometric="minisblack" if array.ndim == 2 else "rgb",
+                     extrasamples=("unassalpha",) if array.ndim == 3 and array.shape[2] == 4 else None,
+                     description=text, metadata=None)
+
+
+# ---------------------------------------------------------------------- readers
+def _png_text(path: Path, key: str) -> str | None:
+    """A tEXt chunk's value, read chunk by chunk (no decode, so any image size works)."""
+    with open(path, "rb") as f:
+        if f.read(8) != _PNG_SIGNATURE:
+            raise ValueError(f"'{path}': not a PNG file")
+        while len(header := f.read(8)) == 8:
+            length, kind = struct.unpack(">I4s", header)
+            if kind == b"IEND":
+                break
+            if kind != b"tEXt":
+                f.seek(length + 4, os.SEEK_CUR)
+                continue
+            name, _, value = f.read(length).partition(b"\0")
+            f.seek(4, os.SEEK_CUR)
+            if name.decode("latin-1") == key:
+                return value.decode("latin-1")
+    return None
+
+
+def _tiff_description(path: Path) -> str | None:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        return tif.pages[0].description or None
+
+
+def _exif_comment(path: Path) -> str | None:
+    with PIL.Image.open(path) as image:
+        raw = image.getexif().get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.UserComment)
+    if isinstance(raw, bytes) and raw.startswith(_EXIF_ASCII):
+        return raw[len(_EXIF_ASCII):].decode("ascii", "replace")
+    return raw if isinstance(raw, str) else None

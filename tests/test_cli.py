@@ -1,0 +1,249 @@
+"""The command line, run in-process through ``main`` with tiny random-weight models (``model_dirs``)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+
+import anysize
+from anysize import cli
+from anysize.output import read_metadata
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--steps", "2", "--upscale-steps", "2", "--seed", "7"]
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_error(code: int, err: str, expected_code: int, *words: str) -> None:
+    """Non-zero exit, exactly one stderr line ``anysize: error: ...`` with ``words`` in it, no traceback."""
+    assert code == expected_code, err
+    lines = err.strip("\n").splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("anysize: error: ")
+    assert "Traceback" not in err
+    for word in words:
+        assert word in lines[0]
+
+
+@pytest.fixture
+def models(model_dirs) -> list[str]:
+    base, upscaler = model_dirs
+    return ["--base", str(base), "--upscaler", str(upscaler)]
+
+
+# ---------------------------------------------------------------------- working commands
+def test_help_in_a_subprocess_without_torch():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "anysize", "--help"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for command in ("generate", "upscale", "buckets", "train"):
+        assert command in proc.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()}
+    assert "torch" not in imported and "diffusers" not in imported
+
+
+def test_generate_writes_png_of_exact_size_with_metadata(capsys, tmp_path, models):
+    out = tmp_path / "fox.png"
+    code, stdout, stderr = run(capsys, "generate", "a red fox", "--size", "200x120", "-o", out, *FAST, *models)
+    assert code == 0, stderr
+    assert stdout.strip() == str(out)
+    assert "stage 1: bucket 80x48 -> stage 2: 1 pass (200x120) -> 200x120; seed 7" in stderr
+    with PIL.Image.open(out) as image:
+        assert image.size == (200, 120) and image.mode == "RGB"
+    meta = read_metadata(out)
+    assert meta["prompt"] == "a red fox" and (meta["width"], meta["height"]) == (200, 120)
+    assert (meta["seed"], meta["steps"], meta["upscale_steps"], meta["guidance"]) == (7, 2, 2, 7.5)
+    assert meta["tiling"] == "fstd" and meta["version"] == anysize.__version__
+    assert meta["base"].startswith("base") and meta["upscaler"].startswith("upscaler")
+    assert meta["command"] == "generate" and meta["base_size"] == [80, 48]
+    assert [p.name for p in tmp_path.iterdir()] == ["fox.png"]
+
+
+def test_upscale_writes_tiff_with_metadata(capsys, tmp_path, models):
+    source = tmp_path / "small.png"
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)).save(source)
+    out = tmp_path / "big.tif"
+    code, stdout, stderr = run(capsys, "upscale", source, "--size", "100x60", "-o", out, "--steps", "2",
+                               "--tiling", "overlap", "--quiet", *models)
+    assert code == 0, stderr
+    assert stdout.strip() == str(out) and stderr == ""
+    with PIL.Image.open(out) as image:
+        assert image.size == (100, 60)
+    meta = read_metadata(out)
+    assert meta["source_size"] == [50, 30] and meta["steps"] == 2 and meta["tiling"] == "overlap"
+    assert isinstance(meta["seed"], int) and meta["command"] == "upscale"
+
+
+def test_img2img_upscaling_with_the_base_model(capsys, tmp_path, model_dirs):
+    out = tmp_path / "fox.webp"
+    code, _, stderr = run(capsys, "generate", "a fox", "--size", "120x96", "-o", out, *FAST, "--quiet",
+                          "--base", model_dirs[0], "--img2img", "--strength", "0.5")
+    assert code == 0, stderr
+    with PIL.Image.open(out) as image:
+        assert image.size == (120, 96)
+    meta = read_metadata(out)
+    assert meta["strength"] == 0.5 and meta["upscaler"] == "base (img2img)"
+
+
+def test_same_seed_same_pixels(capsys, tmp_path, models):
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    for path, batch in zip(paths, ("2", "8")):
+        code, _, stderr = run(capsys, "generate", "a fox", "--size", "100x72", "-o", path, *FAST, "--quiet",
+                              "--tile-batch", batch, *models)
+        assert code == 0, stderr
+    a, b = (np.asarray(PIL.Image.open(p)) for p in paths)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_buckets_lists_and_maps(capsys):
+    code, out, _ = run(capsys, "buckets", "--size", "1920x1080")
+    assert code == 0
+    assert " *   704 x 384   0.545" in out and out.strip().endswith("1920x1080 (ratio 0.562) -> bucket 704x384")
+    assert len([line for line in out.splitlines() if line.startswith((" * ", "   "))]) == 9
+    code, out, _ = run(capsys, "buckets", "--size", "4000x500", "--area", 1024 * 1024, "--granularity", 64)
+    assert code == 0 and "-> panorama" in out and "*" not in out
+
+
+@pytest.mark.parametrize("text, size", [("640x480", (640, 480)), ("640*480", (640, 480)), ("640X480", (640, 480)),
+                                        (" 8x9 ", (8, 9))])
+def test_parse_size(text, size):
+    assert cli.parse_size(text) == size
+
+
+def test_tiling_choices_match_the_library():
+    from anysize.tiling import METHODS
+
+    assert cli.TILING == METHODS
+
+
+def test_train_is_not_available_yet(capsys):
+    code, _, err = run(capsys, "train", "--epochs", "3", "data/")
+    assert_one_error(code, err, 2, "not available yet")
+
+
+# ---------------------------------------------------------------------- errors: one line, no file
+BAD_SIZES = [("0x5", "'0x5'"), ("-3x4", "'-3x4'"), ("12", "'12'"), ("axb", "'axb'"), ("7x100", "'7x100'")]
+
+
+@pytest.mark.parametrize("size, shown", BAD_SIZES)
+def test_bad_size(capsys, tmp_path, models, size, shown):
+    code, _, err = run(capsys, "generate", "x", "--size", size, "-o", tmp_path / "o.png", *models)
+    assert_one_error(code, err, 2, "--size", shown, ">= 8")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _bad_cases(tmp: Path, base: str, upscaler: str) -> dict[str, tuple[list[str], int, tuple[str, ...]]]:
+    """name -> (argv, exit code, words in the message); every one must fail before writing anything."""
+    (tmp / "dummy.ckpt").write_bytes(b"not really a checkpoint")
+    (tmp / "notes.txt").write_text("not an image")
+    (tmp / "adir.png").mkdir()
+    out = str(tmp / "out.png")
+    gen = ["generate", "a fox", "--size", "96x64", *FAST]
+    models = ["--base", base, "--upscaler", upscaler]
+    return {
+        "steps 0": ([*gen, "--steps", "0", "-o", out, *models], 2, ("--steps", "'0'", ">= 1")),
+        "upscale steps 0": ([*gen, "--upscale-steps", "0", "-o", out, *models], 2, ("--upscale-steps",)),
+        "tile size 4": ([*gen, "--tile-size", "4", "-o", out, *models], 2, ("--tile-size",)),
+        "negative guidance": ([*gen, "--guidance", "-1", "-o", out, *models], 2, ("--guidance",)),
+        "strength 0": ([*gen, "--strength", "0", "-o", out, *models], 2, ("--strength",)),
+        "tiling spiral": ([*gen, "--tiling", "spiral", "-o", out, *models], 2, ("--tiling", "spiral")),
+        "missing model path": ([*gen, "-o", out, "--base", str(tmp / "nope")], 1, ("nope", "no such file")),
+        "ckpt without --allow-pickle": ([*gen, "-o", out, "--base", str(tmp / "dummy.ckpt")], 1,
+                                        ("dummy.ckpt", "--allow-pickle")),
+        "output .gif": ([*gen, "-o", str(tmp / "out.gif"), *models], 2, ("out.gif", "unknown format")),
+        "output dir missing": ([*gen, "-o", str(tmp / "no" / "out.png"), *models], 2, ("does not exist",)),
+        "output is a directory": ([*gen, "-o", str(tmp / "adir.png"), *models], 2, ("is a directory",)),
+        "default model not shipped": ([*gen, "-o", out], 1, ("default model", "--base")),
+        "img2img without base": ([*gen, "-o", out, "--img2img"], 2, ("--img2img", "--base")),
+        "upscaler without base": ([*gen, "-o", out, "--upscaler", upscaler], 2, ("--upscaler", "--base")),
+        "bad device": ([*gen, "-o", out, "--device", "warp9", *models], 2, ("--device", "warp9")),
+        "unknown option": ([*gen, "-o", out, "--colour", "red", *models], 2, ("unrecognized", "--colour")),
+        "missing -o": ([*gen, *models], 2, ("-o/--output",)),
+        "upscale a text file": (["upscale", str(tmp / "notes.txt"), "--size", "64x64", "-o", out, *models], 2,
+                                ("notes.txt", "not an image")),
+        "upscale a missing file": (["upscale", str(tmp / "gone.png"), "--size", "64x64", "-o", out, *models], 2,
+                                   ("gone.png", "no such file")),
+    }
+
+
+BAD_NAMES = [
+    "steps 0", "upscale steps 0", "tile size 4", "negative guidance", "strength 0", "tiling spiral",
+    "missing model path", "ckpt without --allow-pickle", "output .gif", "output dir missing",
+    "output is a directory", "default model not shipped", "img2img without base", "upscaler without base",
+    "bad device", "unknown option", "missing -o", "upscale a text file", "upscale a missing file",
+]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_bad_input_fails_with_one_line_and_no_file(capsys, tmp_path, monkeypatch, model_dirs, name):
+    from anysize import models as model_loading
+
+    monkeypatch.setattr(model_loading, "DEFAULT_MODEL_DIR", tmp_path / "no_default_model")
+    argv, expected_code, words = _bad_cases(tmp_path, *map(str, model_dirs))[name]
+    before = sorted(tmp_path.rglob("*"))
+    code, out, err = run(capsys, *argv)
+    assert_one_error(code, err, expected_code, *words)
+    assert out == ""
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_bad_case_names_cover_every_case(tmp_path, model_dirs):
+    assert sorted(_bad_cases(tmp_path, *map(str, model_dirs))) == sorted(BAD_NAMES)
+
+
+# ---------------------------------------------------------------------- runtime failures: no file
+def test_memory_preflight_refusal(capsys, tmp_path, monkeypatch, models):
+    from anysize import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda on_accelerator: (0, 1024))
+    code, _, err = run(capsys, "generate", "x", "--size", "96x64", "-o", tmp_path / "o.png", *FAST, *models)
+    assert_one_error(code, err, 1, "96x64", "GiB")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupt_exits_130_without_a_file(capsys, tmp_path, monkeypatch, models):
+    from anysize.pipeline import AnySizePipeline
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(AnySizePipeline, "__call__", interrupted)
+    code, _, err = run(capsys, "generate", "x", "--size", "96x64", "-o", tmp_path / "o.png", "--quiet", *FAST, *models)
+    assert_one_error(code, err, 130, "interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_save_leaves_no_file(capsys, tmp_path, monkeypatch, models):
+    def encoder(im, fp, filename):
+        fp.write(b"partial")
+        raise OSError("No space left on device (simulated)")
+
+    monkeypatch.setitem(PIL.Image.SAVE, "PNG", encoder)
+    code, _, err = run(capsys, "generate", "x", "--size", "96x64", "-o", tmp_path / "o.png", "--quiet", *FAST, *models)
+    assert_one_error(code, err, 1, "No space left")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unexpected_error_is_one_line_with_its_type(capsys, tmp_path, monkeypatch, models):
+    from anysize.pipeline import AnySizePipeline
+
+    def broken(self, *args, **kwargs):
+        raise KeyError("boom\nsecond line")
+
+    monkeypatch.setattr(AnySizePipeline, "__call__", broken)
+    monkeypatch.delenv("ANYSIZE_DEBUG", raising=False)
+    code, _, err = run(capsys, "generate", "x", "--size", "96x64", "-o", tmp_path / "o.png", "--quiet", *FAST, *models)
+    assert_one_error(code, err, 1, "KeyError", "boom")
+    monkeypatch.setenv("ANYSIZE_DEBUG", "1")
+    with pytest.raises(KeyError):
+        cli.main(["generate", "x", "--size", "96x64", "-o", str(tmp_path / "o.png"), "--quiet", *FAST, *models])
