@@ -93,13 +93,15 @@ def choose_base_size(width: int, height: int, buckets: list[Bucket], *, granular
                      tolerance: float = 0.15) -> BucketChoice:
     """Stage 1's size: the nearest bucket; or, when the requested ratio lies more than ``tolerance``
     (in log ratio) outside the buckets' range (a 4:1 banner, a 1:3 scroll), a size at the requested
-    ratio whose shorter side is the nearest extreme bucket's shorter side (panorama mode)."""
+    ratio whose shorter side is the nearest extreme bucket's shorter side, or the request's own when
+    that is smaller (panorama mode; never larger than the request needs)."""
     bucket = nearest_bucket(width, height, buckets)
     logs = [math.log(b[1] / b[0]) for b in buckets]
     target = math.log(height / width)
     if min(logs) - tolerance <= target <= max(logs) + tolerance:
         return BucketChoice(*bucket, panorama=False)
-    short = min(bucket)
+    # the shorter side of the nearest extreme bucket, or of the request when that is smaller
+    short = min(min(bucket), max(granularity, min(width, height) // granularity * granularity))
     if width >= height:
         size = (_round_to(short * width / height, granularity), short)
     else:

@@ -128,8 +128,10 @@ class AnySizePipeline:
     base model itself (``strength``), as Tiled Diffusion and Ultimate SD Upscale users do.
     """
 
-    def __init__(self, base, upscaler=None, *, model_ids: dict | None = None):
-        if models.model_kind(base).is_upscaler:
+    def __init__(self, base=None, upscaler=None, *, model_ids: dict | None = None):
+        if base is None and upscaler is None:
+            raise models.ModelLoadError("base and upscaler: at least one model is needed")
+        if base is not None and models.model_kind(base).is_upscaler:
             raise models.ModelLoadError("base: is a super-resolution model (x4-upscaler layout); pass it as upscaler")
         if upscaler is not None and not models.model_kind(upscaler).is_upscaler:
             raise models.ModelLoadError(
@@ -137,25 +139,27 @@ class AnySizePipeline:
         self.base, self.upscaler = base, upscaler
         self.model_ids = model_ids or {}
         self.progress = True
-        self.base_factor = vae_scale_factor(base.vae)
-        self.base_tile = int(base.unet.config.sample_size)
-        native = self.base_tile * self.base_factor
-        self.buckets = arad_buckets(native * native, granularity=self.base_factor * 8)
+        if base is not None:
+            self.base_factor = vae_scale_factor(base.vae)
+            self.base_tile = int(base.unet.config.sample_size)
+            native = self.base_tile * self.base_factor
+            self.buckets = arad_buckets(native * native, granularity=self.base_factor * 8)
 
     @classmethod
     def from_pretrained(cls, base=None, upscaler=None, *, device=None, dtype=None, allow_pickle: bool = False,
                         img2img: bool = False) -> AnySizePipeline:
         """Load ``base`` and ``upscaler`` (diffusers directories, ``.safetensors`` files or hub ids);
         with neither, the embedded default model. ``img2img=True`` with no upscaler upscales with the
-        base model. ``dtype``: "auto" (float16 on GPUs, float32 on the CPU), "float32", "float16", "bfloat16"."""
+        base model; an upscaler alone serves :meth:`upscale` only. ``dtype``: "auto" (float16 on GPUs,
+        float32 on the CPU), "float32", "float16", "bfloat16"."""
         device = torch.device(device) if device is not None else models.default_device()
         dtype = models.parse_dtype(dtype, device)
-        if base is None and upscaler is None and not img2img:
+        if base is None and upscaler is None:
+            if img2img:
+                raise models.ModelLoadError("base: img2img upscaling needs a base model (CLI: --base)")
             base, upscaler = models.default_model_paths()
-        if base is None:
-            raise models.ModelLoadError("base: required when upscaler is given")
         kw = dict(device=device, dtype=dtype, allow_pickle=allow_pickle)
-        base_pipe = models.load_pipeline(base, role="base", **kw)
+        base_pipe = None if base is None else models.load_pipeline(base, role="base", **kw)
         up_pipe = None if upscaler is None else models.load_pipeline(upscaler, role="upscaler", **kw)
         ids = {"base": models.describe(base), "upscaler": models.describe(upscaler) if upscaler else "base (img2img)"}
         return cls(base_pipe, up_pipe, model_ids=ids)
@@ -165,7 +169,7 @@ class AnySizePipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.base.unet.device
+        return (self.base if self.base is not None else self.upscaler).unet.device
 
     @property
     def stage2_factor(self) -> int:
@@ -176,10 +180,12 @@ class AnySizePipeline:
                      guidance_scale=1.0, tiling="fstd", tile_size=None, tile_batch_size=1, output_type="pil",
                      strength=0.3, color_fix="adain", noise_level=20) -> None:
         """Validate every argument before any compute; each message names the argument, its value and the rule."""
+        if self.base is None and num_inference_steps is not None:
+            raise ValueError("base=None: text-to-image needs a base model; this pipeline only has an upscaler")
         if not isinstance(prompt, str) and not (isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt)):
             raise ValueError(f"prompt={prompt!r}: must be a string or a non-empty list of strings")
         for name, value, minimum in (("width", width, MIN_SIDE), ("height", height, MIN_SIDE),
-                                     ("num_inference_steps", num_inference_steps, 1),
+                                     ("num_inference_steps", 1 if num_inference_steps is None else num_inference_steps, 1),
                                      ("upscale_inference_steps", upscale_inference_steps, 1),
                                      ("tile_batch_size", tile_batch_size, 1), ("noise_level", noise_level, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
@@ -265,13 +271,14 @@ class AnySizePipeline:
                 color_fix: str | None = "adain", callback_on_step_end: Callable | None = None,
                 max_memory: int | None = None) -> AnySizeOutput:
         """Stage 2 alone: enlarge ``image`` (PIL, uint8 / float array, or tensor) to exactly ``width x height``."""
-        self.check_inputs(prompt, width, height, 1, num_inference_steps, guidance_scale, tiling, tile_size,
+        self.check_inputs(prompt, width, height, None, num_inference_steps, guidance_scale, tiling, tile_size,
                           tile_batch_size, output_type, strength, color_fix, noise_level)
         check_memory(self.estimate_memory(width, height, tile_size=tile_size, tile_batch_size=tile_batch_size,
                                           output_type=output_type), max_memory)
         source = to_pil(image)
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
-        tiles = TilingConfig(method=tiling, tile_size=tile_size or self.base_tile, tile_batch_size=tile_batch_size)
+        native = int((self.upscaler or self.base).unet.config.sample_size)
+        tiles = TilingConfig(method=tiling, tile_size=tile_size or native, tile_batch_size=tile_batch_size)
         opts = _Stage2(prompt, negative_prompt, num_inference_steps, guidance_scale, tiles, tile_size, noise_level,
                        strength, generator, callback_on_step_end)
         passes = upscale_passes(source.size, (width, height), self.stage2_factor)

@@ -164,3 +164,34 @@ def test_pickle_only_directory_is_refused(tmp_path, model_dirs):
         f.rename(f.with_suffix(".bin"))
     with pytest.raises(ModelLoadError, match="pickle"):
         AnySizePipeline.from_pretrained(base=pickled, img2img=True)
+
+
+def test_sdxl_base_with_pooled_embeddings_and_time_ids(tmp_path, model_dirs):
+    import tiny_models
+
+    sdxl = tiny_models.make_sdxl(tmp_path / "sdxl")
+    p = AnySizePipeline.from_pretrained(base=sdxl, upscaler=model_dirs[1], device="cpu")
+    p.set_progress_bar_config(disable=True)
+    seen = {}
+    forward = p.base.unet.forward
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs["added_cond_kwargs"])
+        return forward(*args, **kwargs)
+
+    p.base.unet.forward = spy
+    out = p("a green star", width=150, height=90, negative_prompt="red", generator=gen(), **FAST)
+    assert out.images[0].size == (150, 90)
+    assert seen["text_embeds"].shape == (2, 32) and seen["time_ids"].shape == (2, 6)
+    assert not torch.equal(seen["text_embeds"][0], seen["text_embeds"][1])  # negative pooled is the uncond half
+
+
+def test_upscaler_alone_serves_upscale_only(model_dirs):
+    p = AnySizePipeline.from_pretrained(upscaler=model_dirs[1], device="cpu")
+    p.set_progress_bar_config(disable=True)
+    src = PIL.Image.new("RGB", (30, 20), (10, 200, 40))
+    assert p.upscale(src, width=100, height=70, num_inference_steps=2).images[0].size == (100, 70)
+    with pytest.raises(ValueError, match="base model"):
+        p("x", width=64, height=64)
+    with pytest.raises(ModelLoadError, match="img2img upscaling needs a base"):
+        AnySizePipeline.from_pretrained(img2img=True)

@@ -34,7 +34,7 @@ def make_text_encoder(vocab_size: int):
     torch.manual_seed(0)
     return CLIPTextModel(CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=EMBED, intermediate_size=37, num_attention_heads=4,
-        num_hidden_layers=2, max_position_embeddings=16, projection_dim=EMBED,
+        num_hidden_layers=2, max_position_embeddings=16, projection_dim=EMBED, bos_token_id=0, eos_token_id=1, pad_token_id=1,
     )).eval()
 
 
@@ -84,6 +84,31 @@ def make_upscaler(directory: Path) -> Path:
         vae=_vae(3, scaling_factor=0.08333), text_encoder=make_text_encoder(len(tok)), tokenizer=tok, unet=_unet(7, 16, num_class_embeds=351),
         low_res_scheduler=DDPMScheduler(), scheduler=DDIMScheduler(prediction_type="v_prediction", clip_sample=False),
         max_noise_level=350,
+    )
+    pipe.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def make_sdxl(directory: Path) -> Path:
+    """Save a tiny StableDiffusionXLPipeline (two text encoders, added time ids) to ``directory``."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    tok = make_tokenizer(directory / "_tok")
+    torch.manual_seed(0)
+    encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=EMBED, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        max_position_embeddings=16, projection_dim=EMBED, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )).eval()
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=2 * EMBED, norm_num_groups=8, attention_head_dim=8, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + EMBED,
+    ).eval()
+    pipe = StableDiffusionXLPipeline(
+        vae=_vae(2), text_encoder=make_text_encoder(len(tok)), text_encoder_2=encoder_2, tokenizer=tok,
+        tokenizer_2=tok, unet=unet, scheduler=EulerDiscreteScheduler(),
     )
     pipe.save_pretrained(directory, safe_serialization=True)
     return directory
