@@ -94,8 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_upscale(sub)
     _add_buckets(sub)
-    train = sub.add_parser("train", help="fine-tune on your images (not available yet)", add_help=False)
-    train.set_defaults(run=_train)  # takes any arguments (main parses known ones only), then says so
+    _add_train(sub)
     return parser
 
 
@@ -215,8 +214,41 @@ def _buckets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a VAE, a base model or an x4 upscaler; fine-tune on your images",
+                       description="Aspect-ratio bucketed training (ARAD): every batch from one bucket. "
+                                   "Run again with the same -o to resume from the last checkpoint.")
+    p.add_argument("task", choices=("vae", "base", "upscaler"), help="what to train")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="run directory (checkpoints, model/)")
+    p.add_argument("--data", default="scenes", metavar="SRC",
+                   help="'scenes' (the procedural domain) or a folder of images with .txt captions")
+    p.add_argument("--buckets", choices=("arad", "square"), default="arad",
+                   help="ARAD ratio buckets, or square only (the composition baseline)")
+    p.add_argument("--init", default=None, metavar="DIR", help="diffusers model directory to fine-tune")
+    p.add_argument("--vae", default=None, metavar="DIR", help="trained VAE (run directory's model/ of a vae run)")
+    p.add_argument("--resolution", type=_int_at_least(8), default=64, metavar="PX",
+                   help="native side: buckets hold about PX^2 pixels (default 64)")
+    p.add_argument("--crop", type=_int_at_least(16), default=128, metavar="PX", help="upscaler crop side (default 128)")
+    p.add_argument("--steps", type=_int_at_least(1), default=2000, metavar="N")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=32, metavar="N")
+    p.add_argument("--lr", type=_float_in(0, 1, low_open=True), default=3e-4, metavar="X")
+    p.add_argument("--checkpoint-every", type=_int_at_least(1), default=250, metavar="N")
+    p.add_argument("--seed", type=_seed, default=0, metavar="N")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_train)
+
+
 def _train(args: argparse.Namespace) -> int:
-    raise UsageError("train: not available yet; training comes with a later release")
+    from .train import TrainConfig, train
+
+    config = TrainConfig(
+        task=args.task, output_dir=Path(args.output), init=args.init and Path(args.init),
+        vae=args.vae and Path(args.vae), data=args.data, buckets=args.buckets, resolution=args.resolution,
+        crop=args.crop, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        checkpoint_every=args.checkpoint_every, seed=args.seed, progress=not args.quiet,
+    )
+    print(train(config))
+    return 0
 
 
 # ---------------------------------------------------------------------- helpers
@@ -379,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = _attach_size_values(list(sys.argv[1:] if argv is None else argv))
     try:
         args, unknown = build_parser().parse_known_args(args_list)
-        if unknown and args.command != "train":
+        if unknown:
             raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
         return args.run(args)
     except SystemExit as exc:  # --help, --version

@@ -57,7 +57,7 @@ def test_generate_writes_png_of_exact_size_with_metadata(capsys, tmp_path, model
     code, stdout, stderr = run(capsys, "generate", "a red fox", "--size", "200x120", "-o", out, *FAST, *models)
     assert code == 0, stderr
     assert stdout.strip() == str(out)
-    assert "stage 1: bucket 80x48 -> stage 2: 1 pass (200x120) -> 200x120; seed 7" in stderr
+    assert "stage 1: bucket 84x52 -> stage 2: 1 pass (200x120) -> 200x120; seed 7" in stderr
     with PIL.Image.open(out) as image:
         assert image.size == (200, 120) and image.mode == "RGB"
     meta = read_metadata(out)
@@ -65,7 +65,7 @@ def test_generate_writes_png_of_exact_size_with_metadata(capsys, tmp_path, model
     assert (meta["seed"], meta["steps"], meta["upscale_steps"], meta["guidance"]) == (7, 2, 2, 7.5)
     assert meta["tiling"] == "fstd" and meta["version"] == anysize.__version__
     assert meta["base"].startswith("base") and meta["upscaler"].startswith("upscaler")
-    assert meta["command"] == "generate" and meta["base_size"] == [80, 48]
+    assert meta["command"] == "generate" and meta["base_size"] == [84, 52]
     assert [p.name for p in tmp_path.iterdir()] == ["fox.png"]
 
 
@@ -126,9 +126,11 @@ def test_tiling_choices_match_the_library():
     assert cli.TILING == METHODS
 
 
-def test_train_is_not_available_yet(capsys):
-    code, _, err = run(capsys, "train", "--epochs", "3", "data/")
-    assert_one_error(code, err, 2, "not available yet")
+def test_train_rejects_bad_arguments_in_one_line(capsys, tmp_path):
+    code, _, err = run(capsys, "train", "base", "-o", tmp_path / "run", "--data", tmp_path / "missing")
+    assert_one_error(code, err, 2, "data=")
+    code, _, err = run(capsys, "train", "gan", "-o", tmp_path / "run")
+    assert_one_error(code, err, 2, "gan")
 
 
 # ---------------------------------------------------------------------- errors: one line, no file

@@ -1,0 +1,452 @@
+"""Aspect-ratio bucketed diffusion training (ARAD, Zheng et al. 2023, sec. 3.2): one code path for
+the VAE, a text-to-image base model (ARAD buckets or the square-only baseline), the x4
+super-resolution model (SD x4-upscaler layout) and fine-tuning an existing Stable Diffusion model
+on a folder of captioned images.
+
+Every batch comes from one bucket of :mod:`anysize.buckets` (the module inference uses). Models are
+diffusers / transformers components saved in diffusers layout, so what this trains loads through
+the same path as Stable Diffusion. Checkpoints are written atomically every ``checkpoint_every``
+steps; a run started again with the same ``output_dir`` resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .buckets import Bucket, arad_buckets, nearest_bucket
+from .scenes import BACKGROUND_PHRASES, COLORS, NUMBER_WORDS, PATTERNS, PLURALS, SHAPES, SIZES, render, render_crop, sample_scene
+
+TASKS = ("vae", "base", "upscaler")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Sizes in image pixels.
+
+    task: "vae" (autoencoder), "base" (text-to-image), "upscaler" (x4 super-resolution).
+    output_dir: checkpoints and the final diffusers directory (``output_dir / "model"``).
+    init: a diffusers directory to start from (fine-tuning); None builds a new small model.
+    vae: a trained VAE directory for "base"/"upscaler" on new models (the VAE stays frozen).
+    data: "scenes" (the procedural domain) or a folder of images with same-name ``.txt`` captions.
+    buckets: "arad" (the paper's nine ratios) or "square" (the baseline that shows the composition problem).
+    resolution: the base model's native side: buckets hold about ``resolution**2`` pixels.
+    crop: upscaler only: side of the high-resolution training crops (the low-res input is crop / 4).
+    """
+
+    task: str
+    output_dir: Path
+    init: Path | None = None
+    vae: Path | None = None
+    data: str = "scenes"
+    buckets: str = "arad"
+    resolution: int = 64
+    crop: int = 128
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 3e-4
+    ema_decay: float = 0.999
+    checkpoint_every: int = 250
+    seed: int = 0
+    max_noise_level: int = 350
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.output_dir = Path(self.output_dir)
+        if self.task not in TASKS:
+            raise ValueError(f"task={self.task!r}: must be one of {', '.join(TASKS)}")
+        if self.buckets not in ("arad", "square"):
+            raise ValueError(f"buckets={self.buckets!r}: must be 'arad' or 'square'")
+        for name in ("resolution", "crop", "steps", "batch_size", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: must be a positive integer")
+        if self.task == "upscaler" and self.crop % 16:
+            raise ValueError(f"crop={self.crop}: must be a multiple of 16 (x4 input through a factor-4 VAE)")
+        if self.data != "scenes" and not Path(self.data).is_dir():
+            raise ValueError(f"data={self.data!r}: must be 'scenes' or a folder of images with .txt captions")
+
+
+# ---------------------------------------------------------------------------------------------- data
+def scene_vocabulary() -> list[str]:
+    """Every word the scene captions use (for a word-level tokenizer)."""
+    words = {"and", "a", ","} | set(NUMBER_WORDS.values()) | set(SIZES) | set(COLORS) | set(SHAPES)
+    words |= set(PLURALS.values()) | {p for p in PATTERNS if p != "plain"}
+    for phrase in BACKGROUND_PHRASES.values():
+        words |= set(phrase.split())
+    return sorted(words)
+
+
+def train_buckets(config: TrainConfig, granularity: int) -> list[Bucket]:
+    """The buckets batches are drawn from: ARAD's nine ratios, or the square alone."""
+    area = config.resolution**2
+    return arad_buckets(area, granularity) if config.buckets == "arad" else [(config.resolution, config.resolution)]
+
+
+class SceneData:
+    """Procedural scenes rendered at a bucket's size: an endless, seeded stream."""
+
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+
+    def batch(self, bucket: Bucket, n: int) -> tuple[np.ndarray, list[str]]:
+        w, h = bucket
+        scenes = [sample_scene(self.rng, h / w) for _ in range(n)]
+        return np.stack([render(s, w, h) for s in scenes]), [s.caption for s in scenes]
+
+    def crops(self, size: int, n: int, scale_range=(2.0, 8.0)) -> np.ndarray:
+        """Random ``size`` crops of scenes rendered at several times ``size`` (super-resolution data)."""
+        out = []
+        for _ in range(n):
+            scene = sample_scene(self.rng, float(np.exp(self.rng.uniform(math.log(0.5), math.log(2.0)))))
+            side = int(size * self.rng.uniform(*scale_range))
+            w, h = scene.size_for(side * side)
+            w, h = max(w, size), max(h, size)
+            top, left = int(self.rng.integers(0, h - size + 1)), int(self.rng.integers(0, w - size + 1))
+            out.append(render_crop(scene, w, h, (top, left, top + size, left + size)))
+        return np.stack(out)
+
+
+class FolderData:
+    """A folder of images with same-name ``.txt`` captions (kohya style), sorted into buckets."""
+
+    def __init__(self, folder: str | Path, buckets: list[Bucket], seed: int):
+        self.rng = np.random.default_rng(seed)
+        self.items: dict[Bucket, list[tuple[Path, str]]] = {}
+        for path in sorted(Path(folder).iterdir()):
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            caption_file = path.with_suffix(".txt")
+            caption = caption_file.read_text().strip() if caption_file.is_file() else ""
+            with PIL.Image.open(path) as im:
+                bucket = nearest_bucket(*im.size, buckets)
+            self.items.setdefault(bucket, []).append((path, caption))
+        if not self.items:
+            raise ValueError(f"data={str(folder)!r}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+
+    def weights(self, buckets: list[Bucket]) -> np.ndarray:
+        counts = np.array([len(self.items.get(b, [])) for b in buckets], dtype=np.float64)
+        return counts / counts.sum()
+
+    def batch(self, bucket: Bucket, n: int) -> tuple[np.ndarray, list[str]]:
+        items = self.items[bucket]
+        picks = [items[i] for i in self.rng.integers(0, len(items), n)]
+        return np.stack([_fit(p, bucket) for p, _ in picks]), [c for _, c in picks]
+
+
+def _fit(path: Path, bucket: Bucket) -> np.ndarray:
+    """Resize to cover ``bucket`` and centre-crop to it."""
+    with PIL.Image.open(path) as im:
+        im = im.convert("RGB")
+        scale = max(bucket[0] / im.width, bucket[1] / im.height)
+        im = im.resize((max(bucket[0], round(im.width * scale)), max(bucket[1], round(im.height * scale))),
+                       PIL.Image.Resampling.LANCZOS)
+        left, top = (im.width - bucket[0]) // 2, (im.height - bucket[1]) // 2
+        return np.asarray(im.crop((left, top, left + bucket[0], top + bucket[1])))
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+# ---------------------------------------------------------------------------------------------- models
+SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>", "<|unk|>")
+
+
+def word_tokenizer(words: list[str], directory: Path):
+    """A word-level tokenizer (one token a word, ids in sorted order: deterministic) in transformers'
+    fast-tokenizer format, with CLIP's start/end tokens; unknown words map to ``<|unk|>``.
+
+    Not BPE: the domain has ~50 words, and BPE merges trained on so few words tie, so their order
+    (and the ids) would change from run to run.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate([*SPECIAL_TOKENS, *sorted(set(words))])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>", unk_token="<|unk|>", model_max_length=32)
+    fast.save_pretrained(directory)
+    return PreTrainedTokenizerFast.from_pretrained(directory)
+
+
+def new_text_encoder(vocab_size: int, width: int = 128, layers: int = 3):
+    """A small CLIP text transformer, trained jointly with the UNet (as latent diffusion's first text-to-image model)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=width, intermediate_size=4 * width, num_attention_heads=4,
+        num_hidden_layers=layers, max_position_embeddings=32, projection_dim=width,
+        bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    ))
+
+
+def new_vae():
+    """A small KL autoencoder, factor 4, 4 latent channels."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, latent_channels=4, norm_num_groups=16,
+        mid_block_add_attention=False,
+    )
+
+
+def new_unet(sample_size: int, in_channels: int, cross_attention_dim: int, num_class_embeds: int | None = None):
+    """A small text-conditioned UNet; ``in_channels = 7`` and class labels for the x4 upscaler layout."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=in_channels, out_channels=4, layers_per_block=2,
+        block_out_channels=(64, 128, 192), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=cross_attention_dim,
+        attention_head_dim=32, norm_num_groups=32, num_class_embeds=num_class_embeds,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- training
+class Trainer:
+    """Builds the components for ``config.task``, trains with EMA, checkpoints, resumes and exports."""
+
+    def __init__(self, config: TrainConfig):
+        from accelerate import Accelerator
+        from diffusers import DDPMScheduler
+        from diffusers.training_utils import EMAModel
+
+        self.config = config
+        self.accelerator = Accelerator()
+        torch.manual_seed(config.seed)
+        self.rng = np.random.default_rng(config.seed)
+        self.noise_scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                             prediction_type="v_prediction" if config.task == "upscaler" else "epsilon")
+        self._build()
+        params = [p for m in self.trainable for p in m.parameters()]
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=1e-2)
+        self.ema = EMAModel(params, decay=config.ema_decay)
+        self.step = 0
+        self.buckets = train_buckets(config, granularity=self._granularity())
+        self.data = SceneData(config.seed) if config.data == "scenes" else FolderData(config.data, self.buckets, config.seed)
+        self._resume()
+
+    # -- components
+    def _build(self) -> None:
+        c = self.config
+        if c.task == "vae":
+            self.vae = self._load("vae", new_vae)
+            self.trainable, self.frozen = [self.vae], []
+            return
+        self.vae = self._load("vae", new_vae, source=c.vae)
+        self.vae.requires_grad_(False)
+        if c.init is not None:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(Path(c.init) / "tokenizer")
+        else:
+            self.tokenizer = word_tokenizer(scene_vocabulary(), c.output_dir / "tokenizer")
+        self.text_encoder = self._load("text_encoder", lambda: new_text_encoder(len(self.tokenizer)))
+        dim = self.text_encoder.config.hidden_size
+        if c.task == "base":
+            self.unet = self._load("unet", lambda: new_unet(c.resolution // self._factor(), 4, dim))
+        else:
+            if self._factor() != 4:
+                raise ValueError(f"vae: factor {self._factor()}; the x4 upscaler layout needs a factor-4 VAE")
+            self.unet = self._load("unet", lambda: new_unet(c.crop // 4, 7, dim, c.max_noise_level + 1))
+        # a new text encoder learns with the UNet; a pretrained one (fine-tuning) stays frozen
+        train_text = c.init is None
+        self.text_encoder.requires_grad_(train_text)
+        self.trainable = [self.unet] + ([self.text_encoder] if train_text else [])
+        self.frozen = [self.vae] + ([] if train_text else [self.text_encoder])
+
+    def _factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def _granularity(self) -> int:
+        """Image px that keep every UNet level's size whole: VAE factor x UNet downsampling."""
+        unet = getattr(self, "unet", None)
+        return self._factor() * (2 ** (len(unet.config.block_out_channels) - 1) if unet is not None else 1)
+
+    def _load(self, name: str, make, source: Path | None = None):
+        """``name`` from ``source`` or ``config.init`` (a diffusers directory), else a new model."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        classes = {"vae": AutoencoderKL, "unet": UNet2DConditionModel, "text_encoder": CLIPTextModel}
+        root = source if source is not None else self.config.init
+        if root is None:
+            return make()
+        path = Path(root) / name if (Path(root) / name).is_dir() else Path(root)
+        return classes[name].from_pretrained(path)
+
+    # -- data and losses
+    def _bucket(self) -> Bucket:
+        if isinstance(self.data, FolderData):
+            return self.buckets[int(self.rng.choice(len(self.buckets), p=self.data.weights(self.buckets)))]
+        return self.buckets[int(self.rng.integers(len(self.buckets)))]
+
+    def _encode_text(self, captions: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.accelerator.device))[0]
+
+    def _latents(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.vae.encode(images).latent_dist.sample() * self.vae.config.scaling_factor
+
+    def loss(self) -> torch.Tensor:
+        c, device = self.config, self.accelerator.device
+        if c.task == "vae":
+            images = to_tensor(self.data.crops(c.resolution, c.batch_size, scale_range=(1.0, 4.0))).to(device)
+            posterior = self.vae.encode(images).latent_dist
+            recon = self.vae.decode(posterior.sample()).sample
+            return F.l1_loss(recon, images) + F.mse_loss(recon, images) + 1e-6 * posterior.kl().mean()
+        if c.task == "base":
+            images, captions = self.data.batch(self._bucket(), c.batch_size)
+            captions = [t if self.rng.random() > 0.1 else "" for t in captions]  # for classifier-free guidance
+            latents, cond = self._latents(to_tensor(images).to(device)), None
+        else:
+            high = self.data.crops(c.crop, c.batch_size)
+            low = F.avg_pool2d(to_tensor(high), 4)
+            level = torch.randint(0, c.max_noise_level + 1, (c.batch_size,))
+            cond = self.noise_scheduler.add_noise(low, torch.randn_like(low), level).to(device)
+            latents, captions = self._latents(to_tensor(high).to(device)), [""] * c.batch_size
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        target = noise if c.task == "base" else self.noise_scheduler.get_velocity(latents, noise, t)
+        x = noisy if cond is None else torch.cat([noisy, cond], dim=1)
+        labels = None if cond is None else level.to(device)
+        pred = self.unet(x, t, encoder_hidden_states=self._encode_text(captions), class_labels=labels).sample
+        return F.mse_loss(pred, target)
+
+    # -- loop
+    def run(self) -> Path:
+        c = self.config
+        bar = tqdm(total=c.steps, initial=self.step, desc=f"train {c.task}", unit="step", disable=not c.progress)
+        smooth = None
+        for m in self.trainable:
+            m.train()
+        while self.step < c.steps:
+            loss = self.loss()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.accelerator.backward(loss)
+            torch.nn.utils.clip_grad_norm_([p for m in self.trainable for p in m.parameters()], 1.0)
+            self.optimizer.step()
+            self.ema.step([p for m in self.trainable for p in m.parameters()])
+            self.step += 1
+            smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
+            bar.set_postfix(loss=f"{smooth:.4f}")
+            bar.update(1)
+            if self.step % c.checkpoint_every == 0 or self.step == c.steps:
+                self.save_checkpoint(smooth)
+        bar.close()
+        return self.export()
+
+    # -- checkpoints
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.config.output_dir / "checkpoint.pt"
+
+    def save_checkpoint(self, loss: float | None = None) -> None:
+        """Weights, optimizer, EMA, step and RNG states, written to a temp file and renamed."""
+        state = {
+            "step": self.step,
+            "modules": [m.state_dict() for m in self.trainable],
+            "optimizer": self.optimizer.state_dict(),
+            "ema": self.ema.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "numpy_rng": json.dumps(self.rng.bit_generator.state),
+            "data_rng": json.dumps(self.data.rng.bit_generator.state),
+            "config": json.dumps({k: str(v) for k, v in asdict(self.config).items()}),
+        }
+        self.config.output_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.checkpoint_path)
+        log = {"step": self.step, "loss": loss, "time": time.time()}
+        with open(self.config.output_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(log) + "\n")
+
+    def _resume(self) -> None:
+        if not self.checkpoint_path.is_file():
+            return
+        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        for module, sd in zip(self.trainable, state["modules"]):
+            module.load_state_dict(sd)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.ema.load_state_dict(state["ema"])
+        torch.set_rng_state(state["torch_rng"])
+        self.rng.bit_generator.state = json.loads(state["numpy_rng"])
+        self.data.rng.bit_generator.state = json.loads(state["data_rng"])
+        self.step = int(state["step"])
+
+    # -- export
+    def export(self) -> Path:
+        """The EMA weights as a diffusers directory (``output_dir / "model"``), safetensors only."""
+        params = [p for m in self.trainable for p in m.parameters()]
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            out = self.config.output_dir / "model"
+            tmp = self.config.output_dir / "model.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self._pipeline().save_pretrained(tmp, safe_serialization=True)
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+            return out
+        finally:
+            self.ema.restore(params)
+
+    def _pipeline(self):
+        from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionUpscalePipeline
+
+        if self.config.task == "vae":
+            return _VaeOnly(self.vae, self._latent_scale())
+        sched = DPMSolverMultistepScheduler.from_config(self.noise_scheduler.config)
+        parts = dict(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet)
+        if self.config.task == "base":
+            return StableDiffusionPipeline(**parts, scheduler=sched, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
+        return StableDiffusionUpscalePipeline(**parts, scheduler=sched, low_res_scheduler=DDPMScheduler(),
+                                              max_noise_level=self.config.max_noise_level)
+
+    def _latent_scale(self) -> float:
+        """1 / std of the latents on fresh scenes, as Stable Diffusion's ``scaling_factor``."""
+        with torch.no_grad():
+            images = to_tensor(SceneData(self.config.seed + 1).crops(self.config.resolution, 16, (1.0, 4.0)))
+            return float(1.0 / self.vae.encode(images).latent_dist.mean.std())
+
+
+class _VaeOnly:
+    """Saves a trained VAE with its measured ``scaling_factor``."""
+
+    def __init__(self, vae, scale: float):
+        self.vae, self.scale = vae, scale
+
+    def save_pretrained(self, directory: Path, safe_serialization: bool = True) -> None:
+        self.vae.register_to_config(scaling_factor=self.scale)
+        self.vae.save_pretrained(Path(directory) / "vae", safe_serialization=safe_serialization)
+
+
+def train(config: TrainConfig) -> Path:
+    """Run (or resume) a training run; returns the exported diffusers directory."""
+    return Trainer(config).run()

@@ -1,0 +1,95 @@
+"""Training: a few steps on small models run, checkpoint, resume exactly, export and load through AnySizePipeline."""
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from anysize import AnySizePipeline
+from anysize.scenes import sample_scene
+from anysize.train import FolderData, TrainConfig, Trainer, scene_vocabulary, train, word_tokenizer
+
+QUICK = dict(batch_size=2, checkpoint_every=2, progress=False, lr=1e-3)
+
+
+@pytest.fixture(scope="module")
+def vae_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vae")
+    return train(TrainConfig(task="vae", output_dir=out, steps=2, resolution=32, **QUICK))
+
+
+def test_word_tokenizer_spells_domain_words_as_single_tokens(tmp_path):
+    tok = word_tokenizer(scene_vocabulary(), tmp_path)
+    caption = sample_scene(3, 0.5).caption
+    ids = tok(caption).input_ids
+    assert len(ids) == len(caption.replace(",", " ,").split()) + 2  # one token a word, plus BOS/EOS
+    assert tok.decode(ids, skip_special_tokens=True).replace(" ,", ",") == caption
+    assert tok("a purple zebra").input_ids[3] == tok.unk_token_id
+    assert word_tokenizer(scene_vocabulary(), tmp_path / "again").get_vocab() == tok.get_vocab()
+
+
+def test_vae_run_exports_a_diffusers_vae(vae_run):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(vae_run / "vae")
+    assert vae.config.scaling_factor > 0 and 2 ** (len(vae.config.block_out_channels) - 1) == 4
+
+
+def test_resume_continues_exactly(tmp_path, vae_run):
+    cfg = dict(task="base", vae=vae_run, resolution=32, **QUICK)
+    straight = Trainer(TrainConfig(output_dir=tmp_path / "a", steps=4, **cfg))
+    straight.run()
+    first = Trainer(TrainConfig(output_dir=tmp_path / "b", steps=2, **cfg))
+    first.run()
+    resumed = Trainer(TrainConfig(output_dir=tmp_path / "b", steps=4, **cfg))
+    assert resumed.step == 2
+    resumed.run()
+    for p, q in zip(straight.unet.parameters(), resumed.unet.parameters()):
+        assert torch.equal(p, q)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]
+
+
+def test_arad_batches_come_from_one_bucket_each(tmp_path, vae_run):
+    t = Trainer(TrainConfig(task="base", output_dir=tmp_path, vae=vae_run, resolution=32, steps=1, **QUICK))
+    assert len(t.buckets) >= 5 and all(w % 16 == 0 and h % 16 == 0 for w, h in t.buckets)
+    images, captions = t.data.batch(t.buckets[0], 3)
+    assert images.shape == (3, t.buckets[0][1], t.buckets[0][0], 3) and len(captions) == 3
+    square = Trainer(TrainConfig(task="base", output_dir=tmp_path / "sq", vae=vae_run, resolution=32, steps=1,
+                                 buckets="square", **QUICK))
+    assert square.buckets == [(32, 32)]
+
+
+def test_base_and_upscaler_runs_load_through_the_pipeline(tmp_path, vae_run):
+    base = train(TrainConfig(task="base", output_dir=tmp_path / "base", vae=vae_run, resolution=32, steps=2, **QUICK))
+    up = train(TrainConfig(task="upscaler", output_dir=tmp_path / "up", vae=vae_run, crop=32, steps=2, **QUICK))
+    pipe = AnySizePipeline.from_pretrained(base=base, upscaler=up, device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("two red circles on grass", width=100, height=60, num_inference_steps=2, upscale_inference_steps=2)
+    assert out.images[0].size == (100, 60)
+
+
+def test_fine_tune_an_existing_model_on_a_captioned_folder(tmp_path, model_dirs):
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i, size in enumerate([(64, 64), (96, 48), (48, 96), (80, 60)]):
+        PIL.Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"picture number {i}")
+    cfg = TrainConfig(task="base", output_dir=tmp_path / "ft", init=model_dirs[0], data=str(data), steps=2, **QUICK)
+    trainer = Trainer(cfg)
+    assert isinstance(trainer.data, FolderData) and len(trainer.data.items) >= 3  # images sorted into buckets
+    assert trainer.trainable == [trainer.unet]  # a pretrained text encoder stays frozen
+    out = trainer.run()
+    pipe = AnySizePipeline.from_pretrained(base=out, img2img=True, device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe("picture", width=64, height=64, num_inference_steps=2).images[0].size == (64, 64)
+
+
+def test_bad_config_names_the_argument(tmp_path):
+    with pytest.raises(ValueError, match="task='gan'"):
+        TrainConfig(task="gan", output_dir=tmp_path)
+    with pytest.raises(ValueError, match="data="):
+        TrainConfig(task="base", output_dir=tmp_path, data=str(tmp_path / "missing"))
