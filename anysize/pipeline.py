@@ -143,7 +143,9 @@ class AnySizePipeline:
             self.base_factor = vae_scale_factor(base.vae)
             self.base_tile = int(base.unet.config.sample_size)
             native = self.base_tile * self.base_factor
-            self.buckets = arad_buckets(native * native, granularity=self.base_factor * 8)
+            # sides that keep every UNet level whole: VAE factor x UNet downsampling (64 px for SD)
+            self.granularity = self.base_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)
+            self.buckets = arad_buckets(native * native, granularity=self.granularity)
 
     @classmethod
     def from_pretrained(cls, base=None, upscaler=None, *, device=None, dtype=None, allow_pickle: bool = False,
@@ -206,7 +208,7 @@ class AnySizePipeline:
 
     def plan(self, width: int, height: int) -> Plan:
         """Where stage 1 generates and which stage-2 passes follow, for a ``width x height`` request."""
-        choice = choose_base_size(width, height, self.buckets, granularity=self.base_factor * 8)
+        choice = choose_base_size(width, height, self.buckets, granularity=self.granularity)
         return Plan(choice.size, choice.panorama, upscale_passes(choice.size, (width, height), self.stage2_factor))
 
     def estimate_memory(self, width: int, height: int, *, tile_size=None, tile_batch_size: int = 8,
@@ -277,7 +279,7 @@ class AnySizePipeline:
                                           output_type=output_type), max_memory)
         source = to_pil(image)
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
-        native = int((self.upscaler or self.base).unet.config.sample_size)
+        native = int((self.upscaler if self.upscaler is not None else self.base).unet.config.sample_size)
         tiles = TilingConfig(method=tiling, tile_size=tile_size or native, tile_batch_size=tile_batch_size)
         opts = _Stage2(prompt, negative_prompt, num_inference_steps, guidance_scale, tiles, tile_size, noise_level,
                        strength, generator, callback_on_step_end)

@@ -63,7 +63,10 @@ def test_output_types(pipe):
     pt = run("pt")
     assert pt.shape == (3, 50, 70) and torch.equal(pt, torch.from_numpy(arr).permute(2, 0, 1))
     lat = run("latent")
-    assert torch.is_tensor(lat) and lat.shape == (1, 4, 13, 18)  # the last pass's latent: ceil(size / 4)
+    plan = pipe.plan(70, 50)  # no stage-2 pass (the bucket is larger): the stage-1 latent
+    assert not plan.passes and lat.shape == (1, 4, plan.base[1] // pipe.base_factor, plan.base[0] // pipe.base_factor)
+    lat = pipe("x", width=170, height=120, generator=gen(), output_type="latent", **FAST).images[0]
+    assert lat.shape == (1, 4, 30, 43)  # the last x4 pass's latent: ceil(size / 4)
     assert np.array_equal(np.asarray(run("pil")), np.round(arr * 255))
 
 
