@@ -212,15 +212,17 @@ def new_vae():
     )
 
 
-def new_unet(sample_size: int, in_channels: int, cross_attention_dim: int, num_class_embeds: int | None = None):
-    """A small text-conditioned UNet; ``in_channels = 7`` and class labels for the x4 upscaler layout."""
+def new_unet(sample_size: int, in_channels: int, cross_attention_dim: int, num_class_embeds: int | None = None,
+             layers_per_block: int = 2):
+    """A small text-conditioned UNet (9.1M parameters at 2 layers a block, 6.2M at 1); ``in_channels = 7``
+    and class labels for the x4 upscaler layout. Sized so a base and an upscaler ship in 40 MB at fp16."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=sample_size, in_channels=in_channels, out_channels=4, layers_per_block=2,
-        block_out_channels=(64, 128, 192), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        sample_size=sample_size, in_channels=in_channels, out_channels=4, layers_per_block=layers_per_block,
+        block_out_channels=(48, 96, 144), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=cross_attention_dim,
-        attention_head_dim=32, norm_num_groups=32, num_class_embeds=num_class_embeds,
+        attention_head_dim=8, norm_num_groups=16, num_class_embeds=num_class_embeds,
     )
 
 
@@ -270,7 +272,7 @@ class Trainer:
         else:
             if self._factor() != 4:
                 raise ValueError(f"vae: factor {self._factor()}; the x4 upscaler layout needs a factor-4 VAE")
-            self.unet = self._load("unet", lambda: new_unet(c.crop // 4, 7, dim, c.max_noise_level + 1))
+            self.unet = self._load("unet", lambda: new_unet(c.crop // 4, 7, dim, c.max_noise_level + 1, layers_per_block=1))
         # a new text encoder learns with the UNet; a pretrained one (fine-tuning) stays frozen
         train_text = c.init is None
         self.text_encoder.requires_grad_(train_text)
