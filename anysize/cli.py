@@ -185,7 +185,7 @@ def _upscale(args: argparse.Namespace) -> int:
     out = check_output_path(args.output, args.size)
     source = _read_image(args.image)
     pipe = _load(args)
-    pipe.check_inputs(args.prompt, width, height, 1, args.steps, 1.0, args.tiling, args.tile_size,
+    pipe.check_inputs(args.prompt, width, height, None, args.steps, 1.0, args.tiling, args.tile_size,
                       args.tile_batch, "pil", args.strength)
     _preflight(pipe, args)
     seed = _pick_seed(args)
@@ -258,8 +258,8 @@ def _load(args: argparse.Namespace):
         raise UsageError("--img2img and --upscaler: pass one (img2img upscales with the base model instead)")
     if args.img2img and not args.base:
         raise UsageError("--img2img: upscales with the base model, so it needs --base PATH")
-    if args.upscaler and not args.base:
-        raise UsageError("--upscaler: needs --base PATH too (stage 1's model)")
+    if args.upscaler and not args.base and args.command == "generate":
+        raise UsageError("--upscaler: generate needs --base PATH too (stage 1's model)")
     _check_device(args.device)
     _quiet_libraries()
     from .pipeline import AnySizePipeline
@@ -351,7 +351,7 @@ def _plan_line(plan, size: tuple[int, int]) -> str:
 def _save(args: argparse.Namespace, pipe, result, seed: int, out: Path, extra: dict) -> int:
     """Write the image with its metadata (the pipeline's info, the settings, the version); print the path."""
     metadata = {**result.info[0], "command": args.command, "seed": seed, **extra, "tile_size": args.tile_size,
-                "device": str(pipe.device), "dtype": str(pipe.base.unet.dtype).removeprefix("torch."),
+                "device": str(pipe.device), "dtype": str(pipe.dtype).removeprefix("torch."),
                 "version": __version__}
     if pipe.upscaler is None:
         metadata["strength"] = args.strength

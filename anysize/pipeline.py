@@ -174,6 +174,10 @@ class AnySizePipeline:
         return (self.base if self.base is not None else self.upscaler).unet.device
 
     @property
+    def dtype(self) -> torch.dtype:
+        return (self.base if self.base is not None else self.upscaler).unet.dtype
+
+    @property
     def stage2_factor(self) -> int:
         return 4 if self.upscaler is not None else 2
 

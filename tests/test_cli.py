@@ -84,6 +84,17 @@ def test_upscale_writes_tiff_with_metadata(capsys, tmp_path, models):
     assert isinstance(meta["seed"], int) and meta["command"] == "upscale"
 
 
+def test_upscale_with_an_upscaler_alone(capsys, tmp_path, model_dirs):
+    source = tmp_path / "small.png"
+    PIL.Image.new("RGB", (40, 30), (30, 90, 200)).save(source)
+    out = tmp_path / "big.png"
+    code, _, stderr = run(capsys, "upscale", source, "--size", "150x110", "-o", out, "--steps", "2", "--quiet",
+                          "--upscaler", model_dirs[1])
+    assert code == 0, stderr
+    with PIL.Image.open(out) as image:
+        assert image.size == (150, 110)
+
+
 def test_img2img_upscaling_with_the_base_model(capsys, tmp_path, model_dirs):
     out = tmp_path / "fox.webp"
     code, _, stderr = run(capsys, "generate", "a fox", "--size", "120x96", "-o", out, *FAST, "--quiet",
