@@ -14,10 +14,13 @@ from dataclasses import dataclass
 # The paper's nine ratios, H / W.
 ARAD_RATIOS = (0.5, 0.5625, 0.625, 0.75, 1.0, 4 / 3, 1.6, 16 / 9, 2.0)
 
-# Native pixel areas of common model families.
-NATIVE_AREAS = {"sd1": 512 * 512, "sd2-v": 768 * 768, "sdxl": 1024 * 1024}
-
 Bucket = tuple[int, int]
+
+
+def model_granularity(vae, unet) -> int:
+    """Image px that keep every UNet level whole: VAE factor x UNet downsampling (64 px for SD)."""
+    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    return vae_factor * 2 ** (len(unet.config.block_out_channels) - 1)
 
 
 def _positive_int(name: str, value: int) -> None:
@@ -102,8 +105,7 @@ def choose_base_size(width: int, height: int, buckets: list[Bucket], *, granular
         return BucketChoice(*bucket, panorama=False)
     # the shorter side of the nearest extreme bucket, or of the request when that is smaller
     short = min(min(bucket), max(granularity, min(width, height) // granularity * granularity))
-    if width >= height:
-        size = (_round_to(short * width / height, granularity), short)
-    else:
-        size = (short, _round_to(short * height / width, granularity))
+    long = min(_round_to(short * max(width, height) / min(width, height), granularity),
+               math.ceil(max(width, height) / granularity) * granularity)
+    size = (long, short) if width >= height else (short, long)
     return BucketChoice(*size, panorama=True)

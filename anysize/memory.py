@@ -24,6 +24,13 @@ _UNET_LIVE = 40
 _VAE_LIVE = 8
 
 
+def _unet_tile_bytes(unet, tile: int) -> float:
+    """Live activations of one UNet forward on a ``tile x tile`` latent: feature maps of every level."""
+    bytes_per = torch.finfo(unet.dtype).bits // 8
+    channels = list(unet.config.block_out_channels)
+    return sum(c * (tile / 2**i) ** 2 for i, c in enumerate(channels)) * _UNET_LIVE * bytes_per
+
+
 class MemoryPreflightError(ValueError):
     """The request cannot fit; the message has the estimate and the limit."""
 
@@ -39,6 +46,7 @@ class MemoryEstimate:
     vae: int
     image: int
     on_accelerator: bool
+    device: str | None = None
 
     @property
     def device_bytes(self) -> int:
@@ -49,22 +57,22 @@ class MemoryEstimate:
         return self.device_bytes + self.image
 
     @classmethod
-    def for_request(cls, width: int, height: int, *, latent_factor: int, unet, tile: int, tile_batch_size: int,
-                    output_bytes_per_px: int, vae_channels: int = 128, device=None) -> MemoryEstimate:
+    def for_request(cls, width: int, height: int, *, latent_factor: int, unets, tile_batch_size: int,
+                    output_bytes_per_px: int, vae_tile_px: int, vae_channels: int = 128,
+                    device=None) -> MemoryEstimate:
+        """``unets``: (unet, tile side in latent px) for every model that samples tiles; the largest
+        per-batch activation counts. ``vae_tile_px``: the side of one VAE decode tile with its margins."""
         lat_px = math.ceil(width / latent_factor) * math.ceil(height / latent_factor)
-        channels = list(unet.config.block_out_channels)
-        bytes_per = torch.finfo(unet.dtype).bits // 8
-        per_tile = sum(c * (tile / 2**i) ** 2 for i, c in enumerate(channels)) * _UNET_LIVE * bytes_per
-        tile_px = (tile * latent_factor) ** 2
+        per_tile = max(_unet_tile_bytes(unet, tile) for unet, tile in unets)
         on_acc = device is not None and torch.device(device).type != "cpu"
         return cls(
             width=width, height=height,
             latents=lat_px * _FLOATS_PER_LATENT_PX * 4,
             tiles=int(per_tile * 2 * tile_batch_size),  # x2: classifier-free guidance
-            vae=tile_px * vae_channels * _VAE_LIVE * 4,
+            vae=vae_tile_px**2 * vae_channels * _VAE_LIVE * 4,
             # the uint8 result, one copy (colour fix / PIL), and the caller's format
             image=width * height * (3 + 3 + output_bytes_per_px),
-            on_accelerator=on_acc,
+            on_accelerator=on_acc, device=None if device is None else str(device),
         )
 
     def describe(self) -> str:
@@ -72,11 +80,11 @@ class MemoryEstimate:
         return f"about {self.total / GIB:.2f} GiB ({parts} GiB)"
 
 
-def available_bytes(on_accelerator: bool) -> tuple[int, int]:
-    """(accelerator free bytes or 0, host available bytes)."""
+def available_bytes(device: str | None) -> tuple[int, int]:
+    """(free bytes on ``device`` if it is a CUDA device, else 0; host available bytes)."""
     host = psutil.virtual_memory().available
-    if on_accelerator and torch.cuda.is_available():
-        return torch.cuda.mem_get_info()[0], host
+    if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.mem_get_info(torch.device(device))[0], host
     return 0, host
 
 
@@ -88,7 +96,7 @@ def check_memory(estimate: MemoryEstimate, max_memory: int | None = None) -> Non
             raise MemoryPreflightError(
                 f"size {size} needs {estimate.describe()}, more than max_memory={max_memory / GIB:.2f} GiB")
         return
-    device_free, host_free = available_bytes(estimate.on_accelerator)
+    device_free, host_free = available_bytes(estimate.device)
     if estimate.on_accelerator and device_free:
         if estimate.device_bytes > device_free:
             raise MemoryPreflightError(

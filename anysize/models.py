@@ -75,8 +75,8 @@ def _refuse_pickle(path: Path, allow_pickle: bool) -> None:
 
 
 def _dir_has_only_pickle(path: Path) -> bool:
-    weights = [p for p in path.rglob("*") if p.suffix in (".safetensors", *PICKLE_SUFFIXES)]
-    return bool(weights) and not any(p.suffix == ".safetensors" for p in weights)
+    weights = [p for p in path.rglob("*") if p.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES)]
+    return bool(weights) and not any(p.suffix.lower() == ".safetensors" for p in weights)
 
 
 def load_pipeline(source: str | os.PathLike, *, device: torch.device, dtype: torch.dtype,
@@ -95,7 +95,9 @@ def load_pipeline(source: str | os.PathLike, *, device: torch.device, dtype: tor
             if not (path / "model_index.json").is_file():
                 raise ModelLoadError(f"{role} {path}: directory has no model_index.json (not a diffusers model)")
             if _dir_has_only_pickle(path) and not allow_pickle:
-                _refuse_pickle(path / "weights.bin", allow_pickle)
+                raise ModelLoadError(
+                    f"{role} {path}: holds only pickle weights (.bin/.ckpt), which can run arbitrary code when "
+                    "loaded; convert them to .safetensors, or pass allow_pickle=True (CLI: --allow-pickle)")
             pipe = DiffusionPipeline.from_pretrained(
                 path, dtype=dtype, use_safetensors=not allow_pickle or None, local_files_only=True
             )
@@ -103,7 +105,8 @@ def load_pipeline(source: str | os.PathLike, *, device: torch.device, dtype: tor
             _refuse_pickle(path, allow_pickle)
             if path.suffix.lower() != ".safetensors" and not allow_pickle:
                 raise ModelLoadError(f"{role} {path}: not a .safetensors checkpoint or a diffusers directory")
-            pipe = StableDiffusionPipeline.from_single_file(str(path), dtype=dtype)
+            # SD 1.x/2.x layout only; diffusers needs the original config, which offline must be cached
+            pipe = StableDiffusionPipeline.from_single_file(str(path), dtype=dtype, local_files_only=True)
         elif str(source).count("/") == 1 and not str(source).startswith((".", "/", "~")):
             pipe = DiffusionPipeline.from_pretrained(str(source), dtype=dtype, use_safetensors=not allow_pickle or None)
         else:

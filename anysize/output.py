@@ -27,7 +27,7 @@ import PIL.Image
 from PIL import ExifTags, PngImagePlugin
 
 FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp", ".tif": "tiff", ".tiff": "tiff"}
-MAX_SIDE = {"jpeg": 65535, "webp": 16383}  # what the encoders accept per side
+MAX_SIDE = {"jpeg": 65500, "webp": 16383}  # what the encoders accept per side
 METADATA_KEY = "anysize"
 TIFF_TILE = 256
 GIB = 2**30

@@ -19,11 +19,11 @@ import PIL.Image
 import torch
 
 from . import models
-from .buckets import arad_buckets, choose_base_size
+from .buckets import arad_buckets, choose_base_size, model_granularity
 from .memory import MemoryEstimate, check_memory
 from .sampler import UNetTileDenoiser, sample_tiled
 from .tiling import METHODS, TilingConfig
-from .vae import tiled_decode, tiled_encode, vae_scale_factor
+from .vae import decoder_margin, tiled_decode, tiled_encode, vae_scale_factor
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 COLOR_FIXES = ("adain", "none")
@@ -65,16 +65,31 @@ class _Stage2:
     callback: Callable | None
 
 
-def upscale_passes(source: Size, target: Size, factor: int) -> tuple[Size, ...]:
+def upscale_passes(source: Size, target: Size, factor: int, *, stretch: float = 1.5) -> tuple[Size, ...]:
     """Pass sizes from ``source`` to ``target``: x``factor`` each at the target's aspect ratio, the last
-    pass exactly ``target``. Empty when the target is no larger than the source."""
+    pass exactly ``target``. The last pass may reach up to ``factor * stretch`` (its conditioning image
+    enlarged by at most ``stretch``) rather than add a pass whose output the next one would shrink
+    again. Empty when the target is no larger than the source."""
     (sw, sh), (tw, th) = source, target
     if tw <= sw and th <= sh:
         return ()
     scale = math.sqrt(tw * th / (sw * sh))
-    n = max(1, math.ceil(math.log(scale) / math.log(factor) - 1e-9))
-    inter = [(round(tw / scale * factor**k), round(th / scale * factor**k)) for k in range(1, n)]
+    n = max(1, math.ceil(math.log(scale / stretch) / math.log(factor) - 1e-9))
+    inter = [(max(1, round(tw / scale * factor**k)), max(1, round(th / scale * factor**k))) for k in range(1, n)]
     return (*inter, target)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _fresh_generator() -> torch.Generator:
+    """No generator given: a seed drawn from torch's global RNG (so ``torch.manual_seed`` still reproduces)."""
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
 
 
 def _resize(image: PIL.Image.Image, size: Size) -> PIL.Image.Image:
@@ -143,8 +158,7 @@ class AnySizePipeline:
             self.base_factor = vae_scale_factor(base.vae)
             self.base_tile = int(base.unet.config.sample_size)
             native = self.base_tile * self.base_factor
-            # sides that keep every UNet level whole: VAE factor x UNet downsampling (64 px for SD)
-            self.granularity = self.base_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)
+            self.granularity = model_granularity(base.vae, base.unet)
             self.buckets = arad_buckets(native * native, granularity=self.granularity)
 
     @classmethod
@@ -184,31 +198,47 @@ class AnySizePipeline:
     # ------------------------------------------------------------------ checks and plans
     def check_inputs(self, prompt, width, height, num_inference_steps=1, upscale_inference_steps=1,
                      guidance_scale=1.0, tiling="fstd", tile_size=None, tile_batch_size=1, output_type="pil",
-                     strength=0.3, color_fix="adain", noise_level=20) -> None:
-        """Validate every argument before any compute; each message names the argument, its value and the rule."""
+                     strength=0.3, color_fix="adain", noise_level=20, *, negative_prompt=None,
+                     upscale_guidance_scale=None, max_memory=None) -> None:
+        """Validate every argument before any compute; each message names the argument, its value and the rule.
+
+        ``num_inference_steps=None`` checks a stage-2-only call (:meth:`upscale`).
+        """
         if self.base is None and num_inference_steps is not None:
             raise ValueError("base=None: text-to-image needs a base model; this pipeline only has an upscaler")
         if not isinstance(prompt, str) and not (isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt)):
             raise ValueError(f"prompt={prompt!r}: must be a string or a non-empty list of strings")
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise ValueError(f"negative_prompt={negative_prompt!r}: must be a string or None")
+        max_level = self._max_noise_level()
         for name, value, minimum in (("width", width, MIN_SIDE), ("height", height, MIN_SIDE),
                                      ("num_inference_steps", 1 if num_inference_steps is None else num_inference_steps, 1),
                                      ("upscale_inference_steps", upscale_inference_steps, 1),
-                                     ("tile_batch_size", tile_batch_size, 1), ("noise_level", noise_level, 0)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                                     ("tile_batch_size", tile_batch_size, 1), ("noise_level", noise_level, 0),
+                                     ("max_memory", 1 if max_memory is None else max_memory, 1)):
+            if not _is_int(value) or value < minimum:
                 raise ValueError(f"{name}={value!r}: must be an integer >= {minimum}")
-        if tile_size is not None and (not isinstance(tile_size, int) or isinstance(tile_size, bool) or tile_size < 8):
+        if noise_level > max_level:
+            raise ValueError(f"noise_level={noise_level}: must be <= the upscaler's max_noise_level {max_level}")
+        if tile_size is not None and (not _is_int(tile_size) or tile_size < 8):
             raise ValueError(f"tile_size={tile_size!r}: must be None (the model's native size) or an integer >= 8 latent px")
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not (
-                math.isfinite(guidance_scale) and guidance_scale >= 0):
-            raise ValueError(f"guidance_scale={guidance_scale!r}: must be a finite number >= 0")
+        for name, value in (("guidance_scale", guidance_scale), ("upscale_guidance_scale", upscale_guidance_scale)):
+            if value is not None and not (_is_number(value) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}={value!r}: must be a finite number >= 0")
         if tiling not in METHODS:
             raise ValueError(f"tiling={tiling!r}: must be one of {', '.join(METHODS)}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}: must be one of {', '.join(OUTPUT_TYPES)}")
-        if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        if not _is_number(strength) or not 0 < strength <= 1:
             raise ValueError(f"strength={strength!r}: must be a number in (0, 1]")
         if color_fix is not None and color_fix not in COLOR_FIXES:
             raise ValueError(f"color_fix={color_fix!r}: must be one of {', '.join(COLOR_FIXES)} or None")
+
+    def _max_noise_level(self) -> int:
+        """The x4 upscaler's highest noise level (its class embedding's range); 1000 without one."""
+        if self.upscaler is None:
+            return 1000
+        return int(getattr(self.upscaler.config, "max_noise_level", None) or 350)
 
     def plan(self, width: int, height: int) -> Plan:
         """Where stage 1 generates and which stage-2 passes follow, for a ``width x height`` request."""
@@ -216,14 +246,23 @@ class AnySizePipeline:
         return Plan(choice.size, choice.panorama, upscale_passes(choice.size, (width, height), self.stage2_factor))
 
     def estimate_memory(self, width: int, height: int, *, tile_size=None, tile_batch_size: int = 8,
-                        output_type: str = "pil") -> MemoryEstimate:
-        """The memory preflight's estimate of a request's peak (see :mod:`anysize.memory`)."""
-        pipe = self.upscaler if self.upscaler is not None else self.base
+                        output_type: str = "pil", tiling: str = "fstd") -> MemoryEstimate:
+        """The memory preflight's estimate of a request's peak (see :mod:`anysize.memory`): the larger
+        UNet's tile batch (the whole latent with ``tiling="none"``), one VAE decode tile with its
+        margins, the latents and the output image."""
+        last = self.upscaler if self.upscaler is not None else self.base
+        factor = vae_scale_factor(last.vae)
+        whole = max(math.ceil(width / factor), math.ceil(height / factor))
+        unets = []
+        for pipe in (self.base, self.upscaler):
+            if pipe is not None:
+                native = int(pipe.unet.config.sample_size)
+                unets.append((pipe.unet, whole if tiling == "none" else (tile_size or native)))
         return MemoryEstimate.for_request(
-            width, height, latent_factor=vae_scale_factor(pipe.vae), unet=pipe.unet,
-            tile=tile_size or int(pipe.unet.config.sample_size), tile_batch_size=tile_batch_size,
+            width, height, latent_factor=factor, unets=unets, tile_batch_size=tile_batch_size,
             output_bytes_per_px=12 if output_type in ("np", "pt") else 3,
-            vae_channels=int(pipe.vae.config.block_out_channels[0]), device=self.device,
+            vae_tile_px=(64 + 2 * decoder_margin(last.vae.config)) * factor,
+            vae_channels=int(last.vae.config.block_out_channels[0]), device=self.device,
         )
 
     # ------------------------------------------------------------------ public calls
@@ -246,23 +285,25 @@ class AnySizePipeline:
         ``max_memory`` (bytes) caps the preflight estimate instead of the free memory.
         """
         self.check_inputs(prompt, width, height, num_inference_steps, upscale_inference_steps, guidance_scale,
-                          tiling, tile_size, tile_batch_size, output_type, strength, color_fix, noise_level)
+                          tiling, tile_size, tile_batch_size, output_type, strength, color_fix, noise_level,
+                          negative_prompt=negative_prompt, upscale_guidance_scale=upscale_guidance_scale,
+                          max_memory=max_memory)
         check_memory(self.estimate_memory(width, height, tile_size=tile_size, tile_batch_size=tile_batch_size,
-                                          output_type=output_type), max_memory)
-        generator = generator if generator is not None else torch.Generator().manual_seed(0)
+                                          output_type=output_type, tiling=tiling), max_memory)
+        generator = generator if generator is not None else _fresh_generator()
         plan = self.plan(width, height)
         tiles = TilingConfig(method=tiling, tile_size=tile_size or self.base_tile, tile_batch_size=tile_batch_size)
         images, infos = [], []
         for text in [prompt] if isinstance(prompt, str) else prompt:
             latents = self._stage1(text, negative_prompt, plan, num_inference_steps, guidance_scale, tiles,
                                    generator, callback_on_step_end)
-            stage1 = PIL.Image.fromarray(self._decode(self.base.vae, latents, plan.base))
             opts = _Stage2(text, negative_prompt, upscale_inference_steps,
                            guidance_scale if upscale_guidance_scale is None else upscale_guidance_scale,
                            tiles, tile_size, noise_level, strength, generator, callback_on_step_end)
             if not plan.passes and output_type == "latent":
                 images.append(latents)
             else:
+                stage1 = PIL.Image.fromarray(self._decode(self.base.vae, latents, plan.base))
                 images.append(self._stage2(stage1, plan.passes, (width, height), opts, output_type, color_fix))
             infos.append({"prompt": text, "negative_prompt": negative_prompt, "width": width, "height": height,
                           "base_size": list(plan.base), "panorama": plan.panorama,
@@ -277,12 +318,15 @@ class AnySizePipeline:
                 color_fix: str | None = "adain", callback_on_step_end: Callable | None = None,
                 max_memory: int | None = None) -> AnySizeOutput:
         """Stage 2 alone: enlarge ``image`` (PIL, uint8 / float array, or tensor) to exactly ``width x height``."""
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt={prompt!r}: upscale takes one image and one prompt string")
         self.check_inputs(prompt, width, height, None, num_inference_steps, guidance_scale, tiling, tile_size,
-                          tile_batch_size, output_type, strength, color_fix, noise_level)
+                          tile_batch_size, output_type, strength, color_fix, noise_level,
+                          negative_prompt=negative_prompt, max_memory=max_memory)
         check_memory(self.estimate_memory(width, height, tile_size=tile_size, tile_batch_size=tile_batch_size,
-                                          output_type=output_type), max_memory)
+                                          output_type=output_type, tiling=tiling), max_memory)
         source = to_pil(image)
-        generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        generator = generator if generator is not None else _fresh_generator()
         native = int((self.upscaler if self.upscaler is not None else self.base).unet.config.sample_size)
         tiles = TilingConfig(method=tiling, tile_size=tile_size or native, tile_batch_size=tile_batch_size)
         opts = _Stage2(prompt, negative_prompt, num_inference_steps, guidance_scale, tiles, tile_size, noise_level,
@@ -336,14 +380,15 @@ class AnySizePipeline:
                             desc=desc, timesteps=timesteps)
 
     def _decode(self, vae, latents: torch.Tensor, size: Size) -> np.ndarray:
-        """Latents -> uint8 (H, W, 3) cropped to ``size``: tiled VAE, exact GroupNorm statistics while
-        the latent is at most 2x2 tiles (cheap), fast mode above."""
+        """Latents -> uint8 (H, W, 3) cropped to ``size`` through the tiled VAE. Up to 128 latent px a
+        side the GroupNorm statistics come from one untiled run over the whole latent (exact, about two
+        decodes); above, from a downsampled copy (fast mode)."""
         scaled = latents / vae.config.scaling_factor
         if getattr(vae.config, "shift_factor", None):
             scaled = scaled + vae.config.shift_factor
-        n_tiles = math.ceil(scaled.shape[-2] / 64) * math.ceil(scaled.shape[-1] / 64)
-        array = tiled_decode(vae, scaled, tile_size=64, mode="exact" if n_tiles <= 4 else "fast",
-                             progress=self.progress and n_tiles > 4)
+        side = max(scaled.shape[-2:])
+        stats = {"stats_size": side} if side <= 128 else {}
+        array = tiled_decode(vae, scaled, tile_size=64, mode="fast", progress=self.progress and side > 128, **stats)
         return array[: size[1], : size[0]]
 
     # ------------------------------------------------------------------ stages

@@ -18,7 +18,6 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import PIL.Image
@@ -26,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .buckets import Bucket, arad_buckets, nearest_bucket
+from .buckets import Bucket, arad_buckets, model_granularity, nearest_bucket
 from .scenes import BACKGROUND_PHRASES, COLORS, NUMBER_WORDS, PATTERNS, PLURALS, SHAPES, SIZES, render, render_crop, sample_scene
+from .vae import vae_scale_factor
 
 TASKS = ("vae", "base", "upscaler")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -142,6 +142,20 @@ class FolderData:
         counts = np.array([len(self.items.get(b, [])) for b in buckets], dtype=np.float64)
         return counts / counts.sum()
 
+    def crops(self, size: int, n: int, scale_range=(1.0, 1.0)) -> np.ndarray:
+        """Random ``size`` crops of random images (enlarged first where smaller than ``size``)."""
+        paths = [p for items in self.items.values() for p, _ in items]
+        out = []
+        for i in self.rng.integers(0, len(paths), n):
+            with PIL.Image.open(paths[i]) as im:
+                im = im.convert("RGB")
+                scale = max(1.0, size / min(im.size))
+                if scale > 1:
+                    im = im.resize((math.ceil(im.width * scale), math.ceil(im.height * scale)), PIL.Image.Resampling.LANCZOS)
+                left, top = int(self.rng.integers(0, im.width - size + 1)), int(self.rng.integers(0, im.height - size + 1))
+                out.append(np.asarray(im.crop((left, top, left + size, top + size))))
+        return np.stack(out)
+
     def batch(self, bucket: Bucket, n: int) -> tuple[np.ndarray, list[str]]:
         items = self.items[bucket]
         picks = [items[i] for i in self.rng.integers(0, len(items), n)]
@@ -241,6 +255,8 @@ class Trainer:
         self.rng = np.random.default_rng(config.seed)
         self.noise_scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                              prediction_type="v_prediction" if config.task == "upscaler" else "epsilon")
+        # noise augmentation of the x4 input: the SD x4 upscaler's schedule, exported as its low_res_scheduler
+        self.low_res_scheduler = DDPMScheduler()
         self._build()
         params = [p for m in self.trainable for p in m.parameters()]
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=1e-2)
@@ -280,12 +296,11 @@ class Trainer:
         self.frozen = [self.vae] + ([] if train_text else [self.text_encoder])
 
     def _factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_scale_factor(self.vae)
 
     def _granularity(self) -> int:
-        """Image px that keep every UNet level's size whole: VAE factor x UNet downsampling."""
         unet = getattr(self, "unet", None)
-        return self._factor() * (2 ** (len(unet.config.block_out_channels) - 1) if unet is not None else 1)
+        return model_granularity(self.vae, unet) if unet is not None else self._factor()
 
     def _load(self, name: str, make, source: Path | None = None):
         """``name`` from ``source`` or ``config.init`` (a diffusers directory), else a new model."""
@@ -297,7 +312,7 @@ class Trainer:
         if root is None:
             return make()
         path = Path(root) / name if (Path(root) / name).is_dir() else Path(root)
-        return classes[name].from_pretrained(path)
+        return classes[name].from_pretrained(path, use_safetensors=True)
 
     # -- data and losses
     def _bucket(self) -> Bucket:
@@ -329,7 +344,7 @@ class Trainer:
             high = self.data.crops(c.crop, c.batch_size)
             low = F.avg_pool2d(to_tensor(high), 4)
             level = torch.randint(0, c.max_noise_level + 1, (c.batch_size,))
-            cond = self.noise_scheduler.add_noise(low, torch.randn_like(low), level).to(device)
+            cond = self.low_res_scheduler.add_noise(low, torch.randn_like(low), level).to(device)
             latents, captions = self._latents(to_tensor(high).to(device)), [""] * c.batch_size
         noise = torch.randn_like(latents)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
@@ -419,7 +434,7 @@ class Trainer:
             self.ema.restore(params)
 
     def _pipeline(self):
-        from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionUpscalePipeline
+        from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionUpscalePipeline
 
         if self.config.task == "vae":
             return _VaeOnly(self.vae, self._latent_scale())
@@ -428,7 +443,7 @@ class Trainer:
         if self.config.task == "base":
             return StableDiffusionPipeline(**parts, scheduler=sched, safety_checker=None, feature_extractor=None,
                                            requires_safety_checker=False)
-        return StableDiffusionUpscalePipeline(**parts, scheduler=sched, low_res_scheduler=DDPMScheduler(),
+        return StableDiffusionUpscalePipeline(**parts, scheduler=sched, low_res_scheduler=self.low_res_scheduler,
                                               max_noise_level=self.config.max_noise_level)
 
     def _latent_scale(self) -> float:

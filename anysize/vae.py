@@ -203,12 +203,13 @@ def _partial_sums(x: Tensor, groups: int, state: _GNState) -> Tensor:
     s = x.shape[-2] // th
     if (th * s, tw * s) != tuple(x.shape[-2:]):
         raise RuntimeError(f"GroupNorm input {tuple(x.shape)} is not a whole multiple of the tile {th}x{tw}")
+    acc = torch.float32 if x.device.type == "mps" else torch.float64  # MPS has no float64
     out = []
     for b, (t, l, bo, r) in enumerate(state.regions):
         core = x[b, :, t * s:bo * s, l * s:r * s].reshape(groups, -1)
-        sq = torch.linalg.vector_norm(core, dim=1, dtype=torch.float64).square()
+        sq = torch.linalg.vector_norm(core, dim=1, dtype=acc).square()
         count = torch.full_like(sq, core.shape[1])
-        out.append(torch.stack([core.sum(1, dtype=torch.float64), sq, count], dim=1))
+        out.append(torch.stack([core.sum(1, dtype=acc), sq, count], dim=1).double().cpu())
     return torch.stack(out)
 
 
@@ -222,7 +223,7 @@ def _reduce(partials: Tensor) -> tuple[Tensor, Tensor]:
 def _apply_stats(gn: nn.GroupNorm, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
     """GroupNorm with given per-group (mean, var), then the affine: a per-channel eval-mode batch norm."""
     per, dtype = x.shape[1] // gn.num_groups, torch.promote_types(x.dtype, torch.float32)
-    mean, var = (t.repeat_interleave(per).to(dtype) for t in (mean, var))
+    mean, var = (t.repeat_interleave(per).to(x.device, dtype) for t in (mean, var))
     weight, bias = (None, None) if not gn.affine else (gn.weight.to(dtype), gn.bias.to(dtype))
     return F.batch_norm(x, mean, var, weight, bias, training=False, eps=gn.eps)
 

@@ -47,6 +47,8 @@ def test_choose_base_size_panorama_outside_range_only():
     assert wide.panorama and wide.width > 2 * wide.height and wide.height % 64 == 0
     tall = choose_base_size(1000, 3000, buckets)
     assert tall.panorama and tall.height >= 2.5 * tall.width
+    thin = choose_base_size(32, 2048, buckets)  # never larger than the request needs
+    assert thin.panorama and thin.height <= 2048 and thin.width == 64
     coarse = arad_buckets(64 * 64, 16)  # coarse buckets: a ratio between two buckets is no panorama
     assert not choose_base_size(200, 150, coarse).panorama
 

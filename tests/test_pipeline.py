@@ -29,8 +29,12 @@ def test_exact_size_for_any_request(pipe, size):
 def test_plans_follow_the_request():
     assert upscale_passes((64, 64), (64, 64), 4) == ()
     assert upscale_passes((64, 64), (200, 200), 4) == ((200, 200),)
-    assert upscale_passes((512, 512), (3000, 3000), 4) == ((2048, 2048), (3000, 3000))
+    # up to x6 in one pass (conditioning enlarged <= 1.5x) rather than a pass the next one shrinks again
+    assert upscale_passes((512, 512), (3000, 3000), 4) == ((3000, 3000),)
+    assert upscale_passes((512, 512), (2100, 2100), 4) == ((2100, 2100),)
+    assert upscale_passes((512, 512), (4096, 4096), 4) == ((2048, 2048), (4096, 4096))
     assert upscale_passes((512, 512), (16384, 16384), 4) == ((2048, 2048), (8192, 8192), (16384, 16384))
+    assert upscale_passes((1, 1), (8, 8000), 4)[0][0] >= 1  # no zero-pixel intermediate
     assert upscale_passes((64, 48), (200, 150), 2) == ((128, 96), (200, 150))
 
 
@@ -71,9 +75,29 @@ def test_output_types(pipe):
 
 
 def test_negative_prompt_and_guidance_change_the_image(pipe):
-    kw = dict(width=64, height=64, generator=gen(), **FAST)
-    plain = np.asarray(pipe("a red circle", **kw).images[0])
-    assert not np.array_equal(plain, np.asarray(pipe("a red circle", negative_prompt="blue", **kw).images[0]))
+    def run(**kw):
+        return np.asarray(pipe("a red circle", width=64, height=64, generator=gen(), **FAST, **kw).images[0])
+
+    plain = run()
+    assert not np.array_equal(plain, run(negative_prompt="blue"))
+    assert not np.array_equal(plain, run(guidance_scale=2.0))
+    assert np.array_equal(plain, run())
+
+
+def test_a_list_of_prompts_gives_one_image_each(pipe):
+    out = pipe(["a red circle", "a blue square"], width=90, height=70, generator=gen(), **FAST)
+    assert [im.size for im in out.images] == [(90, 70), (90, 70)] and [i["prompt"] for i in out.info] == [
+        "a red circle", "a blue square"]
+    with pytest.raises(ValueError, match="one prompt string"):
+        pipe.upscale(out.images[0], 180, 140, prompt=["a", "b"])
+
+
+def test_no_generator_draws_a_fresh_seed_from_torch(pipe):
+    torch.manual_seed(5)
+    a = np.asarray(pipe("x", width=64, height=64, **FAST).images[0])
+    b = np.asarray(pipe("x", width=64, height=64, **FAST).images[0])
+    torch.manual_seed(5)
+    assert not np.array_equal(a, b) and np.array_equal(a, np.asarray(pipe("x", width=64, height=64, **FAST).images[0]))
 
 
 def test_callback_sees_both_stages_and_can_replace_latents(pipe):
@@ -111,8 +135,9 @@ def test_adain_color_fix_matches_reference_statistics():
     rng = np.random.default_rng(0)
     ref = PIL.Image.fromarray(rng.integers(100, 200, (20, 30, 3), dtype=np.uint8))
     img = rng.integers(0, 90, (50, 70, 3), dtype=np.uint8)
-    fixed = adain_color_fix(img.copy(), ref, rows=7)
-    assert np.allclose(fixed.reshape(-1, 3).mean(0), np.asarray(ref).reshape(-1, 3).mean(0), atol=1.5)
+    fixed = adain_color_fix(img.copy(), ref, rows=7).reshape(-1, 3).astype(float)
+    ref_px = np.asarray(ref).reshape(-1, 3).astype(float)
+    assert np.allclose(fixed.mean(0), ref_px.mean(0), atol=1.5) and np.allclose(fixed.std(0), ref_px.std(0), atol=1.5)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -120,7 +145,9 @@ def test_adain_color_fix_matches_reference_statistics():
     (dict(num_inference_steps=0), "num_inference_steps=0"), (dict(tiling="spiral"), "tiling='spiral'"),
     (dict(output_type="gif"), "output_type='gif'"), (dict(guidance_scale=-1.0), "guidance_scale=-1.0"),
     (dict(tile_batch_size=0), "tile_batch_size=0"), (dict(tile_size=3), "tile_size=3"),
-    (dict(strength=0.0), "strength=0.0"), (dict(width=1.5), "width=1.5"),
+    (dict(strength=0.0), "strength=0.0"), (dict(width=1.5), "width=1.5"), (dict(strength=True), "strength=True"),
+    (dict(noise_level=351), "noise_level=351"), (dict(upscale_guidance_scale=float("nan")), "upscale_guidance_scale=nan"),
+    (dict(negative_prompt=["a", "b"]), "negative_prompt="), (dict(max_memory=0), "max_memory=0"),
 ])
 def test_check_inputs_before_any_compute(pipe, monkeypatch, kwargs, message):
     monkeypatch.setattr(pipe.base.unet, "forward", lambda *a, **k: pytest.fail("computed before checking"))
@@ -136,7 +163,9 @@ def test_memory_preflight_refuses_absurd_sizes(pipe, monkeypatch):
     with pytest.raises(MemoryPreflightError, match="max_memory"):
         pipe("x", width=2048, height=2048, max_memory=10 * 2**20)
     est = pipe.estimate_memory(4096, 4096)
-    assert est.image >= 4096 * 4096 * 3 and est.total > est.image
+    assert est.image >= 4096 * 4096 * 3 and est.tiles > 0 and est.vae > 0
+    # one UNet call over the whole latent costs far more than a tile batch
+    assert pipe.estimate_memory(4096, 4096, tiling="none").tiles > 100 * est.tiles
 
 
 def test_default_model_missing_is_a_clear_error():

@@ -88,6 +88,20 @@ def test_fine_tune_an_existing_model_on_a_captioned_folder(tmp_path, model_dirs)
     assert pipe("picture", width=64, height=64, num_inference_steps=2).images[0].size == (64, 64)
 
 
+def test_vae_trains_on_a_folder_of_images(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, size in enumerate([(40, 30), (100, 80)]):  # one image smaller than the crop: enlarged first
+        PIL.Image.new("RGB", size, (40 * i, 90, 200)).save(data / f"{i}.png")
+    out = train(TrainConfig(task="vae", output_dir=tmp_path / "vae", data=str(data), resolution=32, steps=1, **QUICK))
+    assert (out / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_upscaler_exports_the_noise_schedule_it_was_trained_with(tmp_path, vae_run):
+    t = Trainer(TrainConfig(task="upscaler", output_dir=tmp_path, vae=vae_run, crop=32, steps=1, **QUICK))
+    assert t._pipeline().low_res_scheduler is t.low_res_scheduler
+
+
 def test_bad_config_names_the_argument(tmp_path):
     with pytest.raises(ValueError, match="task='gan'"):
         TrainConfig(task="gan", output_dir=tmp_path)
