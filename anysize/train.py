@@ -397,7 +397,10 @@ class Trainer:
         }
         self.config.output_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.checkpoint_path.with_suffix(".tmp")
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a crash leaves the old or the new checkpoint
         os.replace(tmp, self.checkpoint_path)
         log = {"step": self.step, "loss": loss, "time": time.time()}
         with open(self.config.output_dir / "log.jsonl", "a") as f:
