@@ -165,6 +165,8 @@ class TilingConfig:
         _check_size("reset_every", self.reset_every, minimum=0)
         if self.stride is not None:
             _check_size("stride", self.stride)
+            if self.stride > self.tile_size:
+                raise ValueError(f"stride={self.stride}: must be <= tile_size={self.tile_size}, or the grid leaves gaps")
         if self.shift not in SHIFTS:
             raise ValueError(f"shift={self.shift!r}: must be one of {', '.join(SHIFTS)}")
         if self.weighting is not None and self.weighting not in WEIGHTINGS:
@@ -193,8 +195,7 @@ class TilingConfig:
         if self.method == "naive":
             return naive_tiles(height, width, self.tile_size)
         if self.method == "overlap":
-            stride = self.stride or max(1, self.tile_size // 2)
-            return overlap_tiles(height, width, self.tile_size, min(stride, self.tile_size))
+            return overlap_tiles(height, width, self.tile_size, self.stride or max(1, self.tile_size // 2))
         axes = self._axes(height, width, step)
         if self.reset_every and step % self.reset_every == 0:
             axes = "none"

@@ -95,10 +95,10 @@ def run_ours(args, unet, scheduler, pos, neg):
         den(latents[..., : cfg.tile_size, : cfg.tile_size], scheduler.timesteps[0], [(0, 0, 1, 1)])  # warm-up
         sync(args.device)
         start = time.perf_counter()
-        out = sample(model, latents, scheduler, generator=g)
+        sample(model, latents, scheduler, generator=g)
         sync(args.device)
     evals = model.total_evaluations / args.steps
-    return time.perf_counter() - start, evals, cfg.tile_size, out
+    return time.perf_counter() - start, evals, cfg.tile_size
 
 
 def run_multidiffusion(args, unet, scheduler, pos, neg):
@@ -115,17 +115,17 @@ def run_multidiffusion(args, unet, scheduler, pos, neg):
     views = pipe.get_views(args.size, args.size)
     sync(args.device)
     start = time.perf_counter()
-    out = pipe(prompt_embeds=pos, negative_prompt_embeds=neg, height=args.size, width=args.size,
+    pipe(prompt_embeds=pos, negative_prompt_embeds=neg, height=args.size, width=args.size,
                num_inference_steps=args.steps, guidance_scale=args.guidance, view_batch_size=args.tile_batch,
-               generator=torch.Generator().manual_seed(0), output_type="latent").images
+               generator=torch.Generator().manual_seed(0), output_type="latent")
     sync(args.device)
-    return time.perf_counter() - start, len(views), 64, out
+    return time.perf_counter() - start, len(views), 64
 
 
 def child(args):
     unet, scheduler, pos, neg = build(args)
     fn = run_multidiffusion if args.method == "multidiffusion" else run_ours
-    seconds, evals, tile, out = fn(args, unet, scheduler, pos, neg)
+    seconds, evals, tile = fn(args, unet, scheduler, pos, neg)
     lat_side = args.size // args.vae_factor
     peak = (torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

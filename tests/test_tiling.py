@@ -139,6 +139,7 @@ def test_weights_positive(kind, shape):
         (lambda: fstd_tiles(5, 5, -1, generator=torch.Generator()), "tile=-1"),
         (lambda: TilingConfig(method="spiral"), "tiling='spiral'"),
         (lambda: TilingConfig(tile_batch_size=0), "tile_batch_size=0"),
+        (lambda: TilingConfig(tile_size=16, stride=32), "stride=32"),
         (lambda: tile_weights(4, 4, "cosine"), "weighting='cosine'"),
     ],
 )
