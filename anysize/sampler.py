@@ -10,6 +10,8 @@ explicit weights (FSTD: Zheng et al. 2023, sec. 3.3; the MultiDiffusion-style me
 
 from __future__ import annotations
 
+import hashlib
+
 import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -159,8 +161,15 @@ def sample_tiled(
     ``timesteps``: a tail of ``scheduler.timesteps`` to run (img2img), default all of them.
     """
     steps = len(scheduler.timesteps if timesteps is None else timesteps)
+    # The tile plans get their own generator, seeded from a hash of the caller's generator state
+    # without advancing it: the caller's noise stream is then the same for every tiling method (fstd
+    # draws offsets, naive none) and for untiled sampling, also across several upscale passes.
+    plans = None
+    if generator is not None:
+        digest = hashlib.blake2b(generator.get_state().numpy().tobytes(), digest_size=8).digest()
+        plans = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
     model = TiledModel(
-        denoiser, config, height=latents.shape[-2], width=latents.shape[-1], num_steps=steps, generator=generator
+        denoiser, config, height=latents.shape[-2], width=latents.shape[-1], num_steps=steps, generator=plans
     )
     with tqdm(total=model.total_evaluations, desc=desc, unit="tile", disable=not progress) as bar:
         model.progress = bar.update
