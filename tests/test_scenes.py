@@ -305,12 +305,15 @@ def _det(shape, color, touches=False):
 def test_score_on_handmade_lists():
     caption = "two large red circles and a small blue triangle on grass"
     exact = score([_det("circle", "red"), _det("triangle", "blue"), _det("circle", "red")], caption)
-    assert exact["exact"] and exact["recall"] == 1.0 and exact["precision"] == 1.0
+    assert exact["exact"] and exact["recall"] == 1.0 and exact["precision"] == 1.0 and exact["color_exact"]
+    # right colours, one wrong shape: the colour multiset still matches
+    shapes_off = score([_det("circle", "red"), _det("square", "blue"), _det("circle", "red")], caption)
+    assert shapes_off["color_exact"] and not shapes_off["exact"]
     assert exact["duplicates"] == 0 and exact["cut"] == 0 and exact["n_expected"] == 3
 
     dets = [_det("circle", "red")] * 4 + [_det("triangle", "blue", touches=True), _det("square", "green", True)]
     s = score(dets, caption)
-    assert not s["exact"] and not s["count_exact"]
+    assert not s["exact"] and not s["count_exact"] and not s["color_exact"]
     assert s["duplicates"] == 2 and s["duplicate_rate"] == pytest.approx(2 / 3)
     assert s["extras"] == 1 and s["missing"] == 0
     assert s["cut"] == 2 and s["cut_rate"] == pytest.approx(2 / 6)
