@@ -108,6 +108,9 @@ def _add_generate(sub) -> None:
                    help="stage 2 sampling steps per pass (default 20)")
     p.add_argument("--guidance", type=_float_in(0, math.inf), default=7.5, metavar="X",
                    help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--upscale-guidance", type=_float_in(0, math.inf), default=None, metavar="X",
+                   help="guidance of stage 2 (default: --guidance); 1 turns it off, as for upscalers "
+                        "trained without captions (the default model's)")
     p.add_argument("--negative", default=None, metavar="TEXT", help="negative prompt")
     _add_run_options(p)
     p.set_defaults(run=_generate)
@@ -173,8 +176,9 @@ def _generate(args: argparse.Namespace) -> int:
     _say(args, f"{_plan_line(pipe.plan(width, height), args.size)}; seed {seed}")
     result = pipe(args.prompt, width, height, generator=_generator(seed), num_inference_steps=args.steps,
                   upscale_inference_steps=args.upscale_steps, guidance_scale=args.guidance,
-                  negative_prompt=args.negative, strength=args.strength, **_tile_kwargs(args))
-    extra = {"steps": args.steps, "upscale_steps": args.upscale_steps, "guidance": args.guidance}
+                  upscale_guidance_scale=args.upscale_guidance, negative_prompt=args.negative, strength=args.strength, **_tile_kwargs(args))
+    extra = {"steps": args.steps, "upscale_steps": args.upscale_steps, "guidance": args.guidance,
+             "upscale_guidance": args.guidance if args.upscale_guidance is None else args.upscale_guidance}
     return _save(args, pipe, result, seed, out, extra)
 
 
