@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Batch-invariant MKL GEMM on CPU, so results do not depend on tile_batch_size (see README, Determinism).
 export MKL_CBWR ?= AVX2,STRICT
 
-.PHONY: venv test bench clean
+.PHONY: venv test bench demo train-default clean
 
 $(BIN)/activate: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,22 @@ test: venv
 # A quick tiling benchmark (2048^2 px); the README's tables name their full commands.
 bench: venv
 	$(BIN)/python benchmarks/tiling.py --size 2048 --steps 2
+
+# The Quickstart's first command: one image from the embedded default model (CPU, offline).
+demo: venv
+	$(BIN)/anysize generate "two large red circles and a small blue triangle on grass" --size 1024x384 --seed 3 --guidance 4 --upscale-guidance 1 -o demo.png
+
+# Reproduces anysize/default_model from nothing (2 CPU cores: ~2 h; run again to resume after a stop).
+# The step counts are the shipped model's; see the README's model card.
+VAE_STEPS ?= 1900
+BASE_STEPS ?= 2000
+UPSCALER_STEPS ?= 1200
+train-default: venv
+	$(BIN)/anysize train vae -o runs/vae --steps $(VAE_STEPS) --batch-size 32
+	$(BIN)/anysize train base -o runs/base --vae runs/vae/model --buckets arad --steps $(BASE_STEPS)
+	$(BIN)/anysize train base -o runs/base-square --vae runs/vae/model --buckets square --steps $(BASE_STEPS)
+	$(BIN)/anysize train upscaler -o runs/upscaler --vae runs/vae/model --steps $(UPSCALER_STEPS) --batch-size 16
+	$(BIN)/python tools/ship_default.py runs/base/model runs/upscaler/model
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -168,7 +168,10 @@ def test_memory_preflight_refuses_absurd_sizes(pipe, monkeypatch):
     assert pipe.estimate_memory(4096, 4096, tiling="none").tiles > 100 * est.tiles
 
 
-def test_default_model_missing_is_a_clear_error():
+def test_default_model_missing_is_a_clear_error(tmp_path, monkeypatch):
+    from anysize import models as model_loading
+
+    monkeypatch.setattr(model_loading, "DEFAULT_MODEL_DIR", tmp_path / "no_default_model")
     with pytest.raises(ModelLoadError, match="embedded default model"):
         AnySizePipeline.from_pretrained()
 

@@ -1,0 +1,46 @@
+"""The embedded default model: shipped in the package, safetensors only, within budget, loads offline."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from anysize import AnySizePipeline
+from anysize.cli import main
+from anysize.models import DEFAULT_MODEL_DIR, default_model_paths
+
+BUDGET = 40 * 1000 * 1000
+
+
+def test_shipped_weights_are_safetensors_within_budget():
+    base, upscaler = default_model_paths()
+    files = [p for p in DEFAULT_MODEL_DIR.rglob("*") if p.is_file()]
+    weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".pt", ".ckpt", ".pth")]
+    assert weights and all(p.suffix == ".safetensors" for p in weights)
+    assert sum(p.stat().st_size for p in files) <= BUDGET
+    for root in (base, upscaler):
+        for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+            assert (root / part).is_dir(), f"{root.name} lacks {part}"
+
+
+def test_default_model_loads_offline_and_makes_the_requested_size(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    pipe = AnySizePipeline.from_pretrained(dtype=torch.float32, device="cpu")
+    pipe.progress = False
+    out = pipe("two large red circles on grass", 150, 70, num_inference_steps=3, upscale_inference_steps=2,
+               guidance_scale=4.0, generator=torch.Generator().manual_seed(0), output_type="np")
+    image = out.images[0]
+    assert image.shape == (70, 150, 3)
+    assert np.isfinite(image).all() and image.std() > 0.01  # not a blank or broken image
+
+
+def test_cli_generate_uses_the_default_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "scene.png"
+    code = main(["generate", "a small blue triangle over water", "--size", "90x200", "--steps", "2",
+                 "--upscale-steps", "2", "--seed", "1", "-o", str(out), "--quiet"])
+    assert code == 0
+    with Image.open(out) as im:
+        assert im.size == (90, 200)

@@ -1,0 +1,47 @@
+"""Copies trained runs into ``anysize/default_model/{base,upscaler}`` as fp16 safetensors (the shipped model).
+
+    .venv/bin/python tools/ship_default.py runs/base/model runs/upscaler/model
+
+Each component is loaded with diffusers/transformers, cast to float16 and saved with
+``save_pretrained(safe_serialization=True)`` into a temp directory that replaces the old one in one
+rename, so an interrupted run never leaves a half-written default model. fp16 halves the size (the
+budget is 40 MB in all); the pipeline casts back to its working dtype on load.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+DEST = Path(__file__).resolve().parents[1] / "anysize" / "default_model"
+
+
+def ship(source: str, role: str) -> int:
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(source, use_safetensors=True)
+    for name in ("unet", "vae", "text_encoder"):
+        getattr(pipe, name).to(torch.float16)
+    tmp, out = DEST / f"{role}.tmp", DEST / role
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: ship_default.py BASE_MODEL_DIR UPSCALER_MODEL_DIR", file=sys.stderr)
+        return 2
+    DEST.mkdir(parents=True, exist_ok=True)
+    total = ship(argv[0], "base") + ship(argv[1], "upscaler")
+    print(f"{DEST}: {total / 1e6:.1f} MB")
+    return 0 if total <= 40e6 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
