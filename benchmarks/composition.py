@@ -1,0 +1,184 @@
+"""Composition at many aspect ratios: the ARAD-trained base model vs the square-trained baseline.
+
+For every ratio (height / width: the paper's nine plus 1:4 and 4:1) the same N scenes (fixed seeds,
+laid out for that ratio) are drawn; each model generates their captions at the same size (about the
+native area, sides on the model's grid) from the same initial noise, and ``anysize.evaluate`` scores
+the images against the scenes: exact match of the (shape, colour) multiset, recall, precision,
+duplicate rate (copies beyond the caption: the square model's failure at wide ratios) and the share
+of detected objects cut by the frame. This is the base stage alone, where the paper's claim lives.
+
+    .venv/bin/python benchmarks/composition.py --arad runs/base/model --square runs/base-square/model \
+        --prompts 100 --json benchmarks/results/composition.json --plot docs/composition.png \
+        --samples docs/composition_samples.png
+
+Needs the ``bench`` extra (`pip install -e ".[bench]"`: matplotlib) for ``--plot``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from anysize.buckets import ARAD_RATIOS, arad_buckets, model_granularity  # noqa: E402
+from anysize.evaluate import aggregate, evaluate_image  # noqa: E402
+from anysize.scenes import sample_scene  # noqa: E402
+
+RATIOS = (0.25, *ARAD_RATIOS, 4.0)
+METRICS = ("exact", "color_exact", "count_exact", "recall", "duplicate_rate", "cut_rate")
+
+
+def load(path: str):
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(path, use_safetensors=True, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def size_for(ratio: float, area: int, granularity: int) -> tuple[int, int]:
+    """(width, height) for ``ratio`` = H / W at about ``area`` px, sides multiples of ``granularity``."""
+    return arad_buckets(area, granularity, ratios=(ratio,))[0]
+
+
+def generate(pipe, captions: list[str], seeds: list[int], width: int, height: int, steps: int,
+             guidance: float, batch: int) -> np.ndarray:
+    out = []
+    for i in range(0, len(captions), batch):
+        gens = [torch.Generator().manual_seed(s) for s in seeds[i:i + batch]]
+        with torch.no_grad():
+            images = pipe(prompt=captions[i:i + batch], width=width, height=height, num_inference_steps=steps,
+                          guidance_scale=guidance, generator=gens, output_type="np").images
+        out.append(np.clip(np.rint(images * 255), 0, 255).astype(np.uint8))
+    return np.concatenate(out)
+
+
+def run(args) -> dict:
+    models = {"arad": load(args.arad), "square": load(args.square)}
+    ref = models["arad"]
+    area = args.resolution**2
+    granularity = model_granularity(ref.vae, ref.unet)
+    results: dict = {"config": {k: v for k, v in vars(args).items()}, "ratios": {}}
+    picks: dict = {}
+    for ratio in args.ratios:
+        width, height = size_for(ratio, area, granularity)
+        scenes = [sample_scene(10_000 + i, height / width) for i in range(args.prompts)]
+        captions = [s.caption for s in scenes]
+        seeds = list(range(args.prompts))
+        row = {"width": width, "height": height}
+        for name, pipe in models.items():
+            t0 = time.perf_counter()
+            images = generate(pipe, captions, seeds, width, height, args.steps, args.guidance, args.batch)
+            scores = [evaluate_image(img, scene) for img, scene in zip(images, scenes)]
+            row[name] = aggregate(scores)
+            row[name]["seconds"] = time.perf_counter() - t0
+            picks.setdefault(ratio, {})[name] = images[: args.sample_count]
+        picks[ratio]["captions"] = captions[: args.sample_count]
+        results["ratios"][str(ratio)] = row
+        a, s = row["arad"], row["square"]
+        print(f"ratio {ratio:.4g} ({width}x{height}): exact arad {a['exact']:.2f} square {s['exact']:.2f} | "
+              f"duplicates arad {a['duplicate_rate']:.2f} square {s['duplicate_rate']:.2f}", file=sys.stderr)
+    results["picks"] = picks
+    return results
+
+
+def table(results: dict) -> str:
+    head = "| ratio H/W | size | " + " | ".join(f"{m} ARAD / square" for m in METRICS) + " |"
+    lines = [head, "|" + "---|" * (2 + len(METRICS))]
+    for ratio, row in results["ratios"].items():
+        cells = [f"{row['arad'][m]:.2f} / {row['square'][m]:.2f}" for m in METRICS]
+        lines.append(f"| {float(ratio):.3g} | {row['width']}x{row['height']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratios = [float(r) for r in results["ratios"]]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    for ax, metric, title in zip(axes, ("exact", "color_exact", "duplicate_rate", "cut_rate"),
+                                 ("exact match (shape + colour)", "colour multiset match", "duplicate rate",
+                                  "objects cut by the frame")):
+        for name, style in (("arad", "o-"), ("square", "s--")):
+            ax.plot(ratios, [results["ratios"][str(r)][name][metric] for r in ratios], style,
+                    label="ARAD buckets" if name == "arad" else "square only")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ratios, [f"{r:.2g}" for r in ratios], rotation=60, fontsize=7)
+        ax.minorticks_off()
+        ax.set_xlabel("aspect ratio H / W")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def samples(results: dict, path: str, zoom: int = 2) -> None:
+    """One row per model, one column group per ratio: the first generated images, side by side."""
+    from PIL import Image
+
+    picks = results["picks"]
+    tiles = []
+    for ratio in picks:
+        a, s = picks[ratio]["arad"], picks[ratio]["square"]
+        tiles.append((a, s))
+    pad = 6
+    col_w = [max(img.shape[1] for img in a) * zoom for a, _ in tiles]
+    row_h = max(img.shape[0] for a, _ in tiles for img in a) * zoom
+    n = len(tiles[0][0])
+    width = sum(w * n + pad * n for w in col_w) + pad
+    canvas = Image.new("RGB", (width, 2 * row_h + 3 * pad), "white")
+    x = pad
+    for (a, s), w in zip(tiles, col_w):
+        for k in range(n):
+            for r, imgs in enumerate((a, s)):
+                im = Image.fromarray(imgs[k]).resize((imgs[k].shape[1] * zoom, imgs[k].shape[0] * zoom), Image.NEAREST)
+                canvas.paste(im, (x, pad + r * (row_h + pad)))
+            x += w + pad
+    canvas.save(path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arad", required=True, help="diffusers dir of the ARAD-trained base model")
+    p.add_argument("--square", required=True, help="diffusers dir of the square-trained baseline")
+    p.add_argument("--prompts", type=int, default=100)
+    p.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
+    p.add_argument("--resolution", type=int, default=64, help="native side: images hold about PX^2 pixels")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--batch", type=int, default=50)
+    p.add_argument("--sample-count", type=int, default=3, help="images per ratio and model in --samples")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--plot", help="write the matplotlib figure here (PNG)")
+    p.add_argument("--samples", help="write a picture of the first images per ratio here (PNG)")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    results = run(args)
+    print(table(results))
+    if args.plot:
+        plot(results, args.plot)
+    if args.samples:
+        samples(results, args.samples)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        data = {k: v for k, v in results.items() if k != "picks"}
+        Path(args.json).write_text(json.dumps(data, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
