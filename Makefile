@@ -28,9 +28,9 @@ demo: venv
 
 # Reproduces anysize/default_model from nothing (2 CPU cores: ~2 h; run again to resume after a stop).
 # The step counts are the shipped model's; see the README's model card.
-VAE_STEPS ?= 1900
-BASE_STEPS ?= 2000
-UPSCALER_STEPS ?= 1200
+VAE_STEPS ?= 1750
+BASE_STEPS ?= 1500
+UPSCALER_STEPS ?= 800
 train-default: venv
 	$(BIN)/anysize train vae -o runs/vae --steps $(VAE_STEPS) --batch-size 32
 	$(BIN)/anysize train base -o runs/base --vae runs/vae/model --buckets arad --steps $(BASE_STEPS)

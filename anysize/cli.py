@@ -176,7 +176,8 @@ def _generate(args: argparse.Namespace) -> int:
     _say(args, f"{_plan_line(pipe.plan(width, height), args.size)}; seed {seed}")
     result = pipe(args.prompt, width, height, generator=_generator(seed), num_inference_steps=args.steps,
                   upscale_inference_steps=args.upscale_steps, guidance_scale=args.guidance,
-                  upscale_guidance_scale=args.upscale_guidance, negative_prompt=args.negative, strength=args.strength, **_tile_kwargs(args))
+                  upscale_guidance_scale=args.upscale_guidance, negative_prompt=args.negative,
+                  strength=args.strength, **_tile_kwargs(args))
     extra = {"steps": args.steps, "upscale_steps": args.upscale_steps, "guidance": args.guidance,
              "upscale_guidance": args.guidance if args.upscale_guidance is None else args.upscale_guidance}
     return _save(args, pipe, result, seed, out, extra)

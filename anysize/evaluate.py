@@ -317,7 +317,8 @@ def score(detections, scene_objects) -> dict:
     (shape, colour) pairs). Matching is on the (shape, colour) multiset.
 
     Returns ``exact`` (multisets equal), ``color_exact`` (the colour multiset equal, shapes ignored:
-    composition of a model that has not yet learned sharp shapes), ``count_exact`` (same number of objects), ``recall``,
+    composition of a model that has not yet learned sharp shapes), ``count_exact`` (same number of
+    objects), ``recall``,
     ``precision`` (1.0 when nothing was detected: no false positives), ``duplicates`` (detections of
     a captioned (shape, colour) beyond its captioned count) and ``duplicate_rate`` (duplicates / number
     of captioned objects), ``extras`` (detections of a (shape, colour) the caption lacks), ``missing``,
@@ -331,14 +332,9 @@ def score(detections, scene_objects) -> dict:
     duplicates = sum(max(det[k] - c, 0) for k, c in exp.items())
     extras = sum(c for k, c in det.items() if k not in exp)
     cut = sum(1 for d in detections if getattr(d, "touches_border", False))
-    colours = Counter()
-    for (_, colour), c in exp.items():
-        colours[colour] += c
-    for (_, colour), c in det.items():
-        colours[colour] -= c
     return {
         "exact": exp == det,
-        "color_exact": not any(colours.values()),
+        "color_exact": Counter(c for _, c in exp.elements()) == Counter(c for _, c in det.elements()),
         "count_exact": n_exp == n_det,
         "recall": matched / n_exp if n_exp else 1.0,
         "precision": matched / n_det if n_det else 1.0,

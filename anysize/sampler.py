@@ -11,7 +11,6 @@ explicit weights (FSTD: Zheng et al. 2023, sec. 3.3; the MultiDiffusion-style me
 from __future__ import annotations
 
 import hashlib
-
 import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol

@@ -68,7 +68,7 @@ def run(args) -> dict:
     ref = models["arad"]
     area = args.resolution**2
     granularity = model_granularity(ref.vae, ref.unet)
-    results: dict = {"config": {k: v for k, v in vars(args).items()}, "ratios": {}}
+    results: dict = {"config": dict(vars(args)), "ratios": {}}
     picks: dict = {}
     for ratio in args.ratios:
         width, height = size_for(ratio, area, granularity)
@@ -83,7 +83,6 @@ def run(args) -> dict:
             row[name] = aggregate(scores)
             row[name]["seconds"] = time.perf_counter() - t0
             picks.setdefault(ratio, {})[name] = images[: args.sample_count]
-        picks[ratio]["captions"] = captions[: args.sample_count]
         results["ratios"][str(ratio)] = row
         a, s = row["arad"], row["square"]
         print(f"ratio {ratio:.4g} ({width}x{height}): exact arad {a['exact']:.2f} square {s['exact']:.2f} | "
@@ -130,11 +129,7 @@ def samples(results: dict, path: str, zoom: int = 2) -> None:
     """One row per model, one column group per ratio: the first generated images, side by side."""
     from PIL import Image
 
-    picks = results["picks"]
-    tiles = []
-    for ratio in picks:
-        a, s = picks[ratio]["arad"], picks[ratio]["square"]
-        tiles.append((a, s))
+    tiles = [(p["arad"], p["square"]) for p in results["picks"].values()]
     pad = 6
     col_w = [max(img.shape[1] for img in a) * zoom for a, _ in tiles]
     row_h = max(img.shape[0] for a, _ in tiles for img in a) * zoom

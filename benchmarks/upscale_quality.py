@@ -38,6 +38,7 @@ import PIL.Image  # noqa: E402
 import PIL.ImageDraw  # noqa: E402
 import torch  # noqa: E402
 
+from anysize.cli import parse_size  # noqa: E402
 from anysize.scenes import render, sample_scene  # noqa: E402
 from anysize.tiling import naive_tiles  # noqa: E402
 
@@ -253,16 +254,6 @@ def table(results: dict) -> str:
         lines.append(f"| {r['method']} | x{r['factor']} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['seam']:.3f} | "
                      f"{r['seam_truth']:.3f} | {r['seconds']:.2f} |")
     return "\n".join(lines)
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be WxH, e.g. 128x96") from None
-    if w < 8 or h < 8:
-        raise argparse.ArgumentTypeError(f"{text!r}: both sides must be >= 8")
-    return w, h
 
 
 def main(argv=None) -> int:
