@@ -1,8 +1,12 @@
-"""Writing images: PNG, JPEG, WebP (Pillow) and tiled TIFF (tifffile), atomically, with JSON metadata.
+"""Writing images: PNG, JPEG, WebP (Pillow), pyramid TIFF (tifffile) and Deep Zoom, atomically, with metadata.
+
+An image is a PIL image, a uint8 array, or a :class:`anysize.stream.Raster` (a decode streamed to a
+scratch file, for images larger than memory): TIFF and Deep Zoom (``.dzi``) are written from it one
+band of rows at a time; PNG, JPEG and WebP need the whole image in memory and so suit sizes that fit.
 
 Metadata is one JSON object (whatever dict the caller passes; the CLI passes the prompt, seed, sizes,
 steps, tiling, model ids and the anysize version): a PNG ``tEXt`` chunk keyed ``anysize``, the TIFF
-``ImageDescription``, and for JPEG and WebP the EXIF ``UserComment``. JPEG keeps EXIF in one APP1
+``ImageDescription``, for JPEG and WebP the EXIF ``UserComment``, for Deep Zoom ``NAME_files/anysize.json``. JPEG keeps EXIF in one APP1
 segment of at most 64 KiB, so metadata longer than that (a very long prompt) is left out of a JPEG,
 with a warning, rather than failing the save.
 
@@ -26,16 +30,18 @@ import numpy as np
 import PIL.Image
 from PIL import ExifTags, PngImagePlugin
 
-FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp", ".tif": "tiff", ".tiff": "tiff"}
+from . import stream
+
+FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp", ".tif": "tiff", ".tiff": "tiff",
+           ".dzi": "dzi"}
+STREAMING = ("tiff", "dzi")  # formats written band by band, never holding the whole image
 MAX_SIDE = {"jpeg": 65500, "webp": 16383}  # what the encoders accept per side
 METADATA_KEY = "anysize"
-TIFF_TILE = 256
-GIB = 2**30
 _JPEG_EXIF_LIMIT = 65000  # one APP1 segment holds 65533 bytes, with the EXIF header and IFDs
 _EXIF_ASCII = b"ASCII\0\0\0"  # UserComment's character-code prefix
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-ImageLike = Union[PIL.Image.Image, np.ndarray]
+ImageLike = Union[PIL.Image.Image, np.ndarray, stream.Rows]
 Size = tuple[int, int]
 
 
@@ -43,7 +49,7 @@ def output_format(path: str | os.PathLike) -> str:
     """The format a path's extension names: "png", "jpeg", "webp" or "tiff"; ValueError otherwise."""
     fmt = FORMATS.get(Path(path).suffix.lower())
     if fmt is None:
-        raise ValueError(f"output path '{path}': unknown format; use .png, .jpg, .webp or .tif")
+        raise ValueError(f"output path '{path}': unknown format; use .png, .jpg, .webp, .tif or .dzi")
     return fmt
 
 
@@ -69,14 +75,27 @@ def check_output_path(path: str | os.PathLike, size: Size | None = None) -> Path
 
 
 def save_image(image: ImageLike, path: str | os.PathLike, metadata: dict | None = None) -> Path:
-    """Write ``image`` (PIL, or a uint8 HW / HWC array) to ``path`` atomically, in the format of its
-    extension, with ``metadata`` embedded as JSON; returns the path."""
+    """Write ``image`` (PIL, a uint8 HW / HWC array, or a :class:`anysize.stream.Raster`) to ``path``
+    atomically, in the format of its extension, with ``metadata`` embedded as JSON; returns the path.
+    ``.tif``: tiled, with a pyramid of reduced levels; ``.dzi``: Deep Zoom tiles beside it."""
     target = check_output_path(path, _size(image))
     fmt = output_format(target)
     text = json.dumps(metadata or {}, ensure_ascii=True, default=str)
-    if fmt == "tiff":
-        _atomic_write(target, lambda f: _write_tiff(f, _as_array(image), text))
+    if fmt in STREAMING:
+        source = image if isinstance(image, (stream.Raster, stream.ArrayRows)) else _as_array(image)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.stem}.levels.") as scratch:
+            if fmt == "dzi":
+                stream.write_dzi(target, source, text, scratch=Path(scratch))
+            else:
+                # BigTIFF above Pillow's pixel limit too: such files are for tiled readers anyway
+                w, h = _size(image)
+                limit = PIL.Image.MAX_IMAGE_PIXELS
+                big = w * h * 3 > 2 * stream.GIB or (limit is not None and w * h > limit)
+                _atomic_write(target, lambda f: stream.write_pyramid_tiff(f, source, text, scratch=Path(scratch),
+                                                                          bigtiff=big))
     else:
+        if isinstance(image, (stream.Raster, stream.ArrayRows)):
+            image = image.read(0, image.height)
         _atomic_write(target, lambda f: _write_pillow(f, _as_pil(image, fmt), fmt, text))
     return target
 
@@ -86,6 +105,9 @@ def read_metadata(path: str | os.PathLike) -> dict:
     fmt = output_format(path)
     if fmt == "png":
         text = _png_text(Path(path), METADATA_KEY)
+    elif fmt == "dzi":
+        sidecar = stream.dzi_files_dir(path) / "anysize.json"
+        text = sidecar.read_text() if sidecar.is_file() else None
     elif fmt == "tiff":
         text = _tiff_description(Path(path))
     else:
@@ -103,6 +125,8 @@ def read_metadata(path: str | os.PathLike) -> dict:
 def _size(image: ImageLike) -> Size:
     if isinstance(image, PIL.Image.Image):
         return image.size
+    if isinstance(image, (stream.Raster, stream.ArrayRows)):
+        return image.width, image.height
     if isinstance(image, np.ndarray):
         _check_array(image)
         return image.shape[1], image.shape[0]
@@ -195,19 +219,6 @@ def _exif(text: str) -> PIL.Image.Exif:
     exif = PIL.Image.Exif()
     exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = _EXIF_ASCII + text.encode("ascii")
     return exif
-
-
-def _write_tiff(f: BinaryIO, array: np.ndarray, text: str) -> None:
-    """Tiled (256 x 256), zlib-compressed; BigTIFF above 2 GiB or above Pillow's pixel limit."""
-    import tifffile
-
-    h, w = array.shape[:2]
-    limit = PIL.Image.MAX_IMAGE_PIXELS
-    bigtiff = array.nbytes > 2 * GIB or (limit is not None and h * w > limit)
-    tifffile.imwrite(f, array, bigtiff=bigtiff, tile=(TIFF_TILE, TIFF_TILE), compression="zlib",
-                     photometric="minisblack" if array.ndim == 2 else "rgb",
-                     extrasamples=("unassalpha",) if array.ndim == 3 and array.shape[2] == 4 else None,
-                     description=text, metadata=None)
 
 
 # ---------------------------------------------------------------------- readers

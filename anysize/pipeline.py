@@ -11,16 +11,19 @@ and the tiled VAE decode.
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import PIL.Image
 import torch
 
-from . import models
+from . import models, stream
 from .buckets import arad_buckets, choose_base_size, model_granularity
 from .memory import MemoryEstimate, check_memory
+from .output import check_output_path, save_image
 from .sampler import UNetTileDenoiser, sample_tiled
 from .tiling import METHODS, TilingConfig
 from .vae import decoder_margin, tiled_decode, tiled_encode, vae_scale_factor
@@ -33,11 +36,21 @@ Size = tuple[int, int]  # (width, height) in image pixels
 
 @dataclass
 class AnySizeOutput:
-    """``images``: PIL images, float32 HWC arrays in [0, 1] (np), CHW tensors (pt) or latents;
-    ``info``: per image, what was done (sizes, passes, tiling, models), e.g. for file metadata."""
+    """``images``: PIL images, float32 HWC arrays in [0, 1] (np), CHW tensors (pt) or latents; empty when
+    the image went straight to a file (``output_path``); ``info``: per image, what was done (sizes,
+    passes, tiling, models), e.g. for file metadata; ``files``: the paths written."""
 
     images: list[Any]
     info: list[dict] = field(default_factory=list)
+    files: list[Any] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _FileOutput:
+    """Where the last pass's decode streams to, and the metadata to store with it."""
+
+    path: Any
+    metadata: dict
 
 
 @dataclass(frozen=True)
@@ -115,23 +128,15 @@ def _image_tensor(image: PIL.Image.Image, device) -> torch.Tensor:
     return arr.permute(2, 0, 1)[None].to(device)
 
 
-def adain_color_fix(image: np.ndarray, reference: PIL.Image.Image, rows: int = 1024) -> np.ndarray:
+def adain_color_fix(image: np.ndarray | stream.Rows, reference: PIL.Image.Image, rows: int = 1024):
     """Match each channel's mean and std to ``reference`` (the AdaIN colour fix of StableSR), in place,
-    ``rows`` at a time so a huge uint8 image never becomes float all at once."""
+    a band of rows at a time so a huge uint8 image (an array or a :class:`anysize.stream.Raster` on
+    disk) never becomes float all at once. Returns ``image``."""
     ref = np.asarray(reference.convert("RGB"), dtype=np.float64).reshape(-1, 3)
-    total, squares = np.zeros(3), np.zeros(3)
-    for top in range(0, image.shape[0], rows):
-        band = image[top : top + rows].reshape(-1, 3).astype(np.float64)
-        total += band.sum(0)
-        squares += (band**2).sum(0)
-    n = image.shape[0] * image.shape[1]
-    mean = total / n
-    std = np.sqrt(np.maximum(squares / n - mean**2, 1e-12))
-    scale = (ref.std(0) / std).astype(np.float32)
-    shift = (ref.mean(0) - mean * ref.std(0) / std).astype(np.float32)
-    for top in range(0, image.shape[0], rows):
-        band = image[top : top + rows].astype(np.float32) * scale + shift
-        image[top : top + rows] = np.clip(band.round(), 0, 255).astype(np.uint8)
+    target = stream.as_rows(image)
+    mean, std = stream.channel_moments(target, rows)
+    scale = ref.std(0) / std
+    stream.apply_affine(target, scale, ref.mean(0) - mean * scale, rows)
     return image
 
 
@@ -272,7 +277,8 @@ class AnySizePipeline:
                  upscale_guidance_scale: float | None = None, negative_prompt: str | None = None,
                  tiling: str = "fstd", tile_size: int | None = None, tile_batch_size: int = 8,
                  output_type: str = "pil", callback_on_step_end: Callable | None = None, noise_level: int = 20,
-                 strength: float = 0.3, color_fix: str | None = "adain", max_memory: int | None = None) -> AnySizeOutput:
+                 strength: float = 0.3, color_fix: str | None = "adain", max_memory: int | None = None,
+                 output_path=None, output_metadata: dict | None = None) -> AnySizeOutput:
         """Generate one image of exactly ``width x height`` pixels per prompt.
 
         Stage 1 uses ``num_inference_steps`` and ``guidance_scale``; stage 2 uses
@@ -283,6 +289,9 @@ class AnySizePipeline:
         statistics to stage 1's. ``callback_on_step_end(pipe, step, timestep, kwargs)`` gets
         ``{"latents", "stage"}`` and may return ``{"latents": tensor}`` to replace them.
         ``max_memory`` (bytes) caps the preflight estimate instead of the free memory.
+        ``output_path`` (one prompt only): decode the last pass tile by tile straight into this file
+        (format by extension; ``.tif`` and ``.dzi`` never hold the whole image in memory), with the
+        run's info and ``output_metadata`` stored in it; ``images`` is then empty and ``files`` has the path.
         """
         self.check_inputs(prompt, width, height, num_inference_steps, upscale_inference_steps, guidance_scale,
                           tiling, tile_size, tile_batch_size, output_type, strength, color_fix, noise_level,
@@ -290,6 +299,7 @@ class AnySizePipeline:
                           max_memory=max_memory)
         check_memory(self.estimate_memory(width, height, tile_size=tile_size, tile_batch_size=tile_batch_size,
                                           output_type=output_type, tiling=tiling), max_memory)
+        file = self._file_output(output_path, output_metadata, (width, height), prompt, output_type)
         generator = generator if generator is not None else _fresh_generator()
         plan = self.plan(width, height)
         tiles = TilingConfig(method=tiling, tile_size=tile_size or self.base_tile, tile_batch_size=tile_batch_size)
@@ -300,15 +310,16 @@ class AnySizePipeline:
             opts = _Stage2(text, negative_prompt, upscale_inference_steps,
                            guidance_scale if upscale_guidance_scale is None else upscale_guidance_scale,
                            tiles, tile_size, noise_level, strength, generator, callback_on_step_end)
-            if not plan.passes and output_type == "latent":
-                images.append(latents)
-            else:
-                stage1 = PIL.Image.fromarray(self._decode(self.base.vae, latents, plan.base))
-                images.append(self._stage2(stage1, plan.passes, (width, height), opts, output_type, color_fix))
             infos.append({"prompt": text, "negative_prompt": negative_prompt, "width": width, "height": height,
                           "base_size": list(plan.base), "panorama": plan.panorama,
                           "passes": [list(p) for p in plan.passes], "tiling": tiling, **self.model_ids})
-        return AnySizeOutput(images=images, info=infos)
+            if not plan.passes and output_type == "latent" and file is None:
+                images.append(latents)
+            else:
+                stage1 = PIL.Image.fromarray(self._decode(self.base.vae, latents, plan.base))
+                images.append(self._stage2(stage1, plan.passes, (width, height), opts, output_type, color_fix,
+                                           file and replace(file, metadata={**infos[-1], **file.metadata})))
+        return self._output(images, infos, file)
 
     @torch.no_grad()
     def upscale(self, image, width: int, height: int, prompt: str = "", *, num_inference_steps: int = 20,
@@ -316,8 +327,9 @@ class AnySizePipeline:
                 tile_size: int | None = None, tile_batch_size: int = 8, generator: torch.Generator | None = None,
                 output_type: str = "pil", noise_level: int = 20, strength: float = 0.3,
                 color_fix: str | None = "adain", callback_on_step_end: Callable | None = None,
-                max_memory: int | None = None) -> AnySizeOutput:
-        """Stage 2 alone: enlarge ``image`` (PIL, uint8 / float array, or tensor) to exactly ``width x height``."""
+                max_memory: int | None = None, output_path=None, output_metadata: dict | None = None) -> AnySizeOutput:
+        """Stage 2 alone: enlarge ``image`` (PIL, uint8 / float array, or tensor) to exactly ``width x height``;
+        ``output_path``, ``output_metadata``: as in :meth:`__call__`."""
         if not isinstance(prompt, str):
             raise ValueError(f"prompt={prompt!r}: upscale takes one image and one prompt string")
         self.check_inputs(prompt, width, height, None, num_inference_steps, guidance_scale, tiling, tile_size,
@@ -325,6 +337,7 @@ class AnySizePipeline:
                           negative_prompt=negative_prompt, max_memory=max_memory)
         check_memory(self.estimate_memory(width, height, tile_size=tile_size, tile_batch_size=tile_batch_size,
                                           output_type=output_type, tiling=tiling), max_memory)
+        file = self._file_output(output_path, output_metadata, (width, height), prompt, output_type)
         source = to_pil(image)
         generator = generator if generator is not None else _fresh_generator()
         native = int((self.upscaler if self.upscaler is not None else self.base).unet.config.sample_size)
@@ -332,12 +345,32 @@ class AnySizePipeline:
         opts = _Stage2(prompt, negative_prompt, num_inference_steps, guidance_scale, tiles, tile_size, noise_level,
                        strength, generator, callback_on_step_end)
         passes = upscale_passes(source.size, (width, height), self.stage2_factor)
-        result = self._stage2(source, passes, (width, height), opts, output_type, color_fix)
         info = {"prompt": prompt, "width": width, "height": height, "passes": [list(p) for p in passes],
                 "tiling": tiling, **self.model_ids}
-        return AnySizeOutput(images=[result], info=[info])
+        result = self._stage2(source, passes, (width, height), opts, output_type, color_fix,
+                              file and replace(file, metadata={**info, **file.metadata}))
+        return self._output([result], [info], file)
 
     # ------------------------------------------------------------------ shared steps
+    @staticmethod
+    def _file_output(path, metadata: dict | None, size: Size, prompt, output_type: str) -> _FileOutput | None:
+        """Check ``output_path`` before any compute (writable, known format, within its size limits)."""
+        if path is None:
+            return None
+        if output_type == "latent":
+            raise ValueError("output_path: writes an image; output_type='latent' returns latents instead, pass one")
+        if not isinstance(prompt, str):
+            raise ValueError("output_path: writes one image; pass one prompt string, not a list")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise ValueError(f"output_metadata={metadata!r}: must be a dict or None")
+        return _FileOutput(check_output_path(path, size), dict(metadata or {}))
+
+    @staticmethod
+    def _output(images: list, infos: list[dict], file: _FileOutput | None) -> AnySizeOutput:
+        if file is None:
+            return AnySizeOutput(images=images, info=infos)
+        return AnySizeOutput(images=[], info=infos, files=images)
+
     def _denoiser(self, pipe, prompt: str, negative_prompt: str | None, guidance_scale: float, size: Size,
                   **extra) -> UNetTileDenoiser:
         """Prompt embeddings through diffusers' own ``encode_prompt`` (SD or SDXL), wrapped for tiles."""
@@ -379,17 +412,19 @@ class AnySizePipeline:
                             callback_on_step_end=self._callback(callback, stage), progress=self.progress,
                             desc=desc, timesteps=timesteps)
 
-    def _decode(self, vae, latents: torch.Tensor, size: Size) -> np.ndarray:
-        """Latents -> uint8 (H, W, 3) cropped to ``size`` through the tiled VAE. Up to 128 latent px a
-        side the GroupNorm statistics come from one untiled run over the whole latent (exact, about two
-        decodes); above, from a downsampled copy (fast mode)."""
+    def _decode(self, vae, latents: torch.Tensor, size: Size, out: stream.Raster | None = None):
+        """Latents -> uint8 (H, W, 3) cropped to ``size`` through the tiled VAE, or tile by tile into
+        ``out`` (a Raster of ``size``, which crops). Up to 128 latent px a side the GroupNorm statistics
+        come from one untiled run over the whole latent (exact, about two decodes); above, from a
+        downsampled copy (fast mode)."""
         scaled = latents / vae.config.scaling_factor
         if getattr(vae.config, "shift_factor", None):
             scaled = scaled + vae.config.shift_factor
         side = max(scaled.shape[-2:])
         stats = {"stats_size": side} if side <= 128 else {}
-        array = tiled_decode(vae, scaled, tile_size=64, mode="fast", progress=self.progress and side > 128, **stats)
-        return array[: size[1], : size[0]]
+        array = tiled_decode(vae, scaled, tile_size=64, mode="fast", progress=self.progress and side > 128, out=out,
+                             **stats)
+        return out if out is not None else array[: size[1], : size[0]]
 
     # ------------------------------------------------------------------ stages
     def _stage1(self, prompt, negative_prompt, plan: Plan, steps, guidance_scale, tiles, generator, callback):
@@ -403,14 +438,18 @@ class AnySizePipeline:
         desc = f"stage 1 ({'panorama' if plan.panorama else 'bucket'} {w}x{h})"
         return self._sample(pipe, den, latents, config, generator, callback, "base", desc)
 
-    def _stage2(self, image: PIL.Image.Image, passes, target: Size, opts: _Stage2, output_type: str, color_fix):
-        """Every upscaling pass, then colour fix and the output type; no pass: a plain resize."""
-        reference, latents, array = image, None, None
+    def _stage2(self, image: PIL.Image.Image, passes, target: Size, opts: _Stage2, output_type: str, color_fix,
+                file: _FileOutput | None = None):
+        """Every upscaling pass, then colour fix and the output type; no pass: a plain resize. With
+        ``file``, the last pass decodes into a scratch Raster beside the target and is written from it."""
+        reference, array = image, None
         run = self._sr_pass if self.upscaler is not None else self._img2img_pass
         for k, size in enumerate(passes):
             last = k == len(passes) - 1
             desc = f"stage 2 pass {k + 1}/{len(passes)} ({size[0]}x{size[1]})"
             latents, vae = run(image, size, opts, desc)
+            if last and file is not None:
+                return self._write_file(vae, latents, size, reference, color_fix, file)
             if last and output_type == "latent":
                 return latents
             array = self._decode(vae, latents, size)
@@ -419,6 +458,8 @@ class AnySizePipeline:
             array = np.array(_resize(image, target))
         elif color_fix == "adain":
             array = adain_color_fix(array, reference)
+        if file is not None:
+            return save_image(array, file.path, file.metadata)
         if output_type == "pil":
             return PIL.Image.fromarray(array)
         if output_type == "np":
@@ -426,6 +467,18 @@ class AnySizePipeline:
         if output_type == "pt":
             return torch.from_numpy(array).permute(2, 0, 1).float().div(255.0)
         return array  # "latent" with no pass: nothing to enlarge
+
+    def _write_file(self, vae, latents: torch.Tensor, size: Size, reference: PIL.Image.Image, color_fix,
+                    file: _FileOutput):
+        """Decode tile by tile into a scratch Raster (on disk, beside the target), colour-fix it band by
+        band, then write the file from it: the whole image is never in memory for .tif and .dzi."""
+        path = Path(file.path)
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.decode.") as scratch:
+            with stream.Raster(Path(scratch) / "image.raw", size[1], size[0]) as raster:
+                self._decode(vae, latents, size, out=raster)
+                if color_fix == "adain":
+                    adain_color_fix(raster, reference)
+                return save_image(raster, path, file.metadata)
 
     def _sr_pass(self, image: PIL.Image.Image, size: Size, opts: _Stage2, desc: str):
         """One pass of an x4 super-resolution model landing on ``size``: the conditioning image is the

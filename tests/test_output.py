@@ -143,11 +143,12 @@ def test_failed_write_keeps_the_existing_file(tmp_path, monkeypatch):
 
 
 def test_failed_tiff_write_leaves_nothing(tmp_path, monkeypatch):
-    def imwrite(fh, *args, **kwargs):
-        fh.write(b"II*\x00partial")
+    def write(self, data, *args, **kwargs):
+        next(iter(data))  # some tiles read, some bytes out
+        self._fh.write(b"partial")
         raise OSError("simulated")
 
-    monkeypatch.setattr(tifffile, "imwrite", imwrite)
+    monkeypatch.setattr(tifffile.TiffWriter, "write", write)
     with pytest.raises(OSError):
         save_image(noise(10, 10), tmp_path / "out.tif", META)
     assert list(tmp_path.iterdir()) == []
@@ -163,7 +164,7 @@ def test_save_replaces_an_existing_file(tmp_path):
 
 # ---------------------------------------------------------------------- path checks
 def test_unknown_extension(tmp_path):
-    expected = r"^output path '.*x\.gif': unknown format; use \.png, \.jpg, \.webp or \.tif$"
+    expected = r"^output path '.*x\.gif': unknown format; use \.png, \.jpg, \.webp, \.tif or \.dzi$"
     with pytest.raises(ValueError, match=expected):
         save_image(gradient(), tmp_path / "x.gif", META)
     assert list(tmp_path.iterdir()) == []

@@ -230,3 +230,42 @@ def test_upscaler_alone_serves_upscale_only(model_dirs):
         p("x", width=64, height=64)
     with pytest.raises(ModelLoadError, match="img2img upscaling needs a base"):
         AnySizePipeline.from_pretrained(img2img=True)
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".dzi", ".png"])
+def test_output_path_streams_the_same_pixels_to_a_file(pipe, tmp_path, suffix):
+    import tifffile
+
+    from anysize.output import read_metadata
+
+    kw = dict(width=300, height=140, generator=gen(5), tile_size=8, tile_batch_size=3, **FAST)
+    expected = np.asarray(pipe("a red circle", **kw).images[0])
+    kw["generator"] = gen(5)
+    out = pipe("a red circle", output_path=tmp_path / f"out{suffix}", output_metadata={"seed": 5}, **kw)
+    assert out.images == [] and out.files == [tmp_path / f"out{suffix}"]
+    if suffix == ".tif":
+        written = tifffile.imread(out.files[0])
+    elif suffix == ".dzi":
+        with PIL.Image.open(tmp_path / "out_files" / "9" / "1_0.png") as tile:  # 2^9 >= 300: full size
+            written = np.asarray(tile)
+        expected = expected[:256, 256:]
+    else:
+        written = np.asarray(PIL.Image.open(out.files[0]))
+    np.testing.assert_array_equal(written, expected)
+    meta = read_metadata(out.files[0])
+    assert meta["seed"] == 5 and meta["prompt"] == "a red circle" and meta["passes"] == out.info[0]["passes"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no scratch left behind
+
+
+def test_upscale_output_path_and_bad_paths(pipe, tmp_path):
+    source = PIL.Image.new("RGB", (40, 30), (200, 30, 30))
+    out = pipe.upscale(source, 160, 120, generator=gen(), num_inference_steps=2, output_path=tmp_path / "u.tif")
+    import tifffile
+
+    assert tifffile.imread(out.files[0]).shape == (120, 160, 3)
+    with pytest.raises(ValueError, match="unknown format"):
+        pipe("x", width=64, height=64, output_path=tmp_path / "x.gif", **FAST)
+    with pytest.raises(ValueError, match="one prompt"):
+        pipe(["x", "y"], width=64, height=64, output_path=tmp_path / "x.tif", **FAST)
+    with pytest.raises(ValueError, match="does not exist"):
+        pipe("x", width=64, height=64, output_path=tmp_path / "no" / "x.tif", **FAST)
