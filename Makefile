@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Batch-invariant MKL GEMM on CPU, so results do not depend on tile_batch_size (see README, Determinism).
 export MKL_CBWR ?= AVX2,STRICT
 
-.PHONY: venv test bench demo train-default clean
+.PHONY: venv browser test bench demo train-default clean
 
 $(BIN)/activate: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -15,7 +15,13 @@ $(BIN)/activate: pyproject.toml constraints.txt
 
 venv: $(BIN)/activate
 
-test: venv
+# tests/test_view.py screenshots the viewer in Debian's headless chromium: install it when missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+		{ $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+test: venv browser
 	$(BIN)/python -m pytest
 
 # A quick tiling benchmark (2048^2 px); the README's tables name their full commands.

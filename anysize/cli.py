@@ -1,4 +1,4 @@
-"""The ``anysize`` command line: ``generate``, ``upscale``, ``buckets`` (and ``train``, later).
+"""The ``anysize`` command line: ``generate``, ``upscale``, ``buckets``, ``train`` and ``view``.
 
 Every error is one line on stderr, ``anysize: error: ...``, with no traceback: exit 2 for a bad
 argument, 1 when a valid request fails (model loading, memory preflight, I/O), 130 on Ctrl-C. Output
@@ -25,12 +25,13 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 from . import __version__  # noqa: E402
-from .output import check_output_path, save_image  # noqa: E402
+from .output import check_output_path  # noqa: E402
 
 TILING = ("fstd", "overlap", "naive", "none")  # anysize.tiling.METHODS, named here without importing torch
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 MIN_SIDE = 8
 EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+COMMAND_FILE = "command.json"  # in a --run-dir: the command line that ``anysize resume`` runs again
 
 
 class UsageError(Exception):
@@ -78,6 +79,12 @@ def _float_in(low: float, high: float, low_open: bool = False) -> Callable[[str]
     return parse
 
 
+def _port(text: str) -> int:
+    if not re.fullmatch(r"\s*\d+\s*", text) or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"'{text}': must be an integer in [0, 65535] (0: a free port)")
+    return int(text)
+
+
 def _seed(text: str) -> int:
     if not re.fullmatch(r"\s*\d+\s*", text) or int(text) >= 2**64:
         raise argparse.ArgumentTypeError(f"'{text}': must be an integer in [0, 2**64)")
@@ -86,7 +93,7 @@ def _seed(text: str) -> int:
 
 # ---------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    """The ``anysize`` argument parser with its four subcommands."""
+    """The ``anysize`` argument parser with its subcommands."""
     parser = _Parser(prog="anysize", description="Text to an image of any width x height (Any-Size-Diffusion).",
                      epilog="Errors print one line; set ANYSIZE_DEBUG=1 for a traceback of runtime errors.")
     parser.add_argument("--version", action="version", version=f"anysize {__version__}")
@@ -95,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_upscale(sub)
     _add_buckets(sub)
     _add_train(sub)
+    _add_view(sub)
+    _add_resume(sub)
     return parser
 
 
@@ -128,11 +137,17 @@ def _add_upscale(sub) -> None:
 def _add_request(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--size", type=parse_size, required=True, metavar="WxH",
                    help="output size in pixels, e.g. 3000x4500")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output file: .png, .jpg, .webp or .tif")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="output file: .png, .jpg, .webp, or for sizes beyond memory .tif (tiled pyramid) or .dzi "
+                        "(Deep Zoom), both written tile by tile")
     p.add_argument("--seed", type=_seed, default=None, metavar="N", help="random seed (default: a random one, "
                    "printed and stored in the file)")
     p.add_argument("--steps", type=_int_at_least(1), default=steps, metavar="N",
                    help=f"sampling steps (default {steps})")
+    p.add_argument("--run-dir", default=None, metavar="DIR",
+                   help="checkpoint the run in DIR; after a crash or Ctrl-C, 'anysize resume DIR' continues it")
+    p.add_argument("--checkpoint-every", type=_int_at_least(1), default=1, metavar="N",
+                   help="with --run-dir: save a checkpoint every N sampling steps (default 1)")
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -174,13 +189,14 @@ def _generate(args: argparse.Namespace) -> int:
     _preflight(pipe, args)
     seed = _pick_seed(args)
     _say(args, f"{_plan_line(pipe.plan(width, height), args.size)}; seed {seed}")
+    extra = {"steps": args.steps, "upscale_steps": args.upscale_steps, "guidance": args.guidance,
+             "upscale_guidance": args.guidance if args.upscale_guidance is None else args.upscale_guidance}
     result = pipe(args.prompt, width, height, generator=_generator(seed), num_inference_steps=args.steps,
                   upscale_inference_steps=args.upscale_steps, guidance_scale=args.guidance,
                   upscale_guidance_scale=args.upscale_guidance, negative_prompt=args.negative,
-                  strength=args.strength, **_tile_kwargs(args))
-    extra = {"steps": args.steps, "upscale_steps": args.upscale_steps, "guidance": args.guidance,
-             "upscale_guidance": args.guidance if args.upscale_guidance is None else args.upscale_guidance}
-    return _save(args, pipe, result, seed, out, extra)
+                  strength=args.strength, **_tile_kwargs(args), **_file_kwargs(args, pipe, seed, out, extra),
+                  **_run_kwargs(args, seed))
+    return _done(result)
 
 
 def _upscale(args: argparse.Namespace) -> int:
@@ -196,10 +212,11 @@ def _upscale(args: argparse.Namespace) -> int:
     seed = _pick_seed(args)
     passes = upscale_passes(source.size, args.size, pipe.stage2_factor)
     _say(args, f"upscale: {source.size[0]}x{source.size[1]} -> {_passes(passes)} -> {width}x{height}; seed {seed}")
-    result = pipe.upscale(source, width, height, args.prompt, num_inference_steps=args.steps,
-                          generator=_generator(seed), strength=args.strength, **_tile_kwargs(args))
     extra = {"steps": args.steps, "source": str(args.image), "source_size": list(source.size)}
-    return _save(args, pipe, result, seed, out, extra)
+    result = pipe.upscale(source, width, height, args.prompt, num_inference_steps=args.steps,
+                          generator=_generator(seed), strength=args.strength, **_tile_kwargs(args),
+                          **_file_kwargs(args, pipe, seed, out, extra), **_run_kwargs(args, seed))
+    return _done(result)
 
 
 def _buckets(args: argparse.Namespace) -> int:
@@ -254,6 +271,84 @@ def _train(args: argparse.Namespace) -> int:
     )
     print(train(config))
     return 0
+
+
+def _add_resume(sub) -> None:
+    p = sub.add_parser("resume", help="continue a run started with --run-dir after a crash or Ctrl-C",
+                       description="Runs the command stored in DIR again, from the working directory it was "
+                                   "started in; finished phases are skipped and the current one continues from "
+                                   "its last checkpoint (bit-identical to an uninterrupted run on the CPU).")
+    p.add_argument("run_dir", metavar="DIR", help="the --run-dir of the interrupted run")
+    p.add_argument("--quiet", action="store_true", help="no plan line and no progress bars")
+    p.set_defaults(run=_resume)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    import json
+
+    file = Path(args.run_dir) / COMMAND_FILE
+    if not file.is_file():
+        raise ValueError(f"DIR '{args.run_dir}': not a run directory (no {COMMAND_FILE}); "
+                         "start a run with --run-dir DIR")
+    try:
+        stored = json.loads(file.read_text())
+        argv, cwd = [str(a) for a in stored["argv"]], str(stored["cwd"])
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"DIR '{args.run_dir}': {COMMAND_FILE} is damaged") from None
+    if stored.get("version") != __version__:
+        _say(args, f"note: the run was started by anysize {stored.get('version')}, this is {__version__}")
+    os.chdir(cwd)
+    return main([*argv, *(["--quiet"] if args.quiet and "--quiet" not in argv else [])])
+
+
+def _run_kwargs(args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    """``run_dir`` and ``checkpoint_every`` for the pipeline, after storing the command for ``resume``."""
+    if args.run_dir is None:
+        return {}
+    from . import distributed
+
+    if distributed.current() is not None:
+        raise UsageError("--run-dir: not supported under torchrun yet; run it in one process")
+    _remember_command(args, seed)
+    return {"run_dir": args.run_dir, "checkpoint_every": args.checkpoint_every}
+
+
+def _remember_command(args: argparse.Namespace, seed: int) -> None:
+    """Store the command line (with the seed made explicit) and its working directory in the run
+    directory, for ``anysize resume``."""
+    import json
+
+    from .output import _atomic_write
+
+    argv = [a for a in args.argv if a != "--quiet"]
+    if args.seed is None:
+        argv += ["--seed", str(seed)]
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = json.dumps({"argv": argv, "cwd": os.getcwd(), "version": __version__}, indent=1).encode()
+    _atomic_write(run_dir / COMMAND_FILE, lambda f: f.write(data))
+
+
+def _add_view(sub) -> None:
+    p = sub.add_parser("view", help="pan and zoom a result in the browser (a local server)",
+                       description="Serve OUT as a Deep Zoom image with OpenSeadragon (shipped with anysize, no "
+                                   "network needed) until Ctrl-C; prints the page's URL.")
+    p.add_argument("out", metavar="OUT", help="a .dzi, a pyramid .tif, or a .png, .jpg or .webp that fits in memory")
+    p.add_argument("--port", type=_port, default=0, metavar="N", help="port to listen on (default 0: a free one)")
+    p.add_argument("--host", default="127.0.0.1", metavar="ADDR",
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    browser = p.add_mutually_exclusive_group()
+    browser.add_argument("--open", dest="open_browser", action="store_true",
+                         help="open the page in the default browser")
+    browser.add_argument("--no-browser", dest="open_browser", action="store_false",
+                         help="only print the URL (the default)")
+    p.set_defaults(run=_view)
+
+
+def _view(args: argparse.Namespace) -> int:
+    from .view import serve
+
+    return serve(args.out, host=args.host, port=args.port, open_browser=args.open_browser)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -353,15 +448,24 @@ def _plan_line(plan, size: tuple[int, int]) -> str:
     return f"stage 1: {where} {plan.base[0]}x{plan.base[1]} -> stage 2: {_passes(plan.passes)} -> {size[0]}x{size[1]}"
 
 
-def _save(args: argparse.Namespace, pipe, result, seed: int, out: Path, extra: dict) -> int:
-    """Write the image with its metadata (the pipeline's info, the settings, the version); print the path."""
-    metadata = {**result.info[0], "command": args.command, "seed": seed, **extra, "tile_size": args.tile_size,
-                "device": str(pipe.device), "dtype": str(pipe.dtype).removeprefix("torch."),
-                "version": __version__}
+def _file_kwargs(args: argparse.Namespace, pipe, seed: int, out: Path, extra: dict) -> dict[str, Any]:
+    """The pipeline writes the file itself (decoding tile by tile into it); its metadata: the pipeline's
+    info, then the settings and the version."""
+    metadata = {"command": args.command, "seed": seed, **extra, "tile_size": args.tile_size,
+                "device": str(pipe.device), "dtype": str(pipe.dtype).removeprefix("torch."), "version": __version__}
     if pipe.upscaler is None:
         metadata["strength"] = args.strength
-    save_image(result.images[0], out, metadata)
-    print(out)
+    from . import distributed
+
+    if not distributed.is_main():  # under torchrun rank 0 alone decodes and writes; the others stop at latents
+        return {"output_type": "latent"}
+    return {"output_path": out, "output_metadata": metadata}
+
+
+def _done(result) -> int:
+    """Print the written path."""
+    for path in result.files:
+        print(path)
     return 0
 
 
@@ -411,22 +515,49 @@ def _message(exc: Exception) -> str:
     return text if isinstance(exc, plain) and text else f"{type(exc).__name__}: {text}".rstrip(": ")
 
 
+def _join_process_group(args: argparse.Namespace) -> bool:
+    """Under ``torchrun --nproc_per_node N`` (WORLD_SIZE > 1), generate and upscale split each step's
+    tiles across the processes (:mod:`anysize.distributed`): join the group, use cuda:LOCAL_RANK on
+    GPUs, take rank 0's seed, and keep the other ranks quiet. False (torch not imported) otherwise."""
+    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "1") or args.command not in ("generate", "upscale"):
+        return False
+    _check_device(args.device)
+    from . import distributed
+
+    group = distributed.init(args.device)
+    args.device = str(group.device)
+    args.seed = distributed.broadcast_object(_pick_seed(args))
+    args.quiet = args.quiet or not group.is_main
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0, 1 runtime error, 2 bad argument, 130 interrupted)."""
     args_list = _attach_size_values(list(sys.argv[1:] if argv is None else argv))
+    args, joined = None, False
     try:
         args, unknown = build_parser().parse_known_args(args_list)
         if unknown:
             raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
+        args.argv = args_list
+        joined = _join_process_group(args)
         return args.run(args)
     except SystemExit as exc:  # --help, --version
         return exc.code if isinstance(exc.code, int) else 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        if getattr(args, "run_dir", None) and args.command in ("generate", "upscale"):
+            return _error(f"interrupted{f' ({exc})' if str(exc) else ''}; continue with: anysize resume "
+                          f"{args.run_dir}", EXIT_INTERRUPTED)
         return _error("interrupted", EXIT_INTERRUPTED)
     except Exception as exc:
         if os.environ.get("ANYSIZE_DEBUG") and not isinstance(exc, UsageError):
             raise
         return _error(_message(exc), _exit_code(exc))
+    finally:
+        if joined:
+            from . import distributed
+
+            distributed.destroy()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ and the tiled VAE decode.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -24,7 +26,8 @@ from . import models, stream
 from .buckets import arad_buckets, choose_base_size, model_granularity
 from .memory import MemoryEstimate, check_memory
 from .output import check_output_path, save_image
-from .sampler import UNetTileDenoiser, sample_tiled
+from .resume import RunDir, RunInterrupted, generator_fingerprint, load_scheduler_state
+from .sampler import UNetTileDenoiser, make_plan_generator, sample_tiled
 from .tiling import METHODS, TilingConfig
 from .vae import decoder_margin, tiled_decode, tiled_encode, vae_scale_factor
 
@@ -159,6 +162,7 @@ class AnySizePipeline:
         self.base, self.upscaler = base, upscaler
         self.model_ids = model_ids or {}
         self.progress = True
+        self._run: RunDir | None = None
         if base is not None:
             self.base_factor = vae_scale_factor(base.vae)
             self.base_tile = int(base.unet.config.sample_size)
@@ -278,7 +282,8 @@ class AnySizePipeline:
                  tiling: str = "fstd", tile_size: int | None = None, tile_batch_size: int = 8,
                  output_type: str = "pil", callback_on_step_end: Callable | None = None, noise_level: int = 20,
                  strength: float = 0.3, color_fix: str | None = "adain", max_memory: int | None = None,
-                 output_path=None, output_metadata: dict | None = None) -> AnySizeOutput:
+                 output_path=None, output_metadata: dict | None = None, run_dir=None,
+                 checkpoint_every: int = 1) -> AnySizeOutput:
         """Generate one image of exactly ``width x height`` pixels per prompt.
 
         Stage 1 uses ``num_inference_steps`` and ``guidance_scale``; stage 2 uses
@@ -292,6 +297,8 @@ class AnySizePipeline:
         ``output_path`` (one prompt only): decode the last pass tile by tile straight into this file
         (format by extension; ``.tif`` and ``.dzi`` never hold the whole image in memory), with the
         run's info and ``output_metadata`` stored in it; ``images`` is then empty and ``files`` has the path.
+        ``run_dir``: checkpoint every ``checkpoint_every`` steps there and continue from what it holds
+        (:mod:`anysize.resume`); Ctrl-C then stops at the next step boundary with a checkpoint.
         """
         self.check_inputs(prompt, width, height, num_inference_steps, upscale_inference_steps, guidance_scale,
                           tiling, tile_size, tile_batch_size, output_type, strength, color_fix, noise_level,
@@ -301,24 +308,31 @@ class AnySizePipeline:
                                           output_type=output_type, tiling=tiling), max_memory)
         file = self._file_output(output_path, output_metadata, (width, height), prompt, output_type)
         generator = generator if generator is not None else _fresh_generator()
-        plan = self.plan(width, height)
-        tiles = TilingConfig(method=tiling, tile_size=tile_size or self.base_tile, tile_batch_size=tile_batch_size)
-        images, infos = [], []
-        for text in [prompt] if isinstance(prompt, str) else prompt:
-            latents = self._stage1(text, negative_prompt, plan, num_inference_steps, guidance_scale, tiles,
-                                   generator, callback_on_step_end)
-            opts = _Stage2(text, negative_prompt, upscale_inference_steps,
-                           guidance_scale if upscale_guidance_scale is None else upscale_guidance_scale,
-                           tiles, tile_size, noise_level, strength, generator, callback_on_step_end)
-            infos.append({"prompt": text, "negative_prompt": negative_prompt, "width": width, "height": height,
-                          "base_size": list(plan.base), "panorama": plan.panorama,
-                          "passes": [list(p) for p in plan.passes], "tiling": tiling, **self.model_ids})
-            if not plan.passes and output_type == "latent" and file is None:
-                images.append(latents)
-            else:
-                stage1 = PIL.Image.fromarray(self._decode(self.base.vae, latents, plan.base))
-                images.append(self._stage2(stage1, plan.passes, (width, height), opts, output_type, color_fix,
-                                           file and replace(file, metadata={**infos[-1], **file.metadata})))
+        request = {"call": "generate", "prompt": prompt, "negative_prompt": negative_prompt, "width": width,
+                   "height": height, "steps": num_inference_steps, "upscale_steps": upscale_inference_steps,
+                   "guidance": guidance_scale, "upscale_guidance": upscale_guidance_scale, "tiling": tiling,
+                   "tile_size": tile_size, "noise_level": noise_level, "strength": strength}
+        with self._running(run_dir, checkpoint_every, request, generator):
+            plan = self.plan(width, height)
+            tiles = TilingConfig(method=tiling, tile_size=tile_size or self.base_tile,
+                                 tile_batch_size=tile_batch_size)
+            images, infos = [], []
+            for text in [prompt] if isinstance(prompt, str) else prompt:
+                latents = self._stage1(text, negative_prompt, plan, num_inference_steps, guidance_scale, tiles,
+                                       generator, callback_on_step_end)
+                opts = _Stage2(text, negative_prompt, upscale_inference_steps,
+                               guidance_scale if upscale_guidance_scale is None else upscale_guidance_scale,
+                               tiles, tile_size, noise_level, strength, generator, callback_on_step_end)
+                infos.append({"prompt": text, "negative_prompt": negative_prompt, "width": width,
+                              "height": height, "base_size": list(plan.base), "panorama": plan.panorama,
+                              "passes": [list(p) for p in plan.passes], "tiling": tiling, **self.model_ids})
+                if not plan.passes and output_type == "latent" and file is None:
+                    images.append(latents)
+                else:
+                    stage1 = PIL.Image.fromarray(self._decode(self.base.vae, latents, plan.base))
+                    file_k = file and replace(file, metadata={**infos[-1], **file.metadata})
+                    images.append(self._stage2(stage1, plan.passes, (width, height), opts, output_type, color_fix,
+                                               file_k))
         return self._output(images, infos, file)
 
     @torch.no_grad()
@@ -327,9 +341,10 @@ class AnySizePipeline:
                 tile_size: int | None = None, tile_batch_size: int = 8, generator: torch.Generator | None = None,
                 output_type: str = "pil", noise_level: int = 20, strength: float = 0.3,
                 color_fix: str | None = "adain", callback_on_step_end: Callable | None = None,
-                max_memory: int | None = None, output_path=None, output_metadata: dict | None = None) -> AnySizeOutput:
+                max_memory: int | None = None, output_path=None, output_metadata: dict | None = None,
+                run_dir=None, checkpoint_every: int = 1) -> AnySizeOutput:
         """Stage 2 alone: enlarge ``image`` (PIL, uint8 / float array, or tensor) to exactly ``width x height``;
-        ``output_path``, ``output_metadata``: as in :meth:`__call__`."""
+        ``output_path``, ``output_metadata``, ``run_dir``, ``checkpoint_every``: as in :meth:`__call__`."""
         if not isinstance(prompt, str):
             raise ValueError(f"prompt={prompt!r}: upscale takes one image and one prompt string")
         self.check_inputs(prompt, width, height, None, num_inference_steps, guidance_scale, tiling, tile_size,
@@ -347,8 +362,13 @@ class AnySizePipeline:
         passes = upscale_passes(source.size, (width, height), self.stage2_factor)
         info = {"prompt": prompt, "width": width, "height": height, "passes": [list(p) for p in passes],
                 "tiling": tiling, **self.model_ids}
-        result = self._stage2(source, passes, (width, height), opts, output_type, color_fix,
-                              file and replace(file, metadata={**info, **file.metadata}))
+        request = {"call": "upscale", "image": hashlib.blake2b(source.tobytes(), digest_size=8).hexdigest(),
+                   "source_size": list(source.size), "prompt": prompt, "negative_prompt": negative_prompt,
+                   "width": width, "height": height, "steps": num_inference_steps, "guidance": guidance_scale,
+                   "tiling": tiling, "tile_size": tile_size, "noise_level": noise_level, "strength": strength}
+        with self._running(run_dir, checkpoint_every, request, generator):
+            result = self._stage2(source, passes, (width, height), opts, output_type, color_fix,
+                                  file and replace(file, metadata={**info, **file.metadata}))
         return self._output([result], [info], file)
 
     # ------------------------------------------------------------------ shared steps
@@ -364,6 +384,21 @@ class AnySizePipeline:
         if metadata is not None and not isinstance(metadata, dict):
             raise ValueError(f"output_metadata={metadata!r}: must be a dict or None")
         return _FileOutput(check_output_path(path, size), dict(metadata or {}))
+
+    @contextlib.contextmanager
+    def _running(self, run_dir, every: int, request: dict, generator: torch.Generator):
+        """With ``run_dir``: checkpoints there (:meth:`_sample`) and Ctrl-C at a step boundary."""
+        if run_dir is None:
+            yield
+            return
+        request = {**request, "seed_state": generator_fingerprint(generator), "dtype": str(self.dtype),
+                   **self.model_ids}
+        self._run = RunDir(run_dir, request, every=every)
+        try:
+            with self._run.stop_on_interrupt():
+                yield
+        finally:
+            self._run = None
 
     @staticmethod
     def _output(images: list, infos: list[dict], file: _FileOutput | None) -> AnySizeOutput:
@@ -406,11 +441,41 @@ class AnySizePipeline:
         noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
         return noise.to(self.device, dtype)
 
-    def _sample(self, pipe, denoiser, latents, tiles: TilingConfig, opts_generator, callback, stage: str,
+    def _sample(self, pipe, denoiser, latents, tiles: TilingConfig, generator, callback, stage: str,
                 desc: str, timesteps=None) -> torch.Tensor:
-        return sample_tiled(denoiser, latents, pipe.scheduler, tiles, generator=opts_generator,
-                            callback_on_step_end=self._callback(callback, stage), progress=self.progress,
-                            desc=desc, timesteps=timesteps)
+        """One sampling phase; with a run directory, skipped when done there, resumed from its last
+        checkpoint, and checkpointed as it goes."""
+        step_end = self._callback(callback, stage)
+        kw = dict(generator=generator, progress=self.progress, desc=desc, timesteps=timesteps)
+        run = self._run
+        if run is None:
+            return sample_tiled(denoiser, latents, pipe.scheduler, tiles, callback_on_step_end=step_end, **kw)
+        phase = run.next_phase()
+        done = run.load(phase, "done")
+        if done is not None:  # the set-up before this call drew its noise as before; jump to the phase's end
+            generator.set_state(done[0]["generator"])
+            return done[0]["latents"].to(latents)
+        plans, start = make_plan_generator(generator), 0  # the plans as first drawn, before any restore
+        saved = run.load(phase, "step")
+        if saved is not None:
+            tensors, meta = saved
+            load_scheduler_state(pipe.scheduler, tensors, meta["scheduler"], latents.device)
+            generator.set_state(tensors["generator"])
+            latents, start = tensors["latents"].to(latents), meta["step"]
+
+        def checkpointing(i, t, x):
+            replaced = step_end(i, t, x) if step_end is not None else None
+            x = x if replaced is None else replaced
+            if run.stop_requested or (i + 1) % run.every == 0:
+                run.save_step(phase, i + 1, x, pipe.scheduler, generator)
+            if run.stop_requested:
+                raise RunInterrupted(f"interrupted at step {i + 1} of {phase}; the run continues from there")
+            return replaced
+
+        latents = sample_tiled(denoiser, latents, pipe.scheduler, tiles, callback_on_step_end=checkpointing,
+                               start=start, plan_generator=plans, **kw)
+        run.save_done(phase, latents, generator)
+        return latents
 
     def _decode(self, vae, latents: torch.Tensor, size: Size, out: stream.Raster | None = None):
         """Latents -> uint8 (H, W, 3) cropped to ``size`` through the tiled VAE, or tile by tile into

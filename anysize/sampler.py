@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .tiling import Box, TilingConfig, tile_weights
 
 
@@ -72,6 +73,8 @@ class TiledModel:
 
     All tile plans are drawn up front from ``generator`` (so a progress bar knows the total and a
     seed reproduces every plan); tile batching never changes which boxes are drawn or how they merge.
+    Under torchrun each whole tile batch runs on one process (:mod:`anysize.distributed`), every
+    process merges all of them in order, so the output is the single-process one bit for bit.
     """
 
     def __init__(
@@ -96,11 +99,10 @@ class TiledModel:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
         boxes = self.plans[step]
-        merger: TileMerger | None = None
         n = self.config.tile_batch_size
-        for start in range(0, len(boxes), n):
-            chunk = boxes[start : start + n]
-            out = self.denoiser(crop_tiles(x, chunk), t, chunk)
+        chunks = [boxes[start : start + n] for start in range(0, len(boxes), n)]
+        merger: TileMerger | None = None
+        for chunk, out in zip(chunks, self._outputs(x, t, chunks)):
             if merger is None:
                 shape = torch.Size((x.shape[0], out.shape[1], *x.shape[2:]))
                 merger = TileMerger(shape, self.config.blend, dtype=out.dtype, device=out.device)
@@ -109,6 +111,16 @@ class TiledModel:
                 self.progress(len(chunk))
         assert merger is not None
         return merger.result()
+
+    def _outputs(self, x: torch.Tensor, t: torch.Tensor, chunks: list[list[Box]]) -> Iterable[torch.Tensor]:
+        """The denoiser's output for each chunk, in order: one at a time here, or, under torchrun
+        (:mod:`anysize.distributed`), each whole chunk on one rank and all of them on every rank."""
+        if distributed.current() is None:
+            return (self.denoiser(crop_tiles(x, chunk), t, chunk) for chunk in chunks)
+        # every box of a chunk has one size (crop_tiles stacks them); the output has x's batch per box
+        shapes = [(len(c) * x.shape[0], c[0][2] - c[0][0], c[0][3] - c[0][1]) for c in chunks]
+        return distributed.share_batches(lambda i: self.denoiser(crop_tiles(x, chunks[i]), t, chunks[i]),
+                                         shapes, x.device)
 
 
 def _step_kwargs(scheduler, generator: torch.Generator | None) -> dict:
@@ -125,15 +137,20 @@ def sample(
     generator: torch.Generator | None = None,
     timesteps: Sequence | None = None,
     callback_on_step_end: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
+    start: int = 0,
 ) -> torch.Tensor:
     """Run the reverse process: one model evaluation and ONE ``scheduler.step`` per timestep.
 
     ``model(x, t, step)`` returns the model output for the whole latent (a :class:`TiledModel` or
     anything else); ``scheduler`` is any diffusers scheduler whose ``set_timesteps`` was called.
     ``callback_on_step_end(step, t, latents)`` may return a replacement latent.
+    ``start``: resume at this step index, with ``latents``, the scheduler's state and the generator's
+    as they were after step ``start - 1`` (see :mod:`anysize.resume`).
     """
     extra = _step_kwargs(scheduler, generator)
     for i, t in enumerate(scheduler.timesteps if timesteps is None else timesteps):
+        if i < start:
+            continue
         model_input = scheduler.scale_model_input(latents, t)
         output = model(model_input, t, i)
         latents = scheduler.step(output, t, latents, return_dict=False, **extra)[0]
@@ -154,26 +171,36 @@ def sample_tiled(
     progress: bool = True,
     desc: str = "denoise",
     timesteps: Sequence | None = None,
+    start: int = 0,
+    plan_generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """:func:`sample` over a :class:`TiledModel`, with one progress bar counting tile evaluations.
 
     ``timesteps``: a tail of ``scheduler.timesteps`` to run (img2img), default all of them.
+    ``start``: resume at this step (as in :func:`sample`); the plans of every step are still drawn,
+    from ``plan_generator`` (default :func:`plan_generator` of ``generator``; a resumed run passes
+    the one made when the run first started).
     """
     steps = len(scheduler.timesteps if timesteps is None else timesteps)
-    # The tile plans get their own generator, seeded from a hash of the caller's generator state
-    # without advancing it: the caller's noise stream is then the same for every tiling method (fstd
-    # draws offsets, naive none) and for untiled sampling, also across several upscale passes.
-    plans = None
-    if generator is not None:
-        digest = hashlib.blake2b(generator.get_state().numpy().tobytes(), digest_size=8).digest()
-        plans = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+    if plan_generator is None and generator is not None:
+        plan_generator = make_plan_generator(generator)
     model = TiledModel(
-        denoiser, config, height=latents.shape[-2], width=latents.shape[-1], num_steps=steps, generator=plans
+        denoiser, config, height=latents.shape[-2], width=latents.shape[-1], num_steps=steps,
+        generator=plan_generator,
     )
-    with tqdm(total=model.total_evaluations, desc=desc, unit="tile", disable=not progress) as bar:
+    done = sum(len(p) for p in model.plans[:start])
+    with tqdm(total=model.total_evaluations, initial=done, desc=desc, unit="tile", disable=not progress) as bar:
         model.progress = bar.update
         return sample(model, latents, scheduler, generator=generator, timesteps=timesteps,
-                      callback_on_step_end=callback_on_step_end)
+                      callback_on_step_end=callback_on_step_end, start=start)
+
+
+def make_plan_generator(generator: torch.Generator) -> torch.Generator:
+    """The tile plans' own generator, seeded from a hash of ``generator``'s state without advancing it:
+    the caller's noise stream is then the same for every tiling method (fstd draws offsets, naive
+    none) and for untiled sampling, also across several upscale passes."""
+    digest = hashlib.blake2b(generator.get_state().numpy().tobytes(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
 class UNetTileDenoiser:

@@ -46,7 +46,7 @@ def test_help_in_a_subprocess_without_torch():
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "anysize", "--help"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    for command in ("generate", "upscale", "buckets", "train"):
+    for command in ("generate", "upscale", "buckets", "train", "view", "resume"):
         assert command in proc.stdout
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()}
     assert "torch" not in imported and "diffusers" not in imported
@@ -82,6 +82,19 @@ def test_upscale_writes_tiff_with_metadata(capsys, tmp_path, models):
     meta = read_metadata(out)
     assert meta["source_size"] == [50, 30] and meta["steps"] == 2 and meta["tiling"] == "overlap"
     assert isinstance(meta["seed"], int) and meta["command"] == "upscale"
+
+
+def test_generate_writes_deep_zoom(capsys, tmp_path, models):
+    out = tmp_path / "wide.dzi"
+    code, stdout, stderr = run(capsys, "generate", "a wide sea", "--size", "300x100", "-o", out, "--quiet",
+                               *FAST, *models)
+    assert code == 0, stderr
+    assert stdout.strip() == str(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wide.dzi", "wide_files"]
+    with PIL.Image.open(tmp_path / "wide_files" / "9" / "1_0.png") as tile:  # 2^9 >= 300: the full size
+        assert tile.size == (44, 100)
+    meta = read_metadata(out)
+    assert meta["seed"] == 7 and meta["width"] == 300 and meta["command"] == "generate"
 
 
 def test_upscale_with_an_upscaler_alone(capsys, tmp_path, model_dirs):
