@@ -85,6 +85,16 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def _bytes(text: str) -> int:
+    from .memory import parse_bytes  # no torch import
+
+    try:
+        return parse_bytes(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}': must be a byte count such as 8GiB, 512MiB, 16GB or 1000000") \
+            from None
+
+
 def _seed(text: str) -> int:
     if not re.fullmatch(r"\s*\d+\s*", text) or int(text) >= 2**64:
         raise argparse.ArgumentTypeError(f"'{text}': must be an integer in [0, 2**64)")
@@ -154,8 +164,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiling", choices=TILING, default="fstd", help="tiling method (default fstd)")
     p.add_argument("--tile-size", type=_int_at_least(8), default=None, metavar="N",
                    help="tile size in latent pixels (default: the model's native size)")
-    p.add_argument("--tile-batch", type=_int_at_least(1), default=8, metavar="N",
-                   help="tiles per UNet call (default 8)")
+    p.add_argument("--tile-batch", type=_int_at_least(1), default=None, metavar="N",
+                   help="tiles per UNet call (default: the memory planner's choice)")
+    p.add_argument("--vae-tile", type=_int_at_least(8), default=None, metavar="N",
+                   help="VAE decode tile in latent pixels (default: the memory planner's choice, 64 when it fits)")
+    p.add_argument("--max-memory", type=_bytes, default=None, metavar="SIZE",
+                   help="memory budget for the planner, e.g. 8GiB or 512MiB (default: what is free on the device)")
     p.add_argument("--strength", type=_float_in(0, 1, low_open=True), default=0.3, metavar="X",
                    help="img2img upscaling: how much each pass may change (default 0.3)")
     models = p.add_argument_group("models")
@@ -185,8 +199,9 @@ def _generate(args: argparse.Namespace) -> int:
     out = check_output_path(args.output, args.size)
     pipe = _load(args)
     pipe.check_inputs(args.prompt, width, height, args.steps, args.upscale_steps, args.guidance, args.tiling,
-                      args.tile_size, args.tile_batch, "pil", args.strength)
-    _preflight(pipe, args)
+                      args.tile_size, args.tile_batch, "pil", args.strength, upscale_guidance_scale=args.upscale_guidance,
+                      max_memory=args.max_memory, vae_tile_size=args.vae_tile)
+    _preflight(pipe, args, guidance_scale=args.guidance, upscale_guidance_scale=args.upscale_guidance)
     seed = _pick_seed(args)
     _say(args, f"{_plan_line(pipe.plan(width, height), args.size)}; seed {seed}")
     extra = {"steps": args.steps, "upscale_steps": args.upscale_steps, "guidance": args.guidance,
@@ -207,8 +222,8 @@ def _upscale(args: argparse.Namespace) -> int:
     source = _read_image(args.image)
     pipe = _load(args)
     pipe.check_inputs(args.prompt, width, height, None, args.steps, 1.0, args.tiling, args.tile_size,
-                      args.tile_batch, "pil", args.strength)
-    _preflight(pipe, args)
+                      args.tile_batch, "pil", args.strength, max_memory=args.max_memory, vae_tile_size=args.vae_tile)
+    _preflight(pipe, args, source=source.size, guidance_scale=1.0)
     seed = _pick_seed(args)
     passes = upscale_passes(source.size, args.size, pipe.stage2_factor)
     _say(args, f"upscale: {source.size[0]}x{source.size[1]} -> {_passes(passes)} -> {width}x{height}; seed {seed}")
@@ -400,11 +415,13 @@ def _check_device(device: str | None) -> None:
         raise UsageError(f"--device '{device}': {kind} is not available on this machine")
 
 
-def _preflight(pipe, args: argparse.Namespace) -> None:
-    """The pipeline's memory preflight, run before the plan line is printed (it runs again inside)."""
-    from .memory import check_memory
-
-    check_memory(pipe.estimate_memory(*args.size, tile_size=args.tile_size, tile_batch_size=args.tile_batch))
+def _preflight(pipe, args: argparse.Namespace, **request) -> None:
+    """The memory plan, printed before anything runs (the pipeline plans again, the same way): a request
+    that cannot fit stops here with the numbers."""
+    plan = pipe.plan_memory(*args.size, max_memory=args.max_memory, tile_batch_size=args.tile_batch,
+                            vae_tile_size=args.vae_tile, tile_size=args.tile_size, tiling=args.tiling,
+                            output_path=args.output, **request)
+    _say(args, plan.describe())
 
 
 def _read_image(path: str):
@@ -423,7 +440,8 @@ def _read_image(path: str):
 
 
 def _tile_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {"tiling": args.tiling, "tile_size": args.tile_size, "tile_batch_size": args.tile_batch}
+    return {"tiling": args.tiling, "tile_size": args.tile_size, "tile_batch_size": args.tile_batch,
+            "vae_tile_size": args.vae_tile, "max_memory": args.max_memory}
 
 
 def _pick_seed(args: argparse.Namespace) -> int:

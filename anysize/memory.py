@@ -1,111 +1,531 @@
-"""Memory preflight: estimate a request's peak before any compute and refuse with the numbers.
+"""Memory planner and preflight: choose tile batch and VAE tile from the free memory, or refuse with the numbers.
 
-The estimate is deliberately simple (a sum of the big buffers, with per-tile activation costs from
-the model configs) and errs high; it exists to turn an out-of-memory crash hours into a run into a
-one-line refusal at the start.
+:func:`plan_memory` estimates the peak bytes of every stage of a request (stage 1 sampling and its
+decode, each stage-2 pass's tiled sampling and tiled VAE decode, the output image), before any
+compute. Stages run one after another, so the request's peak is the largest stage. Where the caller
+leaves them open it picks the largest tile batch (UNet calls) and VAE decode tile whose stages fit in
+the budget less :data:`SAFETY_MARGIN`; it raises :class:`MemoryPreflightError` with the numbers when
+the request does not fit even at tile batch 1 and the smallest VAE tile. The budget is the device's
+free memory on CUDA (plus what torch holds cached but unused), the host's available memory on the CPU
+(and MPS, whose memory is the host's), or ``max_memory`` bytes; weights already loaded are not counted.
+
+The estimate is a sum of the big buffers (latents and sampler state, tile batches, images), with
+per-call activation costs from the model configs, calibrated against measured peaks of the shipped
+default model and of SD-1.5-sized random-weight UNet and VAE (``benchmarks/memory_planner.py``). It
+assumes memory-efficient attention (PyTorch's ``scaled_dot_product_attention``), which never holds a
+tile's whole ``tokens x tokens`` attention matrix.
+
+This module imports torch only inside functions, so the command line can import :func:`parse_bytes`
+without loading torch.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import psutil
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 GIB = 2**30
+MIB = 2**20
 
-# float32 values held per latent pixel during sampling: latents, scaled input, model output, merged
-# value and weight, up to three multistep histories, the conditioning image and its noise.
-_FLOATS_PER_LATENT_PX = 36
-# live activation tensors per UNet level during one forward, as a multiple of its feature map
-_UNET_LIVE = 40
-# live activation tensors in the VAE decoder's full-resolution block
-_VAE_LIVE = 8
+SAFETY_MARGIN = 0.15  # fraction of the budget the plan leaves free: estimate error, allocator slack, other jobs
+TILE_BATCH_CHOICES = (64, 32, 16, 8, 4, 2, 1)  # tile batch sizes tried, largest first
+VAE_TILE_CHOICES = (64, 48, 32, 16)  # VAE decode core tiles (latent px) tried, largest first; 64 preferred
+EXACT_STATS_SIDE = 128  # latent side up to which a decode's GroupNorm statistics come from the whole latent
+FAST_STATS_SIZE = 96  # longer side (latent px) of fast mode's downsampled statistics copy above that
+COLOR_FIX_ROWS = 1024  # rows per band of the AdaIN colour fix (anysize.pipeline.adain_color_fix)
+STREAM_ROWS = 256  # rows per band when the output streams to a file (anysize.stream: TIFF and Deep Zoom tiles)
 
+# ---- calibration (benchmarks/memory_planner.py: CPU peak RSS; see the README's memory planner section)
+# Bytes per latent pixel of one latent-sized float32 tensor's worth of sampler state, times the
+# number of such tensors live: latents, scaled input, merged value and weight, its quotient, the
+# scheduler's multistep history and step temporaries, the conditioning image and its noise.
+_STATE_FLOATS = 36  # float32 values per latent px during sampling
+_DECODE_FLOATS = 8  # latents and their unscaled copy during a decode
+_ENCODE_FLOATS = 8  # the encoder's moments (mean and log-variance)
+# Live activations of one UNet call, as multiples of the feature maps of all levels
+# (sum_i channels_i * (h / 2^i) * (w / 2^i)) per batch item: skips held for the up path plus the
+# widest block's working set. Measured 8-10 as live tensors; 13-21 as CPU resident memory, since
+# the allocator keeps freed blocks; the base of 10 plus 5 per resnet layer covers the latter.
+_UNET_LIVE_BASE = 10
+_UNET_LIVE_PER_LAYER = 5
+# Live activations of one VAE decoder call at full resolution, as multiples of
+# (block_out_channels[1] + block_out_channels[0]) * pixels: the upsample into the last block and that
+# block's resnet. Measured 2.4-2.9 as live tensors, up to 6.4 as CPU resident memory.
+_VAE_LIVE = 6
+# The encoder's full-resolution block: multiples of block_out_channels[0] * pixels.
+_VAE_ENCODE_LIVE = 8
+# Per stage, whatever the sizes: thread-local buffers, allocator arenas, the text encoder's activations.
+_RUNTIME_BYTES = 32 * MIB
+# The stage-2 img2img encode's tile and statistics size in image px (anysize.vae.tiled_encode defaults).
+_ENCODE_TILE_PX = 512
+_ENCODE_STATS_PX = 768
+# Host bytes per output pixel besides the uint8 result (3): PIL keeps RGB as 4 bytes a pixel, and a
+# writer may take one more uint8 copy (PNG, TIFF); numpy and torch outputs are float32 (a temporary and
+# the result for "pt").
+_OUTPUT_EXTRA = {"pil": 4 + 3, "np": 12, "pt": 24, "latent": 0}
+# Host bytes per pixel of one colour-fix band: float64 sums and squares (anysize.pipeline.adain_color_fix).
+_BAND_BYTES_PER_PX = 48
 
-def _unet_tile_bytes(unet, tile: int) -> float:
-    """Live activations of one UNet forward on a ``tile x tile`` latent: feature maps of every level."""
-    bytes_per = torch.finfo(unet.dtype).bits // 8
-    channels = list(unet.config.block_out_channels)
-    return sum(c * (tile / 2**i) ** 2 for i, c in enumerate(channels)) * _UNET_LIVE * bytes_per
+StageKind = Literal["sample", "decode", "output"]
 
 
 class MemoryPreflightError(ValueError):
     """The request cannot fit; the message has the estimate and the limit."""
 
 
+# ----------------------------------------------------------------------------------------------
+# Byte counts as text
+
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib": 2**20, "mb": 10**6,
+          "g": 2**30, "gib": 2**30, "gb": 10**9, "t": 2**40, "tib": 2**40, "tb": 10**12}
+
+
+def parse_bytes(text: str | int) -> int:
+    """A byte count from ``"8GiB"``, ``"512MiB"``, ``"1.5G"``, ``"8GB"`` or ``"1000000"`` -> int bytes.
+
+    KiB, MiB, GiB, TiB (and the bare K, M, G, T) are powers of 1024; KB, MB, GB, TB powers of 1000.
+    Case and spaces are ignored. Raises ValueError (naming the value and the rule) unless >= 1 byte.
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
+        unit = match[2].lower() if match else None
+        if unit not in _UNITS:
+            raise ValueError(f"max_memory={text!r}: must be a byte count such as 8GiB, 512MiB, 16GB or 1000000")
+        value = int(float(match[1]) * _UNITS[unit])
+    if value < 1:
+        raise ValueError(f"max_memory={text!r}: must be at least 1 byte")
+    return value
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes in GiB: two decimals from 1 GiB, three below (``0.043 GiB``)."""
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / GIB:.3f} GiB"
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-call activation costs from model configs
+
+
+def _dtype_bytes(dtype: torch.dtype) -> int:
+    import torch
+
+    return torch.finfo(dtype).bits // 8
+
+
+def _largest_weight_bytes(module: Any) -> int:
+    """The largest parameter tensor: the CPU's convolution kernels reorder one weight at a time."""
+    return max((p.numel() * p.element_size() for p in module.parameters()), default=0)
+
+
+def unet_activation_bytes(unet: Any, height: int, width: int, batch: int) -> int:
+    """Peak activation bytes of one UNet call on ``batch`` latents of ``height x width`` latent px
+    (classifier-free guidance: twice the tile count), weights excluded."""
+    config = unet.config
+    features = sum(c * math.ceil(height / 2**i) * math.ceil(width / 2**i)
+                   for i, c in enumerate(config.block_out_channels))
+    live = _UNET_LIVE_BASE + _UNET_LIVE_PER_LAYER * int(config.layers_per_block)
+    return int(live * features * batch * _dtype_bytes(unet.dtype) + _largest_weight_bytes(unet))
+
+
+def _vae_bytes_per_value(vae: Any) -> int:
+    """float32 when the config asks for an upcast (SD's fp16-unsafe VAE); else the VAE's dtype."""
+    return 4 if getattr(vae.config, "force_upcast", False) else _dtype_bytes(vae.dtype)
+
+
+def vae_decode_bytes(vae: Any, height: int, width: int) -> int:
+    """Peak activation bytes of one decoder call on a ``height x width`` latent (pixels: x the scale factor)."""
+    channels = list(vae.config.block_out_channels)
+    factor = 2 ** (len(channels) - 1)
+    widest = channels[0] + (channels[1] if len(channels) > 1 else channels[0])
+    return int(_VAE_LIVE * widest * height * factor * width * factor * _vae_bytes_per_value(vae))
+
+
+def vae_encode_bytes(vae: Any, height: int, width: int) -> int:
+    """Peak activation bytes of one encoder call on a ``height x width`` pixel image."""
+    return int(_VAE_ENCODE_LIVE * vae.config.block_out_channels[0] * height * width * _vae_bytes_per_value(vae))
+
+
+def decode_stats_size(side: int, tile_size: int, margin: int) -> int:
+    """Longer side (latent px) of the GroupNorm statistics run of a fast tiled decode of a latent
+    whose longer side is ``side``: the whole latent up to :data:`EXACT_STATS_SIDE` (exact), else a
+    copy downsampled to :data:`FAST_STATS_SIZE`; with a VAE tile below 64 the statistics run is no
+    larger than one tile with its margins, so a smaller tile also lowers this run's peak."""
+    if tile_size >= 64:
+        return side if side <= EXACT_STATS_SIDE else FAST_STATS_SIZE
+    return min(side, tile_size + 2 * margin)
+
+
+def decode_kwargs(vae: Any, height: int, width: int, tile_size: int = 64) -> dict[str, int]:
+    """``tile_size`` and ``stats_size`` for :func:`anysize.vae.tiled_decode` (``mode="fast"``) of a
+    ``height x width`` latent, as the planner assumed them."""
+    from .vae import decoder_margin
+
+    side = max(height, width)
+    return {"tile_size": tile_size, "stats_size": decode_stats_size(side, tile_size, decoder_margin(vae.config))}
+
+
+def tiled_decode_bytes(vae: Any, height: int, width: int, tile_size: int) -> int:
+    """Peak activation bytes of a fast tiled decode (one tile per call): the larger of one tile with
+    its margins and the statistics run on the (downsampled) whole latent."""
+    from .vae import decoder_margin
+
+    margin = decoder_margin(vae.config)
+    crop = min(tile_size + 2 * margin, height), min(tile_size + 2 * margin, width)
+    stats = decode_kwargs(vae, height, width, tile_size)["stats_size"]
+    scale = min(1.0, stats / max(height, width))
+    small = max(1, round(height * scale)), max(1, round(width * scale))
+    return max(vae_decode_bytes(vae, *crop), vae_decode_bytes(vae, *small))
+
+
+def tiles_per_step(method: str, height: int, width: int, tile: int) -> int:
+    """At most how many tiles one sampling step evaluates (anysize.tiling): the most a tile batch can hold."""
+    if method == "none":
+        return 1
+
+    def axis(length: int) -> int:
+        t = min(tile, length)
+        if t >= length:
+            return 1
+        if method == "overlap":
+            return math.ceil((length - t) / max(1, t // 2)) + 1
+        return math.ceil(length / t) + (method == "fstd")
+
+    return axis(height) * axis(width)
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan
+
+
 @dataclass(frozen=True)
-class MemoryEstimate:
-    """Estimated peak bytes of one request, by part; ``device`` parts live where the model runs."""
+class StagePeak:
+    """Estimated peak of one stage. ``device``: bytes where the models run (sampler state, activations);
+    ``host``: bytes of images in host memory. On the CPU both are one pool."""
+
+    name: str  # "stage 1", "stage 1 decode", "pass 2", "pass 2 decode", "output"
+    kind: StageKind  # which choice it depends on: "sample" (tile batch), "decode" (VAE tile), "output" (none)
+    detail: str
+    device: int
+    host: int
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The memory plan of one request: the choices, and the estimated peak per stage.
+
+    ``budget`` is what the device had free (or ``max_memory``) before the plan; ``usable`` is it less
+    the safety margin; the plan fits when every stage does. On a CUDA device, images count against
+    ``host_budget`` (host available memory) instead, likewise less the margin.
+    """
 
     width: int
     height: int
-    latents: int
-    tiles: int
-    vae: int
-    image: int
-    on_accelerator: bool
-    device: str | None = None
+    tile_batch_size: int
+    vae_tile_size: int
+    stages: tuple[StagePeak, ...]
+    budget: int
+    budget_source: str  # "max_memory", "host available" or e.g. "free on cuda:0"
+    host_budget: int | None = None  # separate host budget (CUDA); None when device and host share memory
+    margin: float = SAFETY_MARGIN
 
     @property
-    def device_bytes(self) -> int:
-        return self.latents + self.tiles + self.vae
+    def shared(self) -> bool:
+        """Device and host draw on one pool (CPU, MPS)."""
+        return self.host_budget is None
 
     @property
-    def total(self) -> int:
-        return self.device_bytes + self.image
+    def usable(self) -> int:
+        return int(self.budget * (1 - self.margin))
 
-    @classmethod
-    def for_request(cls, width: int, height: int, *, latent_factor: int, unets, tile_batch_size: int,
-                    output_bytes_per_px: int, vae_tile_px: int, vae_channels: int = 128,
-                    device=None) -> MemoryEstimate:
-        """``unets``: (unet, tile side in latent px) for every model that samples tiles; the largest
-        per-batch activation counts. ``vae_tile_px``: the side of one VAE decode tile with its margins."""
-        lat_px = math.ceil(width / latent_factor) * math.ceil(height / latent_factor)
-        per_tile = max(_unet_tile_bytes(unet, tile) for unet, tile in unets)
-        on_acc = device is not None and torch.device(device).type != "cpu"
-        return cls(
-            width=width, height=height,
-            latents=lat_px * _FLOATS_PER_LATENT_PX * 4,
-            tiles=int(per_tile * 2 * tile_batch_size),  # x2: classifier-free guidance
-            vae=vae_tile_px**2 * vae_channels * _VAE_LIVE * 4,
-            # the uint8 result, one copy (colour fix / PIL), and the caller's format
-            image=width * height * (3 + 3 + output_bytes_per_px),
-            on_accelerator=on_acc, device=None if device is None else str(device),
-        )
+    def cost(self, stage: StagePeak) -> int:
+        """What ``stage`` takes from ``budget``: device plus host bytes when they share memory, else device."""
+        return stage.device + stage.host if self.shared else stage.device
+
+    @property
+    def peak_stage(self) -> StagePeak:
+        return max(self.stages, key=self.cost)
+
+    @property
+    def peak(self) -> int:
+        """The request's estimated peak against ``budget`` (the largest stage)."""
+        return self.cost(self.peak_stage)
+
+    @property
+    def host_peak(self) -> int:
+        return max(s.host for s in self.stages)
+
+    @property
+    def fits(self) -> bool:
+        host_ok = self.shared or self.host_peak <= self.host_budget * (1 - self.margin)
+        return self.peak <= self.usable and host_ok
+
+    def decode_kwargs(self, vae: Any, height: int, width: int) -> dict[str, int]:
+        """:func:`anysize.vae.tiled_decode` ``tile_size`` and ``stats_size`` for a ``height x width`` latent."""
+        return decode_kwargs(vae, height, width, self.vae_tile_size)
 
     def describe(self) -> str:
-        parts = ", ".join(f"{k} {getattr(self, k) / GIB:.2f}" for k in ("latents", "tiles", "vae", "image"))
-        return f"about {self.total / GIB:.2f} GiB ({parts} GiB)"
+        """A few lines to print before starting: the budget, the choices, each stage's peak."""
+        lines = [f"memory plan: budget {format_bytes(self.budget)} ({self.budget_source}), "
+                 f"{format_bytes(self.usable)} usable ({self.margin:.0%} kept free); "
+                 f"tile batch {self.tile_batch_size}, VAE tile {self.vae_tile_size}"]
+        width = max(len(s.name) for s in self.stages)
+        for s in self.stages:
+            amount = format_bytes(self.cost(s)) if self.shared else \
+                f"{format_bytes(s.device)} device + {format_bytes(s.host)} host"
+            lines.append(f"  {s.name:<{width}}  {amount:>10}  {s.detail}")
+        lines.append(f"  {'peak':<{width}}  {format_bytes(self.peak):>10}  ({self.peak_stage.name})")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What the stage estimates need, read once from the pipeline."""
+
+    pipe: Any
+    width: int
+    height: int
+    base: tuple[int, int] | None  # stage 1's size; None for stage 2 alone (upscale)
+    panorama: bool
+    source: tuple[int, int]  # the image stage 2 starts from
+    passes: tuple[tuple[int, int], ...]
+    tiling: str
+    tile_size: int | None
+    output_type: str
+    color_fix: bool
+    streaming: bool
+    cfg: bool  # stage 1 classifier-free guidance
+    upscale_cfg: bool
+
+
+def _px(size: tuple[int, int]) -> int:
+    return size[0] * size[1]
+
+
+def _factor(vae: Any) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _band(width: int, height: int, rows: int = COLOR_FIX_ROWS) -> int:
+    """Host bytes of one band of ``rows`` rows worked on in float64 (the colour fix)."""
+    return min(rows, height) * width * _BAND_BYTES_PER_PX
+
+
+def _sampling(unet: Any, lat_h: int, lat_w: int, tiling: str, tile: int, batch: int, cfg: bool) -> tuple[int, str]:
+    """(device bytes, description) of tiled sampling on a ``lat_h x lat_w`` latent."""
+    th, tw = (lat_h, lat_w) if tiling == "none" else (min(tile, lat_h), min(tile, lat_w))
+    n = min(batch, tiles_per_step(tiling, lat_h, lat_w, tile))
+    state = lat_h * lat_w * _STATE_FLOATS * 4
+    detail = f"{n} tile{'s' if n > 1 else ''} of {th}x{tw} latent px per call" + (", CFG" if cfg else "")
+    return _RUNTIME_BYTES + state + unet_activation_bytes(unet, th, tw, n * (2 if cfg else 1)), detail
+
+
+def _decode(vae: Any, size: tuple[int, int], vae_tile: int) -> int:
+    f = _factor(vae)
+    lat_h, lat_w = math.ceil(size[1] / f), math.ceil(size[0] / f)
+    return _RUNTIME_BYTES + lat_h * lat_w * _DECODE_FLOATS * 4 + tiled_decode_bytes(vae, lat_h, lat_w, vae_tile)
+
+
+def _stages(req: _Request, batch: int, vae_tile: int) -> tuple[StagePeak, ...]:
+    """Every stage's peak for tile batch ``batch`` and VAE tile ``vae_tile`` (the pipeline's order)."""
+    pipe, stages = req.pipe, []
+    if req.base is not None:
+        base, f = pipe.base, pipe.base_factor
+        (bw, bh) = req.base
+        tiling = req.tiling if req.panorama else "none"
+        device, detail = _sampling(base.unet, bh // f, bw // f, tiling, req.tile_size or pipe.base_tile, batch,
+                                   req.cfg)
+        where = "panorama" if req.panorama else "bucket"
+        stages.append(StagePeak("stage 1", "sample", f"{where} {bw}x{bh}: {detail}", device, 0))
+        stages.append(StagePeak("stage 1 decode", "decode", f"{bw}x{bh}, VAE tile {vae_tile}",
+                                _decode(base.vae, req.base, vae_tile), _px(req.base) * (3 + 4)))
+    reference = _px(req.source) * 4  # the stage-2 input (a PIL image), kept for the colour fix
+    previous = 0  # pixels of the previous pass, whose uint8 array and PIL image stay alive
+    up = pipe.upscaler
+    for k, (w, h) in enumerate(req.passes, 1):
+        last = k == len(req.passes)
+        if up is not None:
+            f, vae = _factor(up.vae), up.vae
+            lat_h, lat_w = math.ceil(h / f), math.ceil(w / f)
+            device, detail = _sampling(up.unet, lat_h, lat_w, req.tiling, req.tile_size or up.unet.config.sample_size,
+                                       batch, req.upscale_cfg)
+            host = lat_h * lat_w * 4  # the conditioning image, resized
+        else:
+            f, vae = pipe.base_factor, pipe.base.vae
+            lat_h, lat_w = math.ceil(h / f), math.ceil(w / f)
+            device, detail = _sampling(pipe.base.unet, lat_h, lat_w, req.tiling, req.tile_size or pipe.base_tile,
+                                       batch, req.upscale_cfg)
+            px_h, px_w = lat_h * f, lat_w * f
+            encode = vae_encode_bytes(vae, min(_ENCODE_TILE_PX, px_h), min(_ENCODE_TILE_PX, px_w))
+            stats = vae_encode_bytes(vae, min(_ENCODE_STATS_PX, px_h), min(_ENCODE_STATS_PX, px_w))
+            device += lat_h * lat_w * _ENCODE_FLOATS * 4 + max(encode, stats)
+            host = px_h * px_w * (3 + 4)  # the resized input as a PIL image and a uint8 array
+        held = reference + previous * (3 + 4)
+        stages.append(StagePeak(f"pass {k}", "sample", f"{w}x{h}: {detail}", device, held + host))
+        if last and req.output_type == "latent":
+            return tuple(stages)
+        # the decoded image: uint8 (and PIL for the next pass); streamed, one row of VAE tiles at a time
+        result = w * h * (3 if last else 3 + 4)
+        if last and req.streaming:
+            result = min(h, vae_tile * _factor(vae)) * w * 3
+        stages.append(StagePeak(f"pass {k} decode", "decode", f"{w}x{h}, VAE tile {vae_tile}",
+                                _decode(vae, (w, h), vae_tile), held + result))
+        previous = w * h
+    stages.append(_output(req, reference))
+    return tuple(stages)
+
+
+def _output(req: _Request, reference: int) -> StagePeak:
+    """Colour fix and conversion to the output type (a plain resize when there is no pass); the last
+    pass's input image (a PIL image) is still alive."""
+    size = (req.width, req.height)
+    if not req.passes:
+        held = reference + _px(size) * 4  # the resized image
+    else:
+        held = reference + (_px(req.passes[-2]) * 4 if len(req.passes) > 1 else 0)
+    if req.streaming:
+        return StagePeak("output", "output", f"{req.width}x{req.height} written by bands", 0,
+                         held + _band(*size, rows=STREAM_ROWS))
+    extra = _OUTPUT_EXTRA[req.output_type] * _px(size)
+    band = _band(*size) if req.color_fix and req.passes else 0
+    return StagePeak("output", "output", f"{req.width}x{req.height} {req.output_type}", 0,
+                     held + _px(size) * 3 + max(band, extra))
+
+
+def _budget(device: Any, max_memory: int | None) -> tuple[int, str, int | None]:
+    """(budget, where it comes from, separate host budget or None) for a model on ``device``."""
+    device_free, host_free = available_bytes(None if device is None else str(device))
+    separate = device_free > 0
+    if max_memory is not None:
+        return max_memory, f"max_memory={format_bytes(max_memory)}", host_free if separate else None
+    if separate:
+        return device_free, f"free on {device}", host_free
+    return host_free, "host available", None
+
+
+def _request(pipe: Any, width: int, height: int, source: tuple[int, int] | None, *, tiling: str,
+             tile_size: int | None, output_type: str, color_fix: bool, streaming: bool, guidance_scale: float,
+             upscale_guidance_scale: float | None) -> _Request:
+    from .pipeline import upscale_passes
+
+    upscale_guidance = guidance_scale if upscale_guidance_scale is None else upscale_guidance_scale
+    common = dict(pipe=pipe, width=width, height=height, tiling=tiling, tile_size=tile_size,
+                  output_type=output_type, color_fix=color_fix, streaming=streaming, cfg=guidance_scale > 1,
+                  upscale_cfg=upscale_guidance > 1)
+    if source is not None:
+        passes = upscale_passes(tuple(source), (width, height), pipe.stage2_factor)
+        return _Request(base=None, panorama=False, source=tuple(source), passes=passes, **common)
+    plan = pipe.plan(width, height)
+    return _Request(base=plan.base, panorama=plan.panorama, source=plan.base, passes=plan.passes, **common)
+
+
+def plan_memory(pipe: Any, width: int, height: int, *, source: tuple[int, int] | None = None,
+                max_memory: int | None = None, tile_batch_size: int | None = None,
+                vae_tile_size: int | None = None, tile_size: int | None = None, tiling: str = "fstd",
+                output_type: str = "pil", color_fix: bool = True, streaming: bool = False,
+                guidance_scale: float = 7.5, upscale_guidance_scale: float | None = None,
+                margin: float = SAFETY_MARGIN) -> MemoryPlan:
+    """Plan a ``width x height`` request of :class:`anysize.AnySizePipeline` ``pipe`` before any compute.
+
+    ``tile_batch_size`` (tiles per UNet call) and ``vae_tile_size`` (VAE decode core tile, latent px):
+    None chooses the largest of :data:`TILE_BATCH_CHOICES` (no more than a step's tiles) and of
+    :data:`VAE_TILE_CHOICES` whose stages fit in the budget less ``margin``; a given value is kept.
+    ``source``: the input image's (width, height) for stage 2 alone (``pipe.upscale``). ``max_memory``:
+    the budget in bytes instead of the free memory. ``streaming``: the output is written to a file by
+    bands, so the full image is never held. ``tiling``, ``tile_size``, ``output_type``,
+    ``guidance_scale`` and ``upscale_guidance_scale`` as in the pipeline's call (guidance > 1 doubles
+    the UNet batch); ``color_fix``: the AdaIN colour fix runs.
+
+    Raises :class:`MemoryPreflightError` with the estimate and the budget when the request does not
+    fit at the given choices, or at tile batch 1 and the smallest VAE tile.
+    """
+    req = _request(pipe, width, height, source, tiling=tiling, tile_size=tile_size, output_type=output_type,
+                   color_fix=color_fix, streaming=streaming, guidance_scale=guidance_scale,
+                   upscale_guidance_scale=upscale_guidance_scale)
+    budget, where, host_budget = _budget(pipe.device, max_memory)
+
+    def plan(batch: int, vae_tile: int) -> MemoryPlan:
+        return MemoryPlan(width, height, batch, vae_tile, _stages(req, batch, vae_tile), budget, where,
+                          host_budget, margin)
+
+    fixed_batch, fixed_tile = tile_batch_size or 1, vae_tile_size or VAE_TILE_CHOICES[-1]
+    batch = tile_batch_size or _largest(plan, "sample", _batch_choices(req, pipe), lambda b: (b, fixed_tile))
+    vae_tile = vae_tile_size or _largest(plan, "decode", VAE_TILE_CHOICES, lambda t: (fixed_batch, t))
+    chosen = plan(batch, vae_tile)
+    if not chosen.fits:
+        raise MemoryPreflightError(_refusal(chosen, plan(1, VAE_TILE_CHOICES[-1]), tile_batch_size, vae_tile_size))
+    return chosen
+
+
+def _batch_choices(req: _Request, pipe: Any) -> tuple[int, ...]:
+    """Tile batch sizes worth trying: :data:`TILE_BATCH_CHOICES` up to the most tiles any step evaluates."""
+    sizes = []  # (latent height, latent width, tile) of every tiled sampling stage
+    if req.base is not None and req.panorama:
+        sizes.append((req.base[1] // pipe.base_factor, req.base[0] // pipe.base_factor, pipe.base_tile))
+    model = pipe.upscaler if pipe.upscaler is not None else pipe.base
+    f = _factor(model.vae)
+    for w, h in req.passes:
+        sizes.append((math.ceil(h / f), math.ceil(w / f), int(model.unet.config.sample_size)))
+    most = max((tiles_per_step(req.tiling, lat_h, lat_w, req.tile_size or tile) for lat_h, lat_w, tile in sizes),
+               default=1)
+    return tuple(sorted({min(b, most) for b in TILE_BATCH_CHOICES}, reverse=True))
+
+
+def _largest(plan, kind: StageKind, choices: tuple[int, ...], settings) -> int:
+    """The first of ``choices`` (largest first) whose ``kind`` stages fit, ``plan(*settings(choice))``
+    making the plan; the last choice when none does."""
+    for choice in choices:
+        candidate = plan(*settings(choice))
+        if all(candidate.cost(s) <= candidate.usable for s in candidate.stages if s.kind == kind):
+            return choice
+    return choices[-1]
+
+
+def _refusal(chosen: MemoryPlan, smallest: MemoryPlan, tile_batch_size: int | None,
+             vae_tile_size: int | None) -> str:
+    """Why ``chosen`` does not fit, with the numbers: the host's images (CUDA), the caller's choices
+    (when ``smallest``, at tile batch 1 and the smallest VAE tile, would fit), or the size itself."""
+    size = f"{chosen.width}x{chosen.height}"
+    if not chosen.shared and chosen.host_peak > chosen.host_budget * (1 - chosen.margin):
+        stage = max(chosen.stages, key=lambda s: s.host)
+        return (f"size {size} needs about {format_bytes(stage.host)} of host memory ({stage.name}: {stage.detail}), "
+                f"more than the {format_bytes(chosen.host_budget * (1 - chosen.margin))} usable of the "
+                f"{format_bytes(chosen.host_budget)} available ({chosen.margin:.0%} kept free); lower the size")
+    if smallest.fits:  # the caller's tile batch or VAE tile is too large
+        plan, given = chosen, [f"{name}={value}" for name, value in
+                               (("tile_batch_size", tile_batch_size), ("vae_tile_size", vae_tile_size)) if value]
+        fix = f"lower {' or '.join(given)} (or leave it to the planner)"
+    else:
+        plan, fix = smallest, "lower the size"
+    stage = plan.peak_stage
+    return (f"size {size} needs about {format_bytes(plan.peak)} at tile batch {plan.tile_batch_size} and VAE tile "
+            f"{plan.vae_tile_size} ({stage.name}: {stage.detail}), more than the {format_bytes(plan.usable)} usable "
+            f"of {format_bytes(plan.budget)} ({plan.budget_source}, {plan.margin:.0%} kept free); {fix}")
+
+
+# ----------------------------------------------------------------------------------------------
+# What is free
 
 
 def available_bytes(device: str | None) -> tuple[int, int]:
-    """(free bytes on ``device`` if it is a CUDA device, else 0; host available bytes)."""
+    """(bytes free on ``device`` if it is a CUDA device, else 0; host available bytes). On CUDA the free
+    bytes include what torch's allocator holds cached but unused, which it hands out first."""
     host = psutil.virtual_memory().available
-    if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
-        return torch.cuda.mem_get_info(torch.device(device))[0], host
-    return 0, host
+    if device is None or not str(device).startswith("cuda"):
+        return 0, host
+    import torch
 
-
-def check_memory(estimate: MemoryEstimate, max_memory: int | None = None) -> None:
-    """Raise :class:`MemoryPreflightError` when ``estimate`` exceeds ``max_memory`` or what is free."""
-    size = f"{estimate.width}x{estimate.height}"
-    if max_memory is not None:
-        if estimate.total > max_memory:
-            raise MemoryPreflightError(
-                f"size {size} needs {estimate.describe()}, more than max_memory={max_memory / GIB:.2f} GiB")
-        return
-    device_free, host_free = available_bytes(estimate.device)
-    if estimate.on_accelerator and device_free:
-        if estimate.device_bytes > device_free:
-            raise MemoryPreflightError(
-                f"size {size} needs {estimate.device_bytes / GIB:.2f} GiB on the GPU ({estimate.describe()}), "
-                f"more than the {device_free / GIB:.2f} GiB free; lower tile_batch_size or the size")
-        need = estimate.image
-    else:
-        need = estimate.total
-    if need > host_free:
-        raise MemoryPreflightError(
-            f"size {size} needs {estimate.describe()}, more than the {host_free / GIB:.2f} GiB of memory available; "
-            "lower the size or tile_batch_size")
+    if not torch.cuda.is_available():
+        return 0, host
+    dev = torch.device(device)
+    cached = torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+    return torch.cuda.mem_get_info(dev)[0] + cached, host

@@ -24,12 +24,12 @@ import torch
 
 from . import models, stream
 from .buckets import arad_buckets, choose_base_size, model_granularity
-from .memory import MemoryEstimate, check_memory
-from .output import check_output_path, save_image
+from . import distributed, memory
+from .output import STREAMING, check_output_path, output_format, save_image
 from .resume import RunDir, RunInterrupted, generator_fingerprint, load_scheduler_state
 from .sampler import UNetTileDenoiser, make_plan_generator, sample_tiled
 from .tiling import METHODS, TilingConfig
-from .vae import decoder_margin, tiled_decode, tiled_encode, vae_scale_factor
+from .vae import tiled_decode, tiled_encode, vae_scale_factor
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 COLOR_FIXES = ("adain", "none")
@@ -46,6 +46,7 @@ class AnySizeOutput:
     images: list[Any]
     info: list[dict] = field(default_factory=list)
     files: list[Any] = field(default_factory=list)
+    memory_plan: memory.MemoryPlan | None = None  # the tile batch and VAE tile chosen, each stage's estimate
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,7 @@ class AnySizePipeline:
         self.base, self.upscaler = base, upscaler
         self.model_ids = model_ids or {}
         self.progress = True
+        self._vae_tile = memory.VAE_TILE_CHOICES[0]  # the memory plan's VAE decode tile, set by each call
         self._run: RunDir | None = None
         if base is not None:
             self.base_factor = vae_scale_factor(base.vae)
@@ -206,9 +208,9 @@ class AnySizePipeline:
 
     # ------------------------------------------------------------------ checks and plans
     def check_inputs(self, prompt, width, height, num_inference_steps=1, upscale_inference_steps=1,
-                     guidance_scale=1.0, tiling="fstd", tile_size=None, tile_batch_size=1, output_type="pil",
+                     guidance_scale=1.0, tiling="fstd", tile_size=None, tile_batch_size=None, output_type="pil",
                      strength=0.3, color_fix="adain", noise_level=20, *, negative_prompt=None,
-                     upscale_guidance_scale=None, max_memory=None) -> None:
+                     upscale_guidance_scale=None, max_memory=None, vae_tile_size=None) -> None:
         """Validate every argument before any compute; each message names the argument, its value and the rule.
 
         ``num_inference_steps=None`` checks a stage-2-only call (:meth:`upscale`).
@@ -223,7 +225,9 @@ class AnySizePipeline:
         for name, value, minimum in (("width", width, MIN_SIDE), ("height", height, MIN_SIDE),
                                      ("num_inference_steps", 1 if num_inference_steps is None else num_inference_steps, 1),
                                      ("upscale_inference_steps", upscale_inference_steps, 1),
-                                     ("tile_batch_size", tile_batch_size, 1), ("noise_level", noise_level, 0),
+                                     ("tile_batch_size", 1 if tile_batch_size is None else tile_batch_size, 1),
+                                     ("vae_tile_size", 8 if vae_tile_size is None else vae_tile_size, 8),
+                                     ("noise_level", noise_level, 0),
                                      ("max_memory", 1 if max_memory is None else max_memory, 1)):
             if not _is_int(value) or value < minimum:
                 raise ValueError(f"{name}={value!r}: must be an integer >= {minimum}")
@@ -254,46 +258,56 @@ class AnySizePipeline:
         choice = choose_base_size(width, height, self.buckets, granularity=self.granularity)
         return Plan(choice.size, choice.panorama, upscale_passes(choice.size, (width, height), self.stage2_factor))
 
-    def estimate_memory(self, width: int, height: int, *, tile_size=None, tile_batch_size: int = 8,
-                        output_type: str = "pil", tiling: str = "fstd") -> MemoryEstimate:
-        """The memory preflight's estimate of a request's peak (see :mod:`anysize.memory`): the larger
-        UNet's tile batch (the whole latent with ``tiling="none"``), one VAE decode tile with its
-        margins, the latents and the output image."""
-        last = self.upscaler if self.upscaler is not None else self.base
-        factor = vae_scale_factor(last.vae)
-        whole = max(math.ceil(width / factor), math.ceil(height / factor))
-        unets = []
-        for pipe in (self.base, self.upscaler):
-            if pipe is not None:
-                native = int(pipe.unet.config.sample_size)
-                unets.append((pipe.unet, whole if tiling == "none" else (tile_size or native)))
-        return MemoryEstimate.for_request(
-            width, height, latent_factor=factor, unets=unets, tile_batch_size=tile_batch_size,
-            output_bytes_per_px=12 if output_type in ("np", "pt") else 3,
-            vae_tile_px=(64 + 2 * decoder_margin(last.vae.config)) * factor,
-            vae_channels=int(last.vae.config.block_out_channels[0]), device=self.device,
-        )
+    def plan_memory(self, width: int, height: int, *, source: Size | None = None, max_memory: int | None = None,
+                    tile_batch_size: int | None = None, vae_tile_size: int | None = None, tile_size=None,
+                    tiling: str = "fstd", output_type: str = "pil", color_fix: str | None = "adain",
+                    output_path=None, guidance_scale: float = 7.5,
+                    upscale_guidance_scale: float | None = None) -> memory.MemoryPlan:
+        """The memory plan of a request (:func:`anysize.memory.plan_memory`), before any compute: the
+        tile batch and VAE decode tile (None: the largest that fit the free memory or ``max_memory``)
+        and each stage's estimated peak; ``plan.describe()`` prints it. ``source``: the input's
+        (width, height) for :meth:`upscale`. Raises :class:`~anysize.memory.MemoryPreflightError` with
+        the numbers when the request cannot fit even at tile batch 1 and the smallest VAE tile."""
+        streaming = output_path is not None and output_format(output_path) in STREAMING
+        return memory.plan_memory(
+            self, width, height, source=source, max_memory=max_memory, tile_batch_size=tile_batch_size,
+            vae_tile_size=vae_tile_size, tile_size=tile_size, tiling=tiling, output_type=output_type,
+            color_fix=color_fix == "adain", streaming=streaming, guidance_scale=guidance_scale,
+            upscale_guidance_scale=upscale_guidance_scale)
+
+    def _plan_call(self, width: int, height: int, **kwargs) -> memory.MemoryPlan:
+        """:meth:`plan_memory` for a call, which then decodes with its VAE tile. Under torchrun every rank
+        takes rank 0's choices: the tile batches are the unit the ranks share, so they must agree."""
+        plan = self.plan_memory(width, height, **kwargs)
+        if distributed.current() is not None:
+            batch, tile = distributed.broadcast_object((plan.tile_batch_size, plan.vae_tile_size))
+            if (batch, tile) != (plan.tile_batch_size, plan.vae_tile_size):
+                plan = self.plan_memory(width, height, **{**kwargs, "tile_batch_size": batch, "vae_tile_size": tile})
+        self._vae_tile = plan.vae_tile_size
+        return plan
 
     # ------------------------------------------------------------------ public calls
     @torch.no_grad()
     def __call__(self, prompt, width: int = 1024, height: int = 1024, *, generator: torch.Generator | None = None,
                  num_inference_steps: int = 30, upscale_inference_steps: int = 20, guidance_scale: float = 7.5,
                  upscale_guidance_scale: float | None = None, negative_prompt: str | None = None,
-                 tiling: str = "fstd", tile_size: int | None = None, tile_batch_size: int = 8,
+                 tiling: str = "fstd", tile_size: int | None = None, tile_batch_size: int | None = None,
                  output_type: str = "pil", callback_on_step_end: Callable | None = None, noise_level: int = 20,
                  strength: float = 0.3, color_fix: str | None = "adain", max_memory: int | None = None,
-                 output_path=None, output_metadata: dict | None = None, run_dir=None,
-                 checkpoint_every: int = 1) -> AnySizeOutput:
+                 vae_tile_size: int | None = None, output_path=None, output_metadata: dict | None = None,
+                 run_dir=None, checkpoint_every: int = 1) -> AnySizeOutput:
         """Generate one image of exactly ``width x height`` pixels per prompt.
 
         Stage 1 uses ``num_inference_steps`` and ``guidance_scale``; stage 2 uses
         ``upscale_inference_steps``, ``upscale_guidance_scale`` (default ``guidance_scale``) and
         ``noise_level`` (x4 upscaler) or ``strength`` (img2img). ``tiling``: "fstd" | "overlap" |
         "naive" | "none"; ``tile_size`` in latent px (None: the model's native sample size);
-        ``tile_batch_size`` tiles per UNet call. ``color_fix="adain"`` matches stage 2's colour
-        statistics to stage 1's. ``callback_on_step_end(pipe, step, timestep, kwargs)`` gets
+        ``tile_batch_size`` tiles per UNet call and ``vae_tile_size`` the VAE decode's core tile (latent
+        px): None lets the memory planner choose (:meth:`plan_memory`; the result's ``memory_plan``).
+        ``color_fix="adain"`` matches stage 2's colour statistics to stage 1's. ``callback_on_step_end(pipe, step, timestep, kwargs)`` gets
         ``{"latents", "stage"}`` and may return ``{"latents": tensor}`` to replace them.
-        ``max_memory`` (bytes) caps the preflight estimate instead of the free memory.
+        ``max_memory`` (bytes): the planner's budget instead of the free memory; a request that cannot
+        fit raises :class:`~anysize.memory.MemoryPreflightError` before any compute.
         ``output_path`` (one prompt only): decode the last pass tile by tile straight into this file
         (format by extension; ``.tif`` and ``.dzi`` never hold the whole image in memory), with the
         run's info and ``output_metadata`` stored in it; ``images`` is then empty and ``files`` has the path.
@@ -303,10 +317,12 @@ class AnySizePipeline:
         self.check_inputs(prompt, width, height, num_inference_steps, upscale_inference_steps, guidance_scale,
                           tiling, tile_size, tile_batch_size, output_type, strength, color_fix, noise_level,
                           negative_prompt=negative_prompt, upscale_guidance_scale=upscale_guidance_scale,
-                          max_memory=max_memory)
-        check_memory(self.estimate_memory(width, height, tile_size=tile_size, tile_batch_size=tile_batch_size,
-                                          output_type=output_type, tiling=tiling), max_memory)
+                          max_memory=max_memory, vae_tile_size=vae_tile_size)
         file = self._file_output(output_path, output_metadata, (width, height), prompt, output_type)
+        mem = self._plan_call(width, height, max_memory=max_memory, tile_batch_size=tile_batch_size,
+                              vae_tile_size=vae_tile_size, tile_size=tile_size, tiling=tiling,
+                              output_type=output_type, color_fix=color_fix, output_path=output_path,
+                              guidance_scale=guidance_scale, upscale_guidance_scale=upscale_guidance_scale)
         generator = generator if generator is not None else _fresh_generator()
         request = {"call": "generate", "prompt": prompt, "negative_prompt": negative_prompt, "width": width,
                    "height": height, "steps": num_inference_steps, "upscale_steps": upscale_inference_steps,
@@ -315,7 +331,7 @@ class AnySizePipeline:
         with self._running(run_dir, checkpoint_every, request, generator):
             plan = self.plan(width, height)
             tiles = TilingConfig(method=tiling, tile_size=tile_size or self.base_tile,
-                                 tile_batch_size=tile_batch_size)
+                                 tile_batch_size=mem.tile_batch_size)
             images, infos = [], []
             for text in [prompt] if isinstance(prompt, str) else prompt:
                 latents = self._stage1(text, negative_prompt, plan, num_inference_steps, guidance_scale, tiles,
@@ -325,7 +341,9 @@ class AnySizePipeline:
                                tiles, tile_size, noise_level, strength, generator, callback_on_step_end)
                 infos.append({"prompt": text, "negative_prompt": negative_prompt, "width": width,
                               "height": height, "base_size": list(plan.base), "panorama": plan.panorama,
-                              "passes": [list(p) for p in plan.passes], "tiling": tiling, **self.model_ids})
+                              "passes": [list(p) for p in plan.passes], "tiling": tiling,
+                              "tile_batch_size": mem.tile_batch_size, "vae_tile_size": mem.vae_tile_size,
+                              **self.model_ids})
                 if not plan.passes and output_type == "latent" and file is None:
                     images.append(latents)
                 else:
@@ -333,35 +351,40 @@ class AnySizePipeline:
                     file_k = file and replace(file, metadata={**infos[-1], **file.metadata})
                     images.append(self._stage2(stage1, plan.passes, (width, height), opts, output_type, color_fix,
                                                file_k))
-        return self._output(images, infos, file)
+        return self._output(images, infos, file, mem)
 
     @torch.no_grad()
     def upscale(self, image, width: int, height: int, prompt: str = "", *, num_inference_steps: int = 20,
                 guidance_scale: float = 1.0, negative_prompt: str | None = None, tiling: str = "fstd",
-                tile_size: int | None = None, tile_batch_size: int = 8, generator: torch.Generator | None = None,
+                tile_size: int | None = None, tile_batch_size: int | None = None,
+                vae_tile_size: int | None = None, generator: torch.Generator | None = None,
                 output_type: str = "pil", noise_level: int = 20, strength: float = 0.3,
                 color_fix: str | None = "adain", callback_on_step_end: Callable | None = None,
                 max_memory: int | None = None, output_path=None, output_metadata: dict | None = None,
                 run_dir=None, checkpoint_every: int = 1) -> AnySizeOutput:
         """Stage 2 alone: enlarge ``image`` (PIL, uint8 / float array, or tensor) to exactly ``width x height``;
-        ``output_path``, ``output_metadata``, ``run_dir``, ``checkpoint_every``: as in :meth:`__call__`."""
+        ``tile_batch_size``, ``vae_tile_size``, ``max_memory``, ``output_path``, ``output_metadata``,
+        ``run_dir``, ``checkpoint_every``: as in :meth:`__call__`."""
         if not isinstance(prompt, str):
             raise ValueError(f"prompt={prompt!r}: upscale takes one image and one prompt string")
         self.check_inputs(prompt, width, height, None, num_inference_steps, guidance_scale, tiling, tile_size,
                           tile_batch_size, output_type, strength, color_fix, noise_level,
-                          negative_prompt=negative_prompt, max_memory=max_memory)
-        check_memory(self.estimate_memory(width, height, tile_size=tile_size, tile_batch_size=tile_batch_size,
-                                          output_type=output_type, tiling=tiling), max_memory)
+                          negative_prompt=negative_prompt, max_memory=max_memory, vae_tile_size=vae_tile_size)
         file = self._file_output(output_path, output_metadata, (width, height), prompt, output_type)
         source = to_pil(image)
+        mem = self._plan_call(width, height, source=source.size, max_memory=max_memory,
+                              tile_batch_size=tile_batch_size, vae_tile_size=vae_tile_size, tile_size=tile_size,
+                              tiling=tiling, output_type=output_type, color_fix=color_fix, output_path=output_path,
+                              guidance_scale=guidance_scale)
         generator = generator if generator is not None else _fresh_generator()
         native = int((self.upscaler if self.upscaler is not None else self.base).unet.config.sample_size)
-        tiles = TilingConfig(method=tiling, tile_size=tile_size or native, tile_batch_size=tile_batch_size)
+        tiles = TilingConfig(method=tiling, tile_size=tile_size or native, tile_batch_size=mem.tile_batch_size)
         opts = _Stage2(prompt, negative_prompt, num_inference_steps, guidance_scale, tiles, tile_size, noise_level,
                        strength, generator, callback_on_step_end)
         passes = upscale_passes(source.size, (width, height), self.stage2_factor)
         info = {"prompt": prompt, "width": width, "height": height, "passes": [list(p) for p in passes],
-                "tiling": tiling, **self.model_ids}
+                "tiling": tiling, "tile_batch_size": mem.tile_batch_size, "vae_tile_size": mem.vae_tile_size,
+                **self.model_ids}
         request = {"call": "upscale", "image": hashlib.blake2b(source.tobytes(), digest_size=8).hexdigest(),
                    "source_size": list(source.size), "prompt": prompt, "negative_prompt": negative_prompt,
                    "width": width, "height": height, "steps": num_inference_steps, "guidance": guidance_scale,
@@ -369,7 +392,7 @@ class AnySizePipeline:
         with self._running(run_dir, checkpoint_every, request, generator):
             result = self._stage2(source, passes, (width, height), opts, output_type, color_fix,
                                   file and replace(file, metadata={**info, **file.metadata}))
-        return self._output([result], [info], file)
+        return self._output([result], [info], file, mem)
 
     # ------------------------------------------------------------------ shared steps
     @staticmethod
@@ -401,10 +424,10 @@ class AnySizePipeline:
             self._run = None
 
     @staticmethod
-    def _output(images: list, infos: list[dict], file: _FileOutput | None) -> AnySizeOutput:
+    def _output(images: list, infos: list[dict], file: _FileOutput | None, plan: memory.MemoryPlan) -> AnySizeOutput:
         if file is None:
-            return AnySizeOutput(images=images, info=infos)
-        return AnySizeOutput(images=[], info=infos, files=images)
+            return AnySizeOutput(images=images, info=infos, memory_plan=plan)
+        return AnySizeOutput(images=[], info=infos, files=images, memory_plan=plan)
 
     def _denoiser(self, pipe, prompt: str, negative_prompt: str | None, guidance_scale: float, size: Size,
                   **extra) -> UNetTileDenoiser:
@@ -479,16 +502,15 @@ class AnySizePipeline:
 
     def _decode(self, vae, latents: torch.Tensor, size: Size, out: stream.Raster | None = None):
         """Latents -> uint8 (H, W, 3) cropped to ``size`` through the tiled VAE, or tile by tile into
-        ``out`` (a Raster of ``size``, which crops). Up to 128 latent px a side the GroupNorm statistics
-        come from one untiled run over the whole latent (exact, about two decodes); above, from a
-        downsampled copy (fast mode)."""
+        ``out`` (a Raster of ``size``, which crops), with the memory plan's VAE tile. Up to 128 latent px
+        a side the GroupNorm statistics come from one untiled run over the whole latent (exact, about two
+        decodes); above, from a downsampled copy (fast mode); :func:`anysize.memory.decode_kwargs`."""
         scaled = latents / vae.config.scaling_factor
         if getattr(vae.config, "shift_factor", None):
             scaled = scaled + vae.config.shift_factor
-        side = max(scaled.shape[-2:])
-        stats = {"stats_size": side} if side <= 128 else {}
-        array = tiled_decode(vae, scaled, tile_size=64, mode="fast", progress=self.progress and side > 128, out=out,
-                             **stats)
+        height, width = scaled.shape[-2:]
+        array = tiled_decode(vae, scaled, mode="fast", progress=self.progress and max(height, width) > 128, out=out,
+                             **memory.decode_kwargs(vae, height, width, self._vae_tile))
         return out if out is not None else array[: size[1], : size[0]]
 
     # ------------------------------------------------------------------ stages

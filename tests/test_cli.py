@@ -237,6 +237,23 @@ def test_memory_preflight_refusal(capsys, tmp_path, monkeypatch, models):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_memory_plan_is_printed_and_kept(capsys, tmp_path, models):
+    out = tmp_path / "o.png"
+    code, _, err = run(capsys, "generate", "x", "--size", "96x64", "-o", out, "--tile-batch", "2", "--vae-tile", "16",
+                       *FAST, *models)
+    assert code == 0, err
+    assert "memory plan: budget" in err and "tile batch 2, VAE tile 16" in err and "peak" in err
+    metadata = read_metadata(out)
+    assert (metadata["tile_batch_size"], metadata["vae_tile_size"]) == (2, 16)
+    code, _, err = run(capsys, "generate", "x", "--size", "96x64", "-o", tmp_path / "p.png", "--max-memory", "1MiB",
+                       *FAST, *models)
+    assert_one_error(code, err, 1, "96x64", "max_memory=0.001 GiB", "lower the size")
+    code, _, err = run(capsys, "generate", "x", "--size", "96x64", "-o", tmp_path / "p.png", "--max-memory", "lots",
+                       *FAST, *models)
+    assert_one_error(code, err, 2, "--max-memory", "8GiB")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.png"]
+
+
 def test_interrupt_exits_130_without_a_file(capsys, tmp_path, monkeypatch, models):
     from anysize.pipeline import AnySizePipeline
 

@@ -9,6 +9,7 @@ from anysize import AnySizePipeline
 from anysize.memory import MemoryPreflightError
 from anysize.models import ModelLoadError
 from anysize.pipeline import adain_color_fix, upscale_passes
+from anysize.vae import tiled_decode
 
 FAST = dict(num_inference_steps=2, upscale_inference_steps=2)
 
@@ -162,10 +163,36 @@ def test_memory_preflight_refuses_absurd_sizes(pipe, monkeypatch):
         pipe("x", width=400_000, height=400_000)
     with pytest.raises(MemoryPreflightError, match="max_memory"):
         pipe("x", width=2048, height=2048, max_memory=10 * 2**20)
-    est = pipe.estimate_memory(4096, 4096)
-    assert est.image >= 4096 * 4096 * 3 and est.tiles > 0 and est.vae > 0
+    tiled = pipe.plan_memory(4096, 4096, tile_batch_size=1, max_memory=2**40)
+    untiled = pipe.plan_memory(4096, 4096, tiling="none", tile_batch_size=1, max_memory=2**40)
+    assert tiled.stages[-1].host >= 4096 * 4096 * 3  # the output image
     # one UNet call over the whole latent costs far more than a tile batch
-    assert pipe.estimate_memory(4096, 4096, tiling="none").tiles > 100 * est.tiles
+    last = [s for s in tiled.stages if s.kind == "sample"][-1].name
+    assert _stage(untiled, last).device > 10 * _stage(tiled, last).device
+
+
+def _stage(plan, name):
+    return next(s for s in plan.stages if s.name == name)
+
+
+def test_the_call_decodes_and_batches_as_planned(pipe, monkeypatch):
+    """Left open, tile_batch_size and vae_tile_size are the planner's choices; given, they are kept. Either
+    way they reach the sampler (info, memory_plan) and the tiled decode."""
+    from anysize import pipeline as module
+
+    seen = []
+    monkeypatch.setattr(module, "tiled_decode", lambda *a, tile_size, **k: seen.append(tile_size) or
+                        tiled_decode(*a, tile_size=tile_size, **k))
+    kw = dict(width=256, height=192, num_inference_steps=1, upscale_inference_steps=1, guidance_scale=1.0)
+    plan = pipe.plan_memory(256, 192, guidance_scale=1.0)
+    for given, expected in (({}, (plan.tile_batch_size, plan.vae_tile_size)),
+                            ({"tile_batch_size": 1, "vae_tile_size": 16}, (1, 16))):
+        seen.clear()
+        out = pipe("x", **kw, **given, generator=torch.Generator().manual_seed(0))
+        assert (out.memory_plan.tile_batch_size, out.memory_plan.vae_tile_size) == expected
+        assert (out.info[0]["tile_batch_size"], out.info[0]["vae_tile_size"]) == expected
+        assert seen and set(seen) == {expected[1]}
+    assert plan.tile_batch_size > 1 and plan.vae_tile_size > 16
 
 
 def test_default_model_missing_is_a_clear_error(tmp_path, monkeypatch):
