@@ -271,6 +271,11 @@ def _add_train(sub) -> None:
     p.add_argument("--lr", type=_float_in(0, 1, low_open=True), default=3e-4, metavar="X")
     p.add_argument("--checkpoint-every", type=_int_at_least(1), default=250, metavar="N")
     p.add_argument("--seed", type=_seed, default=0, metavar="N")
+    p.add_argument("--workers", type=_int_at_least(0), default=0, metavar="N",
+                   help="processes rendering the procedural scenes (default 0: in the training process; "
+                        "a GPU run needs a few to keep the model busy)")
+    p.add_argument("--max-minutes", type=_float_in(0, 1e6, low_open=True), default=None, metavar="M",
+                   help="stop after M minutes of training (checkpoint and export); run again to continue")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_train)
 
@@ -282,7 +287,8 @@ def _train(args: argparse.Namespace) -> int:
         task=args.task, output_dir=Path(args.output), init=args.init and Path(args.init),
         vae=args.vae and Path(args.vae), data=args.data, buckets=args.buckets, resolution=args.resolution,
         crop=args.crop, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        checkpoint_every=args.checkpoint_every, seed=args.seed, progress=not args.quiet,
+        checkpoint_every=args.checkpoint_every, seed=args.seed, workers=args.workers,
+        max_minutes=args.max_minutes, progress=not args.quiet,
     )
     print(train(config))
     return 0

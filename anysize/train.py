@@ -11,6 +11,7 @@ steps; a run started again with the same ``output_dir`` resumes from the last on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -45,6 +46,10 @@ class TrainConfig:
     buckets: "arad" (the paper's nine ratios) or "square" (the baseline that shows the composition problem).
     resolution: the base model's native side: buckets hold about ``resolution**2`` pixels.
     crop: upscaler only: side of the high-resolution training crops (the low-res input is crop / 4).
+    workers: processes that render the procedural scenes (0: in the training process). Rendering is
+        plain numpy on the CPU; on a GPU one process cannot keep up with the model.
+    max_minutes: stop after this much training time (checkpoint, then export); a later run with the
+        same ``output_dir`` resumes towards ``steps``.
     """
 
     task: str
@@ -62,6 +67,8 @@ class TrainConfig:
     checkpoint_every: int = 250
     seed: int = 0
     max_noise_level: int = 350
+    workers: int = 0
+    max_minutes: float | None = None
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -71,6 +78,10 @@ class TrainConfig:
             raise ValueError(f"task={self.task!r}: must be one of {', '.join(TASKS)}")
         if self.buckets not in ("arad", "square"):
             raise ValueError(f"buckets={self.buckets!r}: must be 'arad' or 'square'")
+        if not isinstance(self.workers, int) or self.workers < 0:
+            raise ValueError(f"workers={self.workers!r}: must be a non-negative integer")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes={self.max_minutes!r}: must be positive")
         for name in ("resolution", "crop", "steps", "batch_size", "checkpoint_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -97,28 +108,43 @@ def train_buckets(config: TrainConfig, granularity: int) -> list[Bucket]:
     return arad_buckets(area, granularity) if config.buckets == "arad" else [(config.resolution, config.resolution)]
 
 
-class SceneData:
-    """Procedural scenes rendered at a bucket's size: an endless, seeded stream."""
+def _render_job(job: tuple) -> np.ndarray:
+    scene, w, h, box = job
+    return render(scene, w, h) if box is None else render_crop(scene, w, h, box)
 
-    def __init__(self, seed: int):
+
+class SceneData:
+    """Procedural scenes rendered at a bucket's size: an endless, seeded stream.
+
+    Scenes and crop boxes are drawn from the seeded generator here, in order; only the rendering (pure
+    in its inputs) goes to ``pool`` when one is given, so the stream is the same with or without it.
+    """
+
+    def __init__(self, seed: int, pool=None):
         self.rng = np.random.default_rng(seed)
+        self.pool = pool
+
+    def _render(self, jobs: list[tuple]) -> np.ndarray:
+        if self.pool is None:
+            return np.stack([_render_job(j) for j in jobs])
+        return np.stack(list(self.pool.map(_render_job, jobs, chunksize=max(1, len(jobs) // 32))))
 
     def batch(self, bucket: Bucket, n: int) -> tuple[np.ndarray, list[str]]:
         w, h = bucket
         scenes = [sample_scene(self.rng, h / w) for _ in range(n)]
-        return np.stack([render(s, w, h) for s in scenes]), [s.caption for s in scenes]
+        return self._render([(s, w, h, None) for s in scenes]), [s.caption for s in scenes]
 
     def crops(self, size: int, n: int, scale_range=(2.0, 8.0)) -> np.ndarray:
         """Random ``size`` crops of scenes rendered at several times ``size`` (super-resolution data)."""
-        out = []
+        jobs = []
         for _ in range(n):
             scene = sample_scene(self.rng, float(np.exp(self.rng.uniform(math.log(0.5), math.log(2.0)))))
             side = int(size * self.rng.uniform(*scale_range))
             w, h = scene.size_for(side * side)
             w, h = max(w, size), max(h, size)
             top, left = int(self.rng.integers(0, h - size + 1)), int(self.rng.integers(0, w - size + 1))
-            out.append(render_crop(scene, w, h, (top, left, top + size, left + size)))
-        return np.stack(out)
+            jobs.append((scene, w, h, (top, left, top + size, left + size)))
+        return self._render(jobs)
 
 
 class FolderData:
@@ -258,12 +284,27 @@ class Trainer:
         # noise augmentation of the x4 input: the SD x4 upscaler's schedule, exported as its low_res_scheduler
         self.low_res_scheduler = DDPMScheduler()
         self._build()
+        self.device = self.accelerator.device
+        for m in self.trainable + self.frozen:
+            m.to(self.device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # the matrix units' fp32 mode: ~1e-3 relative error
+            torch.backends.cudnn.allow_tf32 = True
         params = [p for m in self.trainable for p in m.parameters()]
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=1e-2)
         self.ema = EMAModel(params, decay=config.ema_decay)
         self.step = 0
+        self._seconds: dict = {"since": 0}
         self.buckets = train_buckets(config, granularity=self._granularity())
-        self.data = SceneData(config.seed) if config.data == "scenes" else FolderData(config.data, self.buckets, config.seed)
+        self.pool = None
+        if config.workers and config.data == "scenes":
+            import concurrent.futures
+            import multiprocessing
+
+            self.pool = concurrent.futures.ProcessPoolExecutor(
+                config.workers, mp_context=multiprocessing.get_context("forkserver"))
+        self.data = (SceneData(config.seed, self.pool) if config.data == "scenes"
+                     else FolderData(config.data, self.buckets, config.seed))
         self._resume()
 
     # -- components
@@ -314,6 +355,22 @@ class Trainer:
         path = Path(root) / name if (Path(root) / name).is_dir() else Path(root)
         return classes[name].from_pretrained(path, use_safetensors=True)
 
+    # -- where the time goes: data (scene rendering, on the CPU) against the whole step, per checkpoint
+    @contextlib.contextmanager
+    def _timing(self, what: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._seconds[what] = self._seconds.get(what, 0.0) + time.perf_counter() - start
+
+    def _time_split(self) -> dict:
+        """Mean seconds per step since the last checkpoint: all of it, and the data part."""
+        steps = max(1, self.step - self._seconds.pop("since", 0))
+        out = {f"{k}_s_per_step": round(v / steps, 4) for k, v in self._seconds.items()}
+        self._seconds = {"since": self.step}
+        return out
+
     # -- data and losses
     def _bucket(self) -> Bucket:
         if isinstance(self.data, FolderData):
@@ -323,25 +380,28 @@ class Trainer:
     def _encode_text(self, captions: list[str]) -> torch.Tensor:
         ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
-        return self.text_encoder(ids.to(self.accelerator.device))[0]
+        return self.text_encoder(ids.to(self.device))[0]
 
     def _latents(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.vae.encode(images).latent_dist.sample() * self.vae.config.scaling_factor
 
     def loss(self) -> torch.Tensor:
-        c, device = self.config, self.accelerator.device
+        c, device = self.config, self.device
         if c.task == "vae":
-            images = to_tensor(self.data.crops(c.resolution, c.batch_size, scale_range=(1.0, 4.0))).to(device)
+            with self._timing("data"):
+                images = to_tensor(self.data.crops(c.resolution, c.batch_size, scale_range=(1.0, 4.0))).to(device)
             posterior = self.vae.encode(images).latent_dist
             recon = self.vae.decode(posterior.sample()).sample
             return F.l1_loss(recon, images) + F.mse_loss(recon, images) + 1e-6 * posterior.kl().mean()
         if c.task == "base":
-            images, captions = self.data.batch(self._bucket(), c.batch_size)
+            with self._timing("data"):
+                images, captions = self.data.batch(self._bucket(), c.batch_size)
             captions = [t if self.rng.random() > 0.1 else "" for t in captions]  # for classifier-free guidance
             latents, cond = self._latents(to_tensor(images).to(device)), None
         else:
-            high = self.data.crops(c.crop, c.batch_size)
+            with self._timing("data"):
+                high = self.data.crops(c.crop, c.batch_size)
             low = F.avg_pool2d(to_tensor(high), 4)
             level = torch.randint(0, c.max_noise_level + 1, (c.batch_size,))
             cond = self.low_res_scheduler.add_noise(low, torch.randn_like(low), level).to(device)
@@ -357,24 +417,39 @@ class Trainer:
 
     # -- loop
     def run(self) -> Path:
+        try:
+            return self._run()
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(cancel_futures=True)
+
+    def _run(self) -> Path:
         c = self.config
         bar = tqdm(total=c.steps, initial=self.step, desc=f"train {c.task}", unit="step", disable=not c.progress)
         smooth = None
         for m in self.trainable:
             m.train()
+        deadline = None if c.max_minutes is None else time.monotonic() + 60 * c.max_minutes
         while self.step < c.steps:
-            loss = self.loss()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.accelerator.backward(loss)
-            torch.nn.utils.clip_grad_norm_([p for m in self.trainable for p in m.parameters()], 1.0)
-            self.optimizer.step()
-            self.ema.step([p for m in self.trainable for p in m.parameters()])
+            with self._timing("step"):
+                loss = self.loss()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.accelerator.backward(loss)
+                torch.nn.utils.clip_grad_norm_([p for m in self.trainable for p in m.parameters()], 1.0)
+                self.optimizer.step()
+                self.ema.step([p for m in self.trainable for p in m.parameters()])
+                value = loss.item()  # waits for the device: the step's time is all in
             self.step += 1
-            smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
+            smooth = value if smooth is None else 0.98 * smooth + 0.02 * value
             bar.set_postfix(loss=f"{smooth:.4f}")
             bar.update(1)
-            if self.step % c.checkpoint_every == 0 or self.step == c.steps:
+            out_of_time = deadline is not None and time.monotonic() > deadline
+            if self.step % c.checkpoint_every == 0 or self.step == c.steps or out_of_time:
                 self.save_checkpoint(smooth)
+            if out_of_time:
+                bar.write(f"train {c.task}: max_minutes={c.max_minutes} reached at step {self.step}; "
+                          "run again with the same output directory to continue")
+                break
         bar.close()
         return self.export()
 
@@ -402,7 +477,7 @@ class Trainer:
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename: a crash leaves the old or the new checkpoint
         os.replace(tmp, self.checkpoint_path)
-        log = {"step": self.step, "loss": loss, "time": time.time()}
+        log = {"step": self.step, "loss": loss, "time": time.time(), **self._time_split()}
         with open(self.config.output_dir / "log.jsonl", "a") as f:
             f.write(json.dumps(log) + "\n")
 
@@ -414,10 +489,12 @@ class Trainer:
             module.load_state_dict(sd)
         self.optimizer.load_state_dict(state["optimizer"])
         self.ema.load_state_dict(state["ema"])
+        self.ema.to(self.device)
         torch.set_rng_state(state["torch_rng"])
         self.rng.bit_generator.state = json.loads(state["numpy_rng"])
         self.data.rng.bit_generator.state = json.loads(state["data_rng"])
         self.step = int(state["step"])
+        self._seconds = {"since": self.step}
 
     # -- export
     def export(self) -> Path:
@@ -453,6 +530,7 @@ class Trainer:
         """1 / std of the latents on fresh scenes, as Stable Diffusion's ``scaling_factor``."""
         with torch.no_grad():
             images = to_tensor(SceneData(self.config.seed + 1).crops(self.config.resolution, 16, (1.0, 4.0)))
+            images = images.to(self.device)
             return float(1.0 / self.vae.encode(images).latent_dist.mean.std())
 
 

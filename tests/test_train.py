@@ -107,3 +107,32 @@ def test_bad_config_names_the_argument(tmp_path):
         TrainConfig(task="gan", output_dir=tmp_path)
     with pytest.raises(ValueError, match="data="):
         TrainConfig(task="base", output_dir=tmp_path, data=str(tmp_path / "missing"))
+
+
+def test_render_workers_give_the_same_stream(tmp_path):
+    import concurrent.futures
+
+    from anysize.train import SceneData
+
+    with concurrent.futures.ProcessPoolExecutor(2) as pool:
+        a, b = SceneData(7), SceneData(7, pool)
+        for _ in range(2):
+            (x, cx), (y, cy) = a.batch((48, 32), 5), b.batch((48, 32), 5)
+            assert cx == cy and np.array_equal(x, y)
+        assert np.array_equal(a.crops(32, 3), b.crops(32, 3))
+
+
+def test_max_minutes_stops_checkpoints_exports_and_a_rerun_continues(tmp_path, vae_run):
+    cfg = dict(task="base", output_dir=tmp_path, vae=vae_run, resolution=32, steps=6, workers=1, **QUICK)
+    first = Trainer(TrainConfig(max_minutes=1e-9, **cfg))
+    out = first.run()
+    assert first.step == 1 and (out / "unet").is_dir()
+    again = Trainer(TrainConfig(**cfg))
+    assert again.step == 1
+    again.run()
+    assert again.step == 6
+    logs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in logs] == [1, 2, 4, 6]
+    assert all(0 < e["data_s_per_step"] < e["step_s_per_step"] for e in logs)  # where a GPU run's time goes
+    with pytest.raises(ValueError, match="max_minutes="):
+        TrainConfig(task="base", output_dir=tmp_path, max_minutes=0)

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Trains the default model's base (ARAD buckets), the square-only baseline and the x4 upscaler side by
+# side on one GPU for MINUTES of training each, from the VAE in VAE_DIR, then exports each run's EMA
+# weights (diffusers layout) and, with PACK_DIR set, packs fp16 copies there in <= 15 MiB pieces
+# (what the device tool can bring back).
+#
+#   tools/train_gpu.sh MINUTES RUNS_DIR [VAE_DIR]     # e.g. tools/train_gpu.sh 7 runs/gpu runs/vae/model
+#
+# Runs again with the same RUNS_DIR resume from the last checkpoints. Scene rendering is CPU work:
+# each run gets WORKERS processes for it (default 4; 3 runs x 4 suit a 16-core GPU machine).
+set -euo pipefail
+MINUTES=${1:?minutes}
+RUNS=${2:?runs directory}
+VAE=${3:-runs/vae/model}
+WORKERS=${WORKERS:-4}
+PY=${PY:-python3}
+BASE_BATCH=${BASE_BATCH:-128}
+UP_BATCH=${UP_BATCH:-32}
+mkdir -p "$RUNS"
+common=(--workers "$WORKERS" --max-minutes "$MINUTES" --checkpoint-every 1000 --steps 1000000 --quiet)
+$PY -m anysize train base -o "$RUNS/base" --vae "$VAE" --buckets arad --batch-size "$BASE_BATCH" "${common[@]}" \
+    >"$RUNS/base.log" 2>&1 &
+$PY -m anysize train base -o "$RUNS/base-square" --vae "$VAE" --buckets square --batch-size "$BASE_BATCH" \
+    "${common[@]}" >"$RUNS/base-square.log" 2>&1 &
+$PY -m anysize train upscaler -o "$RUNS/upscaler" --vae "$VAE" --batch-size "$UP_BATCH" "${common[@]}" \
+    >"$RUNS/upscaler.log" 2>&1 &
+status=0
+for job in $(jobs -p); do wait "$job" || status=1; done
+for run in base base-square upscaler; do
+    echo "$run: $(tail -n 1 "$RUNS/$run/log.jsonl")"
+    tail -n 3 "$RUNS/$run.log"
+done
+[ "$status" = 0 ] || exit 1
+if [ -n "${PACK_DIR:-}" ]; then
+    $PY - "$RUNS" <<'PYEOF'
+import sys
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+
+runs = Path(sys.argv[1])
+for run in ("base", "base-square", "upscaler"):
+    pipe = DiffusionPipeline.from_pretrained(runs / run / "model", use_safetensors=True)
+    for name in ("unet", "vae", "text_encoder"):
+        getattr(pipe, name).to(torch.float16)
+    pipe.save_pretrained(runs / "fp16" / run, safe_serialization=True)
+PYEOF
+    mkdir -p "$PACK_DIR"
+    for run in base base-square upscaler; do
+        cp "$RUNS/$run/log.jsonl" "$RUNS/fp16/$run.jsonl"
+        cp "$RUNS/$run.log" "$RUNS/fp16/$run.log"
+    done
+    tar -C "$RUNS" -cf - fp16 | split -b 15m - "$PACK_DIR/models.tar."
+fi
