@@ -40,7 +40,7 @@ def load(path: str):
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(path, use_safetensors=True, safety_checker=None,
-                                                   requires_safety_checker=False)
+                                                   requires_safety_checker=False, dtype=torch.float32)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
