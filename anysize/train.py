@@ -47,7 +47,7 @@ class TrainConfig:
     resolution: the base model's native side: buckets hold about ``resolution**2`` pixels.
     crop: upscaler only: side of the high-resolution training crops (the low-res input is crop / 4).
     workers: processes that render the procedural scenes (0: in the training process). Rendering is
-        plain numpy on the CPU; on a GPU one process cannot keep up with the model.
+        plain numpy on the CPU, so on a GPU it can leave the model waiting (``log.jsonl`` says how long).
     max_minutes: stop after this much training time (checkpoint, then export); a later run with the
         same ``output_dir`` resumes towards ``steps``.
     """
