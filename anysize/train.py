@@ -294,7 +294,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=1e-2)
         self.ema = EMAModel(params, decay=config.ema_decay)
         self.step = 0
-        self._seconds: dict = {"since": 0}
+        self._seconds: dict[str, float] = {}  # seconds spent per kind since step _seconds_from
+        self._seconds_from = 0
         self.buckets = train_buckets(config, granularity=self._granularity())
         self.pool = None
         if config.workers and config.data == "scenes":
@@ -366,9 +367,9 @@ class Trainer:
 
     def _time_split(self) -> dict:
         """Mean seconds per step since the last checkpoint: all of it, and the data part."""
-        steps = max(1, self.step - self._seconds.pop("since", 0))
+        steps = max(1, self.step - self._seconds_from)
         out = {f"{k}_s_per_step": round(v / steps, 4) for k, v in self._seconds.items()}
-        self._seconds = {"since": self.step}
+        self._seconds, self._seconds_from = {}, self.step
         return out
 
     # -- data and losses
@@ -494,7 +495,7 @@ class Trainer:
         self.rng.bit_generator.state = json.loads(state["numpy_rng"])
         self.data.rng.bit_generator.state = json.loads(state["data_rng"])
         self.step = int(state["step"])
-        self._seconds = {"since": self.step}
+        self._seconds_from = self.step
 
     # -- export
     def export(self) -> Path:

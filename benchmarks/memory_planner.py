@@ -36,17 +36,12 @@ os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
+from random_models import SD_VAE  # noqa: E402  (benchmarks/ is on the path when run as a script)
+from tiling import UNETS  # noqa: E402
+
 MIB = 2**20
 REQUESTS = ("256x256", "512x512", "1024x1024", "2048x2048", "1024x256")
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8,
-)
-SD_VAE = dict(
-    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, norm_num_groups=32,
-)
+SD15_UNET = UNETS["sd15"]
 
 
 def _malloc_trim() -> None:

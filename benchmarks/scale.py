@@ -170,11 +170,7 @@ def _report(rows: list[dict], args: argparse.Namespace, gpu: GpuMemory) -> None:
         print(f"| {r['side']}^2 | {r['megapixels']:.2f} | {r['wall_s']:.1f} | {r['s_per_mp']:.2f} | "
               f"{r['peak_rss_mib']:.0f} | {rel} |" + (f" {r['peak_gpu_mib']:.0f} |" if gpu_col else "")
               + f" {r['file_mib']:.1f} |")
-    _plot(rows, args.plot)
-
-
-def _plot(rows: list[dict], path: Path) -> None:
-    _plot_series({"": rows}, path)
+    _plot_series({"": rows}, args.plot)
 
 
 def _plot_series(series: dict[str, list[dict]], path: Path) -> None:

@@ -19,18 +19,25 @@ import torch
 DEST = Path(__file__).resolve().parents[1] / "anysize" / "default_model"
 
 
-def ship(source: str, role: str) -> int:
+def save_fp16(source: str | Path, out: Path) -> int:
+    """``source`` (a diffusers directory) saved to ``out`` with its UNet, VAE and text encoder in
+    float16, through a temp directory renamed into place; returns the bytes written."""
     from diffusers import DiffusionPipeline
 
+    out = Path(out)
     pipe = DiffusionPipeline.from_pretrained(source, use_safetensors=True)
     for name in ("unet", "vae", "text_encoder"):
         getattr(pipe, name).to(torch.float16)
-    tmp, out = DEST / f"{role}.tmp", DEST / role
+    tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+
+
+def ship(source: str, role: str) -> int:
+    return save_fp16(source, DEST / role)
 
 
 def main(argv: list[str]) -> int:

@@ -32,20 +32,12 @@ for run in base base-square upscaler; do
 done
 [ "$status" = 0 ] || exit 1
 if [ -n "${PACK_DIR:-}" ]; then
-    $PY - "$RUNS" <<'PYEOF'
+    PYTHONPATH="$(dirname "$0")${PYTHONPATH:+:$PYTHONPATH}" $PY -c '
 import sys
-from pathlib import Path
-
-import torch
-from diffusers import DiffusionPipeline
-
-runs = Path(sys.argv[1])
+from ship_default import save_fp16
 for run in ("base", "base-square", "upscaler"):
-    pipe = DiffusionPipeline.from_pretrained(runs / run / "model", use_safetensors=True)
-    for name in ("unet", "vae", "text_encoder"):
-        getattr(pipe, name).to(torch.float16)
-    pipe.save_pretrained(runs / "fp16" / run, safe_serialization=True)
-PYEOF
+    save_fp16(f"{sys.argv[1]}/{run}/model", f"{sys.argv[1]}/fp16/{run}")
+' "$RUNS"
     mkdir -p "$PACK_DIR"
     for run in base base-square upscaler; do
         cp "$RUNS/$run/log.jsonl" "$RUNS/fp16/$run.jsonl"
