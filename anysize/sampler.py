@@ -10,6 +10,7 @@ explicit weights (FSTD: Zheng et al. 2023, sec. 3.3; the MultiDiffusion-style me
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 from collections.abc import Callable, Iterable, Sequence
@@ -33,17 +34,24 @@ class TileDenoiser(Protocol):
 
 
 def crop_tiles(x: torch.Tensor, boxes: Sequence[Box]) -> torch.Tensor:
-    """Stack the crops of ``x`` (B, C, H, W) at ``boxes`` into (len(boxes) * B, C, h, w), box-major."""
+    """Stack the crops of ``x`` (B, C, H, W) at ``boxes`` into (len(boxes) * B, C, h, w), box-major.
+    ``x`` may also be an :class:`anysize.bands.DiskTensor` (its own ``crop``)."""
+    if not torch.is_tensor(x):
+        return x.crop(boxes)
     return torch.cat([x[:, :, t:b, l:r] for t, l, b, r in boxes])
 
 
 class TileMerger:
-    """Weighted average of tile outputs into one full-latent tensor: ``sum(w * out) / sum(w)``."""
+    """Weighted average of tile outputs into one full-latent tensor: ``sum(w * out) / sum(w)``.
 
-    def __init__(self, shape: torch.Size, weighting: str, *, dtype: torch.dtype, device: torch.device):
+    ``canvas``: the latent's (H, W) when this merger holds only some of its rows (:class:`BandMerger`)."""
+
+    def __init__(self, shape: torch.Size, weighting: str, *, dtype: torch.dtype, device: torch.device,
+                 canvas: tuple[int, int] | None = None):
         self.value = torch.zeros(shape, dtype=dtype, device=device)
         self.weight = torch.zeros(shape[-2:], dtype=dtype, device=device)
-        self.weighting = weighting
+        self.weighting, self.top = weighting, 0  # self.top: the latent row that self.value's row 0 holds
+        self.canvas = tuple(shape[-2:]) if canvas is None else tuple(canvas)
         self._cache: dict[tuple[int, int], torch.Tensor] = {}
 
     def _w(self, h: int, w: int) -> torch.Tensor:
@@ -54,18 +62,50 @@ class TileMerger:
     def add(self, out: torch.Tensor, boxes: Sequence[Box]) -> None:
         """Accumulate ``out`` (len(boxes) * B, C, h, w), box-major, at ``boxes``."""
         per_box = out.shape[0] // len(boxes)
-        full = tuple(self.weight.shape)
         for i, (t, l, b, r) in enumerate(boxes):
             # a tile covering the whole canvas has nothing to blend with: weight 1 keeps it exact
-            w = self._w(b - t, r - l) if (b - t, r - l) != full else 1.0
+            w = self._w(b - t, r - l) if (b - t, r - l) != self.canvas else 1.0
+            t, b = t - self.top, b - self.top
             self.value[:, :, t:b, l:r] += out[i * per_box : (i + 1) * per_box] * w
             self.weight[t:b, l:r] += w
 
     def result(self) -> torch.Tensor:
-        if not bool((self.weight > 0).all()):
-            missing = int((self.weight <= 0).sum())
+        return self._quotient(self.value, self.weight)
+
+    @staticmethod
+    def _quotient(value: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if not bool((weight > 0).all()):
+            missing = int((weight <= 0).sum())
             raise RuntimeError(f"tile plan left {missing} latent pixels uncovered; this is a bug in the plan")
-        return self.value / self.weight
+        return value / weight
+
+
+class BandMerger(TileMerger):
+    """A :class:`TileMerger` over a window of rows that grows as tiles arrive and gives up finished
+    bands (:meth:`take`): same sums in the same order, so the same values bit for bit."""
+
+    def __init__(self, batch: int, channels: int, weighting: str, *, canvas: tuple[int, int],
+                 dtype: torch.dtype, device: torch.device):
+        super().__init__(torch.Size((batch, channels, 0, canvas[1])), weighting, dtype=dtype, device=device,
+                         canvas=canvas)
+
+    def add(self, out: torch.Tensor, boxes: Sequence[Box]) -> None:
+        bottom = max(b[2] for b in boxes) - self.top
+        grow = bottom - self.value.shape[2]
+        if grow > 0:
+            v, w = self.value, self.weight
+            self.value = torch.cat([v, v.new_zeros((*v.shape[:2], grow, v.shape[3]))], dim=2)
+            self.weight = torch.cat([w, w.new_zeros((grow, w.shape[1]))])
+        super().add(out, boxes)
+
+    def take(self, top: int, bottom: int) -> torch.Tensor:
+        """The merged output of rows ``top:bottom`` (the window's first rows), dropped from the window."""
+        if top != self.top or bottom - top > self.value.shape[2]:
+            raise RuntimeError(f"band {top}:{bottom} taken out of order (window starts at row {self.top})")
+        n = bottom - top
+        result = self._quotient(self.value[:, :, :n], self.weight[:n])
+        self.value, self.weight, self.top = self.value[:, :, n:].clone(), self.weight[n:].clone(), bottom
+        return result
 
 
 class TiledModel:
@@ -97,12 +137,15 @@ class TiledModel:
         """Tile evaluations over all steps (classifier-free guidance not counted twice)."""
         return sum(len(p) for p in self.plans)
 
+    def chunks(self, step: int) -> list[list[Box]]:
+        """The step's boxes in tile batches, in plan order (row-major for every tiling)."""
+        boxes, n = self.plans[step], self.config.tile_batch_size
+        return [boxes[start : start + n] for start in range(0, len(boxes), n)]
+
     def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
-        boxes = self.plans[step]
-        n = self.config.tile_batch_size
-        chunks = [boxes[start : start + n] for start in range(0, len(boxes), n)]
+        chunks = self.chunks(step)
         merger: TileMerger | None = None
-        for chunk, out in zip(chunks, self._outputs(x, t, chunks)):
+        for chunk, out in zip(chunks, self._outputs(lambda c: crop_tiles(x, c), x.shape[0], x.device, t, chunks)):
             if merger is None:
                 shape = torch.Size((x.shape[0], out.shape[1], *x.shape[2:]))
                 merger = TileMerger(shape, self.config.blend, dtype=out.dtype, device=out.device)
@@ -112,15 +155,16 @@ class TiledModel:
         assert merger is not None
         return merger.result()
 
-    def _outputs(self, x: torch.Tensor, t: torch.Tensor, chunks: list[list[Box]]) -> Iterable[torch.Tensor]:
-        """The denoiser's output for each chunk, in order: one at a time here, or, under torchrun
-        (:mod:`anysize.distributed`), each whole chunk on one rank and all of them on every rank."""
+    def _outputs(self, crop: Callable[[list[Box]], torch.Tensor], batch: int, device: torch.device,
+                 t: torch.Tensor, chunks: list[list[Box]]) -> Iterable[torch.Tensor]:
+        """The denoiser's output for each chunk (its input tiles from ``crop(chunk)``), in order: one at
+        a time here, or, under torchrun (:mod:`anysize.distributed`), each whole chunk on one rank and
+        all of them on every rank."""
         if distributed.current() is None:
-            return (self.denoiser(crop_tiles(x, chunk), t, chunk) for chunk in chunks)
+            return (self.denoiser(crop(chunk), t, chunk) for chunk in chunks)
         # every box of a chunk has one size (crop_tiles stacks them); the output has x's batch per box
-        shapes = [(len(c) * x.shape[0], c[0][2] - c[0][0], c[0][3] - c[0][1]) for c in chunks]
-        return distributed.share_batches(lambda i: self.denoiser(crop_tiles(x, chunks[i]), t, chunks[i]),
-                                         shapes, x.device)
+        shapes = [(len(c) * batch, c[0][2] - c[0][0], c[0][3] - c[0][1]) for c in chunks]
+        return distributed.share_batches(lambda i: self.denoiser(crop(chunks[i]), t, chunks[i]), shapes, device)
 
 
 def _step_kwargs(scheduler, generator: torch.Generator | None) -> dict:
@@ -195,6 +239,120 @@ def sample_tiled(
                       callback_on_step_end=callback_on_step_end, start=start)
 
 
+def sample_banded(
+    denoiser: TileDenoiser,
+    work,
+    scheduler,
+    config: TilingConfig,
+    *,
+    generator: torch.Generator | None = None,
+    callback_on_step_end=None,
+    progress: bool = True,
+    desc: str = "denoise",
+    timesteps: Sequence | None = None,
+    plan_generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    on_commit: Callable[[int], None] | None = None,
+):
+    """:func:`sample_tiled` with the latents and the scheduler's state kept out of memory, in ``work``
+    (an :class:`anysize.bands.BandWork`, whose ``init`` holds the starting latents); returns the
+    :class:`~anysize.bands.DiskTensor` holding the result.
+
+    Each step evaluates the tile batches in plan order (row-major) into a :class:`BandMerger`; as soon
+    as no later batch reaches a band of rows, that band is stepped by its own copy of ``scheduler``
+    (``scheduler.step`` is elementwise for diffusers' deterministic schedulers, so the copies together
+    do what one step on the whole latent does; a multistep solver's history is per band, on disk).
+    Memory then holds a band and a tile batch whatever the size.
+
+    On the CPU in float32 the result is bit-identical to :func:`sample_tiled`'s for deterministic
+    schedulers (DDIM, Euler, DPM-Solver++, UniPC...). Stochastic ones (DDPM, Euler ancestral, SDE
+    solvers) draw their step noise band by band: the same distribution and the same result per seed,
+    but not the in-memory run's noise. Schedulers with whole-image operations (dynamic thresholding)
+    would see one band at a time.
+
+    A step's results go to the other of two buffers and are committed (``work.commit``) when every band
+    is done, so ``work`` always holds a whole step; called on a ``work`` with a commit, sampling
+    continues from it (the generator's state restored). ``callback_on_step_end(step, t, latents)``
+    gets the committed :class:`~anysize.bands.DiskTensor` and may return a tensor to replace it;
+    ``on_commit(steps_done)`` runs after each step is committed (it may raise to stop the run there).
+    """
+    ts = list(scheduler.timesteps if timesteps is None else timesteps)
+    device = torch.device(device if device is not None else "cpu")
+    if plan_generator is None and generator is not None:
+        plan_generator = make_plan_generator(generator)
+    batch, _, height, width = work.shape
+    model = TiledModel(denoiser, config, height=height, width=width, num_steps=len(ts), generator=plan_generator)
+    start = 0
+    committed = work.committed()
+    if committed is not None:
+        start, state = committed
+        if generator is not None and state is not None:
+            generator.set_state(state)
+    bands = [copy.deepcopy(scheduler) for _ in work.bands]
+    if start > 0:
+        for k, band in enumerate(bands):
+            work.load_band(k, start % 2, band, device)
+            work.strip(band)
+    extra = _step_kwargs(scheduler, generator)
+    done = sum(len(p) for p in model.plans[:start])
+    with tqdm(total=model.total_evaluations, initial=done, desc=desc, unit="tile", disable=not progress) as bar:
+        for i in range(start, len(ts)):
+            _banded_step(model, work, bands, i, ts[i], extra, device, bar.update)
+            work.commit(i + 1, generator)
+            if callback_on_step_end is not None:
+                result = work.source(i + 1)
+                replaced = callback_on_step_end(i, ts[i], result)
+                if replaced is not None and replaced is not result:
+                    result.write(0, replaced)
+                    work.commit(i + 1, generator)
+            if on_commit is not None:
+                on_commit(i + 1)
+    return work.result(len(ts))
+
+
+def _banded_step(model: TiledModel, work, bands: list, i: int, t, extra: dict, device: torch.device,
+                 progress: Callable[[int], Any]) -> None:
+    """Step ``i`` of :func:`sample_banded`: from ``work.source(i)`` into the other buffer."""
+    src, dst = work.source(i), work.latents[(i + 1) % 2]
+    batch, _, height, width = work.shape
+    scaler = copy.deepcopy(bands[0])  # band tensors dropped: the state every band shares, before this step
+    chunks = model.chunks(i)
+    # later_top[j]: the first row any batch after batch j reads; bands ending above it are finished
+    later_top = [height] * len(chunks)
+    for j in range(len(chunks) - 2, -1, -1):
+        later_top[j] = min(later_top[j + 1], min(b[0] for b in chunks[j + 1]))
+    merger: BandMerger | None = None
+    k = 0
+
+    def finish(k: int) -> None:
+        top, bottom = work.bands[k]
+        assert merger is not None
+        output = merger.take(top, bottom)
+        x = src.read(top, bottom).to(device)
+        band = bands[k]
+        if i > 0:
+            work.load_band(k, i % 2, band, device)
+        band.scale_model_input(x, t)  # as the in-memory loop calls it before step (Euler checks it was)
+        dst.write(top, band.step(output, t, x, return_dict=False, **extra)[0])
+        work.save_band(k, (i + 1) % 2, band)
+
+    def crop(chunk: list[Box]) -> torch.Tensor:
+        return src.crop(chunk, lambda rows: scaler.scale_model_input(rows.to(device), t))
+
+    for j, (chunk, out) in enumerate(zip(chunks, model._outputs(crop, batch, device, t, chunks))):
+        if merger is None:
+            merger = BandMerger(batch, out.shape[1], model.config.blend, canvas=(height, width), dtype=out.dtype,
+                                device=out.device)
+        merger.add(out, chunk)
+        progress(len(chunk))
+        while k < len(work.bands) and work.bands[k][1] <= later_top[j]:
+            finish(k)
+            k += 1
+    while k < len(work.bands):
+        finish(k)
+        k += 1
+
+
 def make_plan_generator(generator: torch.Generator) -> torch.Generator:
     """The tile plans' own generator, seeded from a hash of ``generator``'s state without advancing it:
     the caller's noise stream is then the same for every tiling method (fstd draws offsets, naive
@@ -248,7 +406,7 @@ class UNetTileDenoiser:
         else:
             pos = self._per_box(self.prompt_embeds, n)
         if self.cond is not None:
-            x = torch.cat([x, crop_tiles(self.cond, boxes).to(x.dtype)], dim=1)
+            x = torch.cat([x, crop_tiles(self.cond, boxes).to(x.device, x.dtype)], dim=1)
         labels = self._per_box(self.class_labels, n)
         added = self._added(self.added_cond_kwargs, n)
         if not self.do_cfg:
