@@ -95,6 +95,10 @@ def _bytes(text: str) -> int:
             from None
 
 
+def _bytes_or_zero(text: str) -> int:
+    return 0 if text.strip() == "0" else _bytes(text)
+
+
 def _seed(text: str) -> int:
     if not re.fullmatch(r"\s*\d+\s*", text) or int(text) >= 2**64:
         raise argparse.ArgumentTypeError(f"'{text}': must be an integer in [0, 2**64)")
@@ -170,6 +174,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="VAE decode tile in latent pixels (default: the memory planner's choice, 64 when it fits)")
     p.add_argument("--max-memory", type=_bytes, default=None, metavar="SIZE",
                    help="memory budget for the planner, e.g. 8GiB or 512MiB (default: what is free on the device)")
+    p.add_argument("--latent-memory", type=_bytes_or_zero, default=None, metavar="SIZE",
+                   help="a pass whose sampling state needs more than this keeps it on disk and works by bands "
+                        "of rows, so memory stays flat at any size (default 256MiB; 0: always)")
     p.add_argument("--strength", type=_float_in(0, 1, low_open=True), default=0.3, metavar="X",
                    help="img2img upscaling: how much each pass may change (default 0.3)")
     models = p.add_argument_group("models")
@@ -426,7 +433,7 @@ def _preflight(pipe, args: argparse.Namespace, **request) -> None:
     that cannot fit stops here with the numbers."""
     plan = pipe.plan_memory(*args.size, max_memory=args.max_memory, tile_batch_size=args.tile_batch,
                             vae_tile_size=args.vae_tile, tile_size=args.tile_size, tiling=args.tiling,
-                            output_path=args.output, **request)
+                            output_path=args.output, latent_memory=args.latent_memory, **request)
     _say(args, plan.describe())
 
 
@@ -447,7 +454,7 @@ def _read_image(path: str):
 
 def _tile_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"tiling": args.tiling, "tile_size": args.tile_size, "tile_batch_size": args.tile_batch,
-            "vae_tile_size": args.vae_tile, "max_memory": args.max_memory}
+            "vae_tile_size": args.vae_tile, "max_memory": args.max_memory, "latent_memory": args.latent_memory}
 
 
 def _pick_seed(args: argparse.Namespace) -> int:

@@ -39,7 +39,7 @@ TILE_BATCH_CHOICES = (64, 32, 16, 8, 4, 2, 1)  # tile batch sizes tried, largest
 VAE_TILE_CHOICES = (64, 48, 32, 16)  # VAE decode core tiles (latent px) tried, largest first; 64 preferred
 EXACT_STATS_SIDE = 128  # latent side up to which a decode's GroupNorm statistics come from the whole latent
 FAST_STATS_SIZE = 96  # longer side (latent px) of fast mode's downsampled statistics copy above that
-COLOR_FIX_ROWS = 1024  # rows per band of the AdaIN colour fix (anysize.pipeline.adain_color_fix)
+COLOR_FIX_BYTES = 32 * MIB  # host bytes of one band of the AdaIN colour fix (anysize.pipeline.adain_color_fix)
 STREAM_ROWS = 256  # rows per band when the output streams to a file (anysize.stream: TIFF and Deep Zoom tiles)
 
 # ---- calibration (benchmarks/memory_planner.py: CPU peak RSS; see the README's memory planner section)
@@ -72,6 +72,11 @@ _ENCODE_STATS_PX = 768
 _OUTPUT_EXTRA = {"pil": 4 + 3, "np": 12, "pt": 24, "latent": 0}
 # Host bytes per pixel of one colour-fix band: float64 sums and squares (anysize.pipeline.adain_color_fix).
 _BAND_BYTES_PER_PX = 48
+
+# Sampling state above this many bytes (_STATE_FLOATS per latent px) is kept on disk and worked on by
+# bands (anysize.bands): the default keeps 4096^2 px outputs of the x4 upscaler (1024^2 latent, 144 MiB)
+# in memory and sends 8192^2 and up to disk.
+LATENT_MEMORY = 256 * MIB
 
 StageKind = Literal["sample", "decode", "output"]
 
@@ -305,6 +310,7 @@ class _Request:
     streaming: bool
     cfg: bool  # stage 1 classifier-free guidance
     upscale_cfg: bool
+    latent_memory: int | None  # stage 2's in-memory sampling state limit (banded_sampling)
 
 
 def _px(size: tuple[int, int]) -> int:
@@ -315,24 +321,57 @@ def _factor(vae: Any) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def _band(width: int, height: int, rows: int = COLOR_FIX_ROWS) -> int:
-    """Host bytes of one band of ``rows`` rows worked on in float64 (the colour fix)."""
+def color_fix_rows(width: int) -> int:
+    """Rows per band of the colour fix for a ``width``-px image: :data:`COLOR_FIX_BYTES` of float64 work
+    (512 rows at 2048 px, 64 at 16384 px), so the band does not grow with the image."""
+    return max(1, COLOR_FIX_BYTES // (width * _BAND_BYTES_PER_PX))
+
+
+def _band(width: int, height: int, rows: int | None = None) -> int:
+    """Host bytes of one band of ``rows`` rows (default: the colour fix's) worked on in float64."""
+    rows = color_fix_rows(width) if rows is None else rows
     return min(rows, height) * width * _BAND_BYTES_PER_PX
 
 
-def _sampling(unet: Any, lat_h: int, lat_w: int, tiling: str, tile: int, batch: int, cfg: bool) -> tuple[int, str]:
-    """(device bytes, description) of tiled sampling on a ``lat_h x lat_w`` latent."""
+def sampler_state_bytes(lat_h: int, lat_w: int) -> int:
+    """Bytes of sampling state on a ``lat_h x lat_w`` latent held in memory (:data:`_STATE_FLOATS`)."""
+    return lat_h * lat_w * _STATE_FLOATS * 4
+
+
+def banded_sampling(lat_h: int, lat_w: int, latent_memory: int | None = None, tiling: str = "fstd") -> bool:
+    """Whether sampling a ``lat_h x lat_w`` latent keeps its state on disk by bands (:mod:`anysize.bands`):
+    when the in-memory state would exceed ``latent_memory`` bytes (None: :data:`LATENT_MEMORY`). An
+    untiled sampler ("none") always works in memory."""
+    limit = LATENT_MEMORY if latent_memory is None else latent_memory
+    return tiling != "none" and sampler_state_bytes(lat_h, lat_w) > limit
+
+
+def _sampling(unet: Any, lat_h: int, lat_w: int, tiling: str, tile: int, batch: int, cfg: bool,
+              latent_memory: int | None = None, channels: int = 4) -> tuple[int, str]:
+    """(device bytes, description) of tiled sampling on a ``lat_h x lat_w`` latent; above
+    ``latent_memory`` the state held is a band (and the tiles reaching past it) instead of the latent."""
     th, tw = (lat_h, lat_w) if tiling == "none" else (min(tile, lat_h), min(tile, lat_w))
     n = min(batch, tiles_per_step(tiling, lat_h, lat_w, tile))
-    state = lat_h * lat_w * _STATE_FLOATS * 4
+    state = sampler_state_bytes(lat_h, lat_w)
     detail = f"{n} tile{'s' if n > 1 else ''} of {th}x{tw} latent px per call" + (", CFG" if cfg else "")
+    if banded_sampling(lat_h, lat_w, latent_memory, tiling):
+        from .bands import band_rows
+
+        rows = band_rows((1, channels, lat_h, lat_w), minimum=th)
+        state = sampler_state_bytes(min(lat_h, rows + 2 * th), lat_w)
+        detail += f", state on disk in bands of {rows} rows"
     return _RUNTIME_BYTES + state + unet_activation_bytes(unet, th, tw, n * (2 if cfg else 1)), detail
 
 
-def _decode(vae: Any, size: tuple[int, int], vae_tile: int) -> int:
+def _decode(vae: Any, size: tuple[int, int], vae_tile: int, on_disk: bool = False) -> int:
+    """Bytes of a tiled decode; ``on_disk``: the latents are read from disk a tile's rows at a time."""
+    from .vae import decoder_margin
+
     f = _factor(vae)
     lat_h, lat_w = math.ceil(size[1] / f), math.ceil(size[0] / f)
-    return _RUNTIME_BYTES + lat_h * lat_w * _DECODE_FLOATS * 4 + tiled_decode_bytes(vae, lat_h, lat_w, vae_tile)
+    held = min(lat_h, vae_tile + 2 * decoder_margin(vae.config)) if on_disk else lat_h
+    return _RUNTIME_BYTES + held * lat_w * _DECODE_FLOATS * 4 + tiled_decode_bytes(vae, lat_h, lat_w, vae_tile)
+
 
 
 def _stages(req: _Request, batch: int, vae_tile: int) -> tuple[StagePeak, ...]:
@@ -357,13 +396,13 @@ def _stages(req: _Request, batch: int, vae_tile: int) -> tuple[StagePeak, ...]:
             f, vae = _factor(up.vae), up.vae
             lat_h, lat_w = math.ceil(h / f), math.ceil(w / f)
             device, detail = _sampling(up.unet, lat_h, lat_w, req.tiling, req.tile_size or up.unet.config.sample_size,
-                                       batch, req.upscale_cfg)
+                                       batch, req.upscale_cfg, req.latent_memory, up.vae.config.latent_channels)
             host = lat_h * lat_w * 4  # the conditioning image, resized
         else:
             f, vae = pipe.base_factor, pipe.base.vae
             lat_h, lat_w = math.ceil(h / f), math.ceil(w / f)
             device, detail = _sampling(pipe.base.unet, lat_h, lat_w, req.tiling, req.tile_size or pipe.base_tile,
-                                       batch, req.upscale_cfg)
+                                       batch, req.upscale_cfg, req.latent_memory, vae.config.latent_channels)
             px_h, px_w = lat_h * f, lat_w * f
             encode = vae_encode_bytes(vae, min(_ENCODE_TILE_PX, px_h), min(_ENCODE_TILE_PX, px_w))
             stats = vae_encode_bytes(vae, min(_ENCODE_STATS_PX, px_h), min(_ENCODE_STATS_PX, px_w))
@@ -378,7 +417,8 @@ def _stages(req: _Request, batch: int, vae_tile: int) -> tuple[StagePeak, ...]:
         if last and req.streaming:
             result = min(h, vae_tile * _factor(vae)) * w * 3
         stages.append(StagePeak(f"pass {k} decode", "decode", f"{w}x{h}, VAE tile {vae_tile}",
-                                _decode(vae, (w, h), vae_tile), held + result))
+                                _decode(vae, (w, h), vae_tile, banded_sampling(lat_h, lat_w, req.latent_memory,
+                                                                               req.tiling)), held + result))
         previous = w * h
     stages.append(_output(req, reference))
     return tuple(stages)
@@ -394,7 +434,7 @@ def _output(req: _Request, reference: int) -> StagePeak:
         held = reference + (_px(req.passes[-2]) * 4 if len(req.passes) > 1 else 0)
     if req.streaming:
         return StagePeak("output", "output", f"{req.width}x{req.height} written by bands", 0,
-                         held + _band(*size, rows=STREAM_ROWS))
+                         held + max(_band(*size), _band(*size, rows=STREAM_ROWS // 4)))
     extra = _OUTPUT_EXTRA[req.output_type] * _px(size)
     band = _band(*size) if req.color_fix and req.passes else 0
     return StagePeak("output", "output", f"{req.width}x{req.height} {req.output_type}", 0,
@@ -414,13 +454,13 @@ def _budget(device: Any, max_memory: int | None) -> tuple[int, str, int | None]:
 
 def _request(pipe: Any, width: int, height: int, source: tuple[int, int] | None, *, tiling: str,
              tile_size: int | None, output_type: str, color_fix: bool, streaming: bool, guidance_scale: float,
-             upscale_guidance_scale: float | None) -> _Request:
+             upscale_guidance_scale: float | None, latent_memory: int | None = None) -> _Request:
     from .pipeline import upscale_passes
 
     upscale_guidance = guidance_scale if upscale_guidance_scale is None else upscale_guidance_scale
     common = dict(pipe=pipe, width=width, height=height, tiling=tiling, tile_size=tile_size,
                   output_type=output_type, color_fix=color_fix, streaming=streaming, cfg=guidance_scale > 1,
-                  upscale_cfg=upscale_guidance > 1)
+                  upscale_cfg=upscale_guidance > 1, latent_memory=latent_memory)
     if source is not None:
         passes = upscale_passes(tuple(source), (width, height), pipe.stage2_factor)
         return _Request(base=None, panorama=False, source=tuple(source), passes=passes, **common)
@@ -433,7 +473,7 @@ def plan_memory(pipe: Any, width: int, height: int, *, source: tuple[int, int] |
                 vae_tile_size: int | None = None, tile_size: int | None = None, tiling: str = "fstd",
                 output_type: str = "pil", color_fix: bool = True, streaming: bool = False,
                 guidance_scale: float = 7.5, upscale_guidance_scale: float | None = None,
-                margin: float = SAFETY_MARGIN) -> MemoryPlan:
+                latent_memory: int | None = None, margin: float = SAFETY_MARGIN) -> MemoryPlan:
     """Plan a ``width x height`` request of :class:`anysize.AnySizePipeline` ``pipe`` before any compute.
 
     ``tile_batch_size`` (tiles per UNet call) and ``vae_tile_size`` (VAE decode core tile, latent px):
@@ -443,14 +483,15 @@ def plan_memory(pipe: Any, width: int, height: int, *, source: tuple[int, int] |
     the budget in bytes instead of the free memory. ``streaming``: the output is written to a file by
     bands, so the full image is never held. ``tiling``, ``tile_size``, ``output_type``,
     ``guidance_scale`` and ``upscale_guidance_scale`` as in the pipeline's call (guidance > 1 doubles
-    the UNet batch); ``color_fix``: the AdaIN colour fix runs.
+    the UNet batch); ``color_fix``: the AdaIN colour fix runs. ``latent_memory``: stage-2 sampling
+    state above this many bytes is kept on disk by bands (:func:`banded_sampling`).
 
     Raises :class:`MemoryPreflightError` with the estimate and the budget when the request does not
     fit at the given choices, or at tile batch 1 and the smallest VAE tile.
     """
     req = _request(pipe, width, height, source, tiling=tiling, tile_size=tile_size, output_type=output_type,
                    color_fix=color_fix, streaming=streaming, guidance_scale=guidance_scale,
-                   upscale_guidance_scale=upscale_guidance_scale)
+                   upscale_guidance_scale=upscale_guidance_scale, latent_memory=latent_memory)
     budget, where, host_budget = _budget(pipe.device, max_memory)
 
     def plan(batch: int, vae_tile: int) -> MemoryPlan:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,12 +23,12 @@ import numpy as np
 import PIL.Image
 import torch
 
-from . import models, stream
+from . import bands, models, stream
 from .buckets import arad_buckets, choose_base_size, model_granularity
 from . import distributed, memory
 from .output import STREAMING, check_output_path, output_format, save_image
 from .resume import RunDir, RunInterrupted, generator_fingerprint, load_scheduler_state
-from .sampler import UNetTileDenoiser, make_plan_generator, sample_tiled
+from .sampler import UNetTileDenoiser, make_plan_generator, sample_banded, sample_tiled
 from .tiling import METHODS, TilingConfig
 from .vae import tiled_decode, tiled_encode, vae_scale_factor
 
@@ -80,6 +81,8 @@ class _Stage2:
     strength: float
     generator: torch.Generator
     callback: Callable | None
+    latent_memory: int | None = None  # sampling state above this goes to disk (memory.banded_sampling)
+    scratch: Any = None  # where banded work goes without a run directory (None: the system's temp dir)
 
 
 def upscale_passes(source: Size, target: Size, factor: int, *, stretch: float = 1.5) -> tuple[Size, ...]:
@@ -132,12 +135,14 @@ def _image_tensor(image: PIL.Image.Image, device) -> torch.Tensor:
     return arr.permute(2, 0, 1)[None].to(device)
 
 
-def adain_color_fix(image: np.ndarray | stream.Rows, reference: PIL.Image.Image, rows: int = 1024):
+def adain_color_fix(image: np.ndarray | stream.Rows, reference: PIL.Image.Image, rows: int | None = None):
     """Match each channel's mean and std to ``reference`` (the AdaIN colour fix of StableSR), in place,
-    a band of rows at a time so a huge uint8 image (an array or a :class:`anysize.stream.Raster` on
-    disk) never becomes float all at once. Returns ``image``."""
+    a band of rows at a time (default :func:`anysize.memory.color_fix_rows`: a fixed number of bytes)
+    so a huge uint8 image (an array or a :class:`anysize.stream.Raster` on disk) never becomes float
+    all at once. Returns ``image``."""
     ref = np.asarray(reference.convert("RGB"), dtype=np.float64).reshape(-1, 3)
     target = stream.as_rows(image)
+    rows = memory.color_fix_rows(target.width) if rows is None else rows
     mean, std = stream.channel_moments(target, rows)
     scale = ref.std(0) / std
     stream.apply_affine(target, scale, ref.mean(0) - mean * scale, rows)
@@ -210,7 +215,7 @@ class AnySizePipeline:
     def check_inputs(self, prompt, width, height, num_inference_steps=1, upscale_inference_steps=1,
                      guidance_scale=1.0, tiling="fstd", tile_size=None, tile_batch_size=None, output_type="pil",
                      strength=0.3, color_fix="adain", noise_level=20, *, negative_prompt=None,
-                     upscale_guidance_scale=None, max_memory=None, vae_tile_size=None) -> None:
+                     upscale_guidance_scale=None, max_memory=None, vae_tile_size=None, latent_memory=None) -> None:
         """Validate every argument before any compute; each message names the argument, its value and the rule.
 
         ``num_inference_steps=None`` checks a stage-2-only call (:meth:`upscale`).
@@ -228,7 +233,8 @@ class AnySizePipeline:
                                      ("tile_batch_size", 1 if tile_batch_size is None else tile_batch_size, 1),
                                      ("vae_tile_size", 8 if vae_tile_size is None else vae_tile_size, 8),
                                      ("noise_level", noise_level, 0),
-                                     ("max_memory", 1 if max_memory is None else max_memory, 1)):
+                                     ("max_memory", 1 if max_memory is None else max_memory, 1),
+                                     ("latent_memory", 0 if latent_memory is None else latent_memory, 0)):
             if not _is_int(value) or value < minimum:
                 raise ValueError(f"{name}={value!r}: must be an integer >= {minimum}")
         if noise_level > max_level:
@@ -262,18 +268,19 @@ class AnySizePipeline:
                     tile_batch_size: int | None = None, vae_tile_size: int | None = None, tile_size=None,
                     tiling: str = "fstd", output_type: str = "pil", color_fix: str | None = "adain",
                     output_path=None, guidance_scale: float = 7.5,
-                    upscale_guidance_scale: float | None = None) -> memory.MemoryPlan:
+                    upscale_guidance_scale: float | None = None,
+                    latent_memory: int | None = None) -> memory.MemoryPlan:
         """The memory plan of a request (:func:`anysize.memory.plan_memory`), before any compute: the
         tile batch and VAE decode tile (None: the largest that fit the free memory or ``max_memory``)
         and each stage's estimated peak; ``plan.describe()`` prints it. ``source``: the input's
-        (width, height) for :meth:`upscale`. Raises :class:`~anysize.memory.MemoryPreflightError` with
+        (width, height) for :meth:`upscale`. ``latent_memory``: as in :meth:`__call__`. Raises :class:`~anysize.memory.MemoryPreflightError` with
         the numbers when the request cannot fit even at tile batch 1 and the smallest VAE tile."""
         streaming = output_path is not None and output_format(output_path) in STREAMING
         return memory.plan_memory(
             self, width, height, source=source, max_memory=max_memory, tile_batch_size=tile_batch_size,
             vae_tile_size=vae_tile_size, tile_size=tile_size, tiling=tiling, output_type=output_type,
             color_fix=color_fix == "adain", streaming=streaming, guidance_scale=guidance_scale,
-            upscale_guidance_scale=upscale_guidance_scale)
+            upscale_guidance_scale=upscale_guidance_scale, latent_memory=latent_memory)
 
     def _plan_call(self, width: int, height: int, **kwargs) -> memory.MemoryPlan:
         """:meth:`plan_memory` for a call, which then decodes with its VAE tile. Under torchrun every rank
@@ -295,7 +302,7 @@ class AnySizePipeline:
                  output_type: str = "pil", callback_on_step_end: Callable | None = None, noise_level: int = 20,
                  strength: float = 0.3, color_fix: str | None = "adain", max_memory: int | None = None,
                  vae_tile_size: int | None = None, output_path=None, output_metadata: dict | None = None,
-                 run_dir=None, checkpoint_every: int = 1) -> AnySizeOutput:
+                 run_dir=None, checkpoint_every: int = 1, latent_memory: int | None = None) -> AnySizeOutput:
         """Generate one image of exactly ``width x height`` pixels per prompt.
 
         Stage 1 uses ``num_inference_steps`` and ``guidance_scale``; stage 2 uses
@@ -313,21 +320,28 @@ class AnySizePipeline:
         run's info and ``output_metadata`` stored in it; ``images`` is then empty and ``files`` has the path.
         ``run_dir``: checkpoint every ``checkpoint_every`` steps there and continue from what it holds
         (:mod:`anysize.resume`); Ctrl-C then stops at the next step boundary with a checkpoint.
+        ``latent_memory`` (bytes; None: :data:`anysize.memory.LATENT_MEMORY`): a stage-2 pass whose
+        sampling state would hold more keeps its latents, scheduler state and conditioning image on disk
+        and samples by bands of rows (:mod:`anysize.bands`; beside ``output_path`` or in the run
+        directory, else in the temp directory), so memory stays flat at any size; bit-identical on the
+        CPU for deterministic schedulers; such a pass checkpoints every step.
         """
         self.check_inputs(prompt, width, height, num_inference_steps, upscale_inference_steps, guidance_scale,
                           tiling, tile_size, tile_batch_size, output_type, strength, color_fix, noise_level,
                           negative_prompt=negative_prompt, upscale_guidance_scale=upscale_guidance_scale,
-                          max_memory=max_memory, vae_tile_size=vae_tile_size)
+                          max_memory=max_memory, vae_tile_size=vae_tile_size, latent_memory=latent_memory)
         file = self._file_output(output_path, output_metadata, (width, height), prompt, output_type)
         mem = self._plan_call(width, height, max_memory=max_memory, tile_batch_size=tile_batch_size,
                               vae_tile_size=vae_tile_size, tile_size=tile_size, tiling=tiling,
                               output_type=output_type, color_fix=color_fix, output_path=output_path,
-                              guidance_scale=guidance_scale, upscale_guidance_scale=upscale_guidance_scale)
+                              guidance_scale=guidance_scale, upscale_guidance_scale=upscale_guidance_scale,
+                              latent_memory=latent_memory)
         generator = generator if generator is not None else _fresh_generator()
         request = {"call": "generate", "prompt": prompt, "negative_prompt": negative_prompt, "width": width,
                    "height": height, "steps": num_inference_steps, "upscale_steps": upscale_inference_steps,
                    "guidance": guidance_scale, "upscale_guidance": upscale_guidance_scale, "tiling": tiling,
-                   "tile_size": tile_size, "noise_level": noise_level, "strength": strength}
+                   "tile_size": tile_size, "noise_level": noise_level, "strength": strength,
+                   "latent_memory": latent_memory}
         with self._running(run_dir, checkpoint_every, request, generator):
             plan = self.plan(width, height)
             tiles = TilingConfig(method=tiling, tile_size=tile_size or self.base_tile,
@@ -338,7 +352,8 @@ class AnySizePipeline:
                                        generator, callback_on_step_end)
                 opts = _Stage2(text, negative_prompt, upscale_inference_steps,
                                guidance_scale if upscale_guidance_scale is None else upscale_guidance_scale,
-                               tiles, tile_size, noise_level, strength, generator, callback_on_step_end)
+                               tiles, tile_size, noise_level, strength, generator, callback_on_step_end,
+                               latent_memory, file and Path(file.path).parent)
                 infos.append({"prompt": text, "negative_prompt": negative_prompt, "width": width,
                               "height": height, "base_size": list(plan.base), "panorama": plan.panorama,
                               "passes": [list(p) for p in plan.passes], "tiling": tiling,
@@ -361,26 +376,27 @@ class AnySizePipeline:
                 output_type: str = "pil", noise_level: int = 20, strength: float = 0.3,
                 color_fix: str | None = "adain", callback_on_step_end: Callable | None = None,
                 max_memory: int | None = None, output_path=None, output_metadata: dict | None = None,
-                run_dir=None, checkpoint_every: int = 1) -> AnySizeOutput:
+                run_dir=None, checkpoint_every: int = 1, latent_memory: int | None = None) -> AnySizeOutput:
         """Stage 2 alone: enlarge ``image`` (PIL, uint8 / float array, or tensor) to exactly ``width x height``;
         ``tile_batch_size``, ``vae_tile_size``, ``max_memory``, ``output_path``, ``output_metadata``,
-        ``run_dir``, ``checkpoint_every``: as in :meth:`__call__`."""
+        ``run_dir``, ``checkpoint_every``, ``latent_memory``: as in :meth:`__call__`."""
         if not isinstance(prompt, str):
             raise ValueError(f"prompt={prompt!r}: upscale takes one image and one prompt string")
         self.check_inputs(prompt, width, height, None, num_inference_steps, guidance_scale, tiling, tile_size,
                           tile_batch_size, output_type, strength, color_fix, noise_level,
-                          negative_prompt=negative_prompt, max_memory=max_memory, vae_tile_size=vae_tile_size)
+                          negative_prompt=negative_prompt, max_memory=max_memory, vae_tile_size=vae_tile_size,
+                          latent_memory=latent_memory)
         file = self._file_output(output_path, output_metadata, (width, height), prompt, output_type)
         source = to_pil(image)
         mem = self._plan_call(width, height, source=source.size, max_memory=max_memory,
                               tile_batch_size=tile_batch_size, vae_tile_size=vae_tile_size, tile_size=tile_size,
                               tiling=tiling, output_type=output_type, color_fix=color_fix, output_path=output_path,
-                              guidance_scale=guidance_scale)
+                              guidance_scale=guidance_scale, latent_memory=latent_memory)
         generator = generator if generator is not None else _fresh_generator()
         native = int((self.upscaler if self.upscaler is not None else self.base).unet.config.sample_size)
         tiles = TilingConfig(method=tiling, tile_size=tile_size or native, tile_batch_size=mem.tile_batch_size)
         opts = _Stage2(prompt, negative_prompt, num_inference_steps, guidance_scale, tiles, tile_size, noise_level,
-                       strength, generator, callback_on_step_end)
+                       strength, generator, callback_on_step_end, latent_memory, file and Path(file.path).parent)
         passes = upscale_passes(source.size, (width, height), self.stage2_factor)
         info = {"prompt": prompt, "width": width, "height": height, "passes": [list(p) for p in passes],
                 "tiling": tiling, "tile_batch_size": mem.tile_batch_size, "vae_tile_size": mem.vae_tile_size,
@@ -388,7 +404,8 @@ class AnySizePipeline:
         request = {"call": "upscale", "image": hashlib.blake2b(source.tobytes(), digest_size=8).hexdigest(),
                    "source_size": list(source.size), "prompt": prompt, "negative_prompt": negative_prompt,
                    "width": width, "height": height, "steps": num_inference_steps, "guidance": guidance_scale,
-                   "tiling": tiling, "tile_size": tile_size, "noise_level": noise_level, "strength": strength}
+                   "tiling": tiling, "tile_size": tile_size, "noise_level": noise_level, "strength": strength,
+                   "latent_memory": latent_memory}
         with self._running(run_dir, checkpoint_every, request, generator):
             result = self._stage2(source, passes, (width, height), opts, output_type, color_fix,
                                   file and replace(file, metadata={**info, **file.metadata}))
@@ -505,9 +522,13 @@ class AnySizePipeline:
         ``out`` (a Raster of ``size``, which crops), with the memory plan's VAE tile. Up to 128 latent px
         a side the GroupNorm statistics come from one untiled run over the whole latent (exact, about two
         decodes); above, from a downsampled copy (fast mode); :func:`anysize.memory.decode_kwargs`."""
-        scaled = latents / vae.config.scaling_factor
-        if getattr(vae.config, "shift_factor", None):
-            scaled = scaled + vae.config.shift_factor
+        scale, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None)
+
+        def unscale(x: torch.Tensor) -> torch.Tensor:
+            x = x / scale
+            return x + shift if shift else x
+
+        scaled = unscale(latents) if torch.is_tensor(latents) else bands.Mapped(latents, unscale)
         height, width = scaled.shape[-2:]
         array = tiled_decode(vae, scaled, mode="fast", progress=self.progress and max(height, width) > 128, out=out,
                              **memory.decode_kwargs(vae, height, width, self._vae_tile))
@@ -528,7 +549,13 @@ class AnySizePipeline:
     def _stage2(self, image: PIL.Image.Image, passes, target: Size, opts: _Stage2, output_type: str, color_fix,
                 file: _FileOutput | None = None):
         """Every upscaling pass, then colour fix and the output type; no pass: a plain resize. With
-        ``file``, the last pass decodes into a scratch Raster beside the target and is written from it."""
+        ``file``, the last pass decodes into a scratch Raster beside the target and is written from it.
+        Banded passes' files (:meth:`_band_work`) live until the end of this call."""
+        with contextlib.ExitStack() as self._scratch:
+            return self._stage2_passes(image, passes, target, opts, output_type, color_fix, file)
+
+    def _stage2_passes(self, image: PIL.Image.Image, passes, target: Size, opts: _Stage2, output_type: str,
+                       color_fix, file: _FileOutput | None):
         reference, array = image, None
         run = self._sr_pass if self.upscaler is not None else self._img2img_pass
         for k, size in enumerate(passes):
@@ -538,9 +565,10 @@ class AnySizePipeline:
             if last and file is not None:
                 return self._write_file(vae, latents, size, reference, color_fix, file)
             if last and output_type == "latent":
-                return latents
+                return latents if torch.is_tensor(latents) else latents.to_tensor()
             array = self._decode(vae, latents, size)
-            image = PIL.Image.fromarray(array) if not last else image
+            if not last:  # the next pass reads the PIL image; the array would only sit in memory
+                image, array = PIL.Image.fromarray(array), None
         if array is None:
             array = np.array(_resize(image, target))
         elif color_fix == "adain":
@@ -573,18 +601,72 @@ class AnySizePipeline:
         pipe = self.upscaler
         f = vae_scale_factor(pipe.vae)
         lat_w, lat_h = math.ceil(size[0] / f), math.ceil(size[1] / f)
-        low = _image_tensor(_resize(image, (lat_w, lat_h)), self.device)
         level = torch.tensor([opts.noise_level], device=self.device, dtype=torch.long)
-        low = pipe.low_res_scheduler.add_noise(low, self._noise(low.shape, opts.generator, torch.float32), level)
         dtype = pipe.unet.dtype
+        tiles = replace(opts.tiling, tile_size=opts.tile_size or int(pipe.unet.config.sample_size))
+        shape = (1, pipe.vae.config.latent_channels, lat_h, lat_w)
+        if memory.banded_sampling(lat_h, lat_w, opts.latent_memory, tiles.method):
+            return self._sr_pass_banded(image, size, shape, level, tiles, opts, desc), pipe.vae
+        low = _image_tensor(_resize(image, (lat_w, lat_h)), self.device)
+        low = pipe.low_res_scheduler.add_noise(low, self._noise(low.shape, opts.generator, torch.float32), level)
         den = self._denoiser(pipe, opts.prompt, opts.negative_prompt, opts.guidance_scale, size,
                              cond=low.to(dtype), class_labels=level)
         pipe.scheduler.set_timesteps(opts.steps)
-        latents = self._noise((1, pipe.vae.config.latent_channels, lat_h, lat_w), opts.generator, dtype)
-        tiles = replace(opts.tiling, tile_size=opts.tile_size or int(pipe.unet.config.sample_size))
+        latents = self._noise(shape, opts.generator, dtype)
         latents = self._sample(pipe, den, latents * pipe.scheduler.init_noise_sigma, tiles, opts.generator,
                                opts.callback, "upscale", desc)
         return latents, pipe.vae
+
+    def _sr_pass_banded(self, image: PIL.Image.Image, size: Size, shape, level: torch.Tensor, tiles: TilingConfig,
+                        opts: _Stage2, desc: str) -> bands.DiskTensor:
+        """:meth:`_sr_pass` with the conditioning image and the latents on disk, written band by band
+        from the same noise draws in the same order (so the same values as in memory)."""
+        pipe, (_, _, lat_h, lat_w) = self.upscaler, shape
+        dtype = pipe.unet.dtype
+        work = self._band_work(shape, tiles.tile_size, dtype, opts)
+        cond = self._scratch.enter_context(bands.DiskTensor(work.dir / "cond.raw", (1, 3, lat_h, lat_w), dtype))
+        pixels = np.asarray(_resize(image, (lat_w, lat_h)).convert("RGB"))
+        noise = bands.NoiseStream(3 * lat_h * lat_w, opts.generator)
+
+        def low_rows(b: int, c: int, top: int, bottom: int) -> torch.Tensor:  # as _image_tensor, then add_noise
+            x = torch.from_numpy(pixels[top:bottom, :, c].astype(np.float32) / 127.5 - 1.0).to(self.device)
+            return pipe.low_res_scheduler.add_noise(x, noise.take(x.numel()).view_as(x).to(self.device), level)
+
+        bands.fill_planes(cond, low_rows)
+        del pixels, low_rows  # on disk now
+        den = self._denoiser(pipe, opts.prompt, opts.negative_prompt, opts.guidance_scale, size, cond=cond,
+                             class_labels=level)
+        pipe.scheduler.set_timesteps(opts.steps)
+        sigma, noise = pipe.scheduler.init_noise_sigma, bands.NoiseStream(math.prod(shape), opts.generator)
+        bands.fill_planes(work.init, lambda b, c, top, bottom: noise.take((bottom - top) * lat_w)
+                          .view(bottom - top, lat_w).to(self.device, dtype) * sigma)
+        return self._sample_banded(pipe, den, work, tiles, opts, desc)
+
+    def _band_work(self, shape, tile: int, dtype: torch.dtype, opts: _Stage2) -> bands.BandWork:
+        """The files of a banded phase: in the run directory (a phase of it, durable, resumable), or in a
+        scratch directory (beside the output file, else in the temp directory) removed after the call."""
+        run, stack = self._run, self._scratch
+        if run is not None:
+            directory = run.path / f"{run.next_phase()}.bands"
+        else:
+            directory = Path(tempfile.mkdtemp(prefix=".anysize-bands.", dir=opts.scratch))
+            stack.callback(shutil.rmtree, directory, ignore_errors=True)
+        rows = bands.band_rows(shape, minimum=tile)
+        return stack.enter_context(bands.BandWork(directory, shape, rows=rows, durable=run is not None, dtype=dtype))
+
+    def _sample_banded(self, pipe, denoiser, work: bands.BandWork, tiles: TilingConfig, opts: _Stage2, desc: str,
+                       timesteps=None) -> bands.DiskTensor:
+        """:func:`anysize.sampler.sample_banded` for one pass; with a run directory, continued from its
+        last commit, and Ctrl-C stops after the next one."""
+        run = self._run
+
+        def stop(step: int) -> None:
+            if run is not None and run.stop_requested:
+                raise RunInterrupted(f"interrupted at step {step} of {work.dir.name}; the run continues from there")
+
+        return sample_banded(denoiser, work, pipe.scheduler, tiles, generator=opts.generator,
+                             callback_on_step_end=self._callback(opts.callback, "upscale"), on_commit=stop,
+                             progress=self.progress, desc=desc, timesteps=timesteps, device=self.device)
 
     def _img2img_pass(self, image: PIL.Image.Image, size: Size, opts: _Stage2, desc: str):
         """One img2img pass with the base model: resize to ``size``, encode with the tiled VAE, noise to
@@ -600,8 +682,20 @@ class AnySizePipeline:
         timesteps = scheduler.timesteps[start * scheduler.order :]
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(start * scheduler.order)
-        noisy = scheduler.add_noise(init, self._noise(init.shape, opts.generator, dtype), timesteps[:1])
         den = self._denoiser(pipe, opts.prompt, opts.negative_prompt, opts.guidance_scale, size)
+        if memory.banded_sampling(lat_h, lat_w, opts.latent_memory, opts.tiling.method):
+            work = self._band_work(init.shape, opts.tiling.tile_size, dtype, opts)
+            noise, first = bands.NoiseStream(init.numel(), opts.generator), timesteps[:1]
+
+            def noisy_rows(b: int, c: int, top: int, bottom: int) -> torch.Tensor:
+                rows = init[b : b + 1, c : c + 1, top:bottom]
+                fresh = noise.take(rows.numel()).view_as(rows).to(self.device, dtype)
+                return scheduler.add_noise(rows, fresh, first)[0, 0]
+
+            bands.fill_planes(work.init, noisy_rows)
+            del init
+            return self._sample_banded(pipe, den, work, opts.tiling, opts, desc, timesteps), pipe.vae
+        noisy = scheduler.add_noise(init, self._noise(init.shape, opts.generator, dtype), timesteps[:1])
         latents = self._sample(pipe, den, noisy, opts.tiling, opts.generator, opts.callback, "upscale", desc,
                                timesteps=timesteps)
         return latents, pipe.vae

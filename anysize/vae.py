@@ -486,7 +486,9 @@ def tiled_decode(
         vae: a diffusers ``AutoencoderKL`` (any dtype/device; fp16 tiles that come out non-finite are
             redone in float32, and fp16 with ``config.force_upcast`` runs in float32 throughout).
         latents: ``(1, C, h, w)`` in the VAE's latent space: the caller has already undone
-            ``scaling_factor`` (and ``shift_factor``), exactly as before ``vae.decode``.
+            ``scaling_factor`` (and ``shift_factor``), exactly as before ``vae.decode``; or latents on
+            disk (anything with ``shape`` and ``box((top, left, bottom, right))``, such as
+            :class:`anysize.bands.DiskTensor`), read one tile's rows at a time.
         tile_size: core tile side in latent px; cores partition the latent.
         margin: latent px read around each core (clamped to the canvas); default
             :func:`decoder_margin` (18 for SD's VAE), which makes tiles exact.
@@ -504,7 +506,8 @@ def tiled_decode(
     Returns:
         ``out`` (the new array when ``out`` was None).
     """
-    if not torch.is_tensor(latents) or latents.ndim != 4:
+    on_disk = not torch.is_tensor(latents) and callable(getattr(latents, "box", None))
+    if not (torch.is_tensor(latents) or on_disk) or latents.ndim != 4:
         raise ValueError(f"latents with shape {getattr(latents, 'shape', None)}: must be a 4-D tensor (1, C, h, w)")
     if latents.shape[0] != 1:
         raise ValueError(f"latents.shape[0]={latents.shape[0]}: must be 1; decode a batch one image at a time")
@@ -517,7 +520,7 @@ def tiled_decode(
     _check_choice("output", output, OUTPUTS)
     f, (h, w) = vae_scale_factor(vae), latents.shape[-2:]
     sink, result = _make_sink(out, (h * f, w * f, vae.config.out_channels), output)
-    source = lambda b: latents[:, :, b[0]:b[2], b[1]:b[3]]  # noqa: E731
+    source = latents.box if on_disk else lambda b: latents[:, :, b[0]:b[2], b[1]:b[3]]  # noqa: E731
 
     def emit(tile: _Tile, y: Tensor) -> None:
         t, l, bo, r = tile.region()

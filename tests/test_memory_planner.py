@@ -82,8 +82,13 @@ def test_output_type_and_streaming(pipe):
            for t in ("pil", "np", "pt")}
     assert out["pil"].host >= 8192 * 8192 * (3 + 4)  # the uint8 result and its PIL copy
     assert out["pil"].host < out["np"].host < out["pt"].host
-    fixed, plain = (plan_memory(pipe, 4096, 1024, color_fix=c, max_memory=BIG).stages[-1].host for c in (True, False))
-    assert fixed > plain + 1024 * 4096 * 24  # the colour fix's float64 band
+    fixed, plain = (plan_memory(pipe, 4096, 64, color_fix=c, max_memory=BIG).stages[-1].host for c in (True, False))
+    assert fixed > plain + 64 * 4096 * 24  # the colour fix's float64 band
+    # the colour fix's band is a fixed number of bytes, whatever the width
+    from anysize.memory import COLOR_FIX_BYTES, color_fix_rows
+
+    for width in (2048, 16384, 100_000):
+        assert COLOR_FIX_BYTES / 2 < color_fix_rows(width) * width * 48 <= COLOR_FIX_BYTES
     streamed = plan_memory(pipe, *size, streaming=True, max_memory=BIG)
     assert streamed.stages[-1].host < out["pil"].host / 4
     held = plan_memory(pipe, *size, max_memory=BIG).stages[-2]
@@ -92,8 +97,13 @@ def test_output_type_and_streaming(pipe):
 
 
 def test_estimates_grow_with_size_and_batch(pipe):
-    peaks = [plan_memory(pipe, s, s, max_memory=BIG, tile_batch_size=8).peak for s in (64, 256, 1024, 4096)]
-    assert peaks == sorted(peaks) and peaks[-1] > 4 * peaks[1]
+    # sampling state in memory (latent_memory=BIG), it grows with the latent; on disk (the default) it stays flat
+    peaks = [plan_memory(pipe, s, s, max_memory=BIG, tile_batch_size=8, latent_memory=BIG).peak
+             for s in (64, 256, 1024, 4096)]
+    assert peaks == sorted(peaks) and peaks[-1] > 3 * peaks[1]
+    last_pass = [[s for s in plan_memory(pipe, 4096, 4096, max_memory=BIG, tile_batch_size=8, latent_memory=m).stages
+                  if s.kind == "sample"][-1] for m in (BIG, 0)]
+    assert last_pass[1].device < last_pass[0].device and "on disk in bands of 512 rows" in last_pass[1].detail
     by_batch = [sample_peak(pipe, (2048, 2048), b) for b in sorted(TILE_BATCH_CHOICES)]
     assert by_batch == sorted(by_batch) and by_batch[-1] > by_batch[0]
     guided, unguided = (sample_peak_cfg(pipe, g) for g in (7.5, 1.0))
