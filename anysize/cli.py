@@ -176,7 +176,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="memory budget for the planner, e.g. 8GiB or 512MiB (default: what is free on the device)")
     p.add_argument("--latent-memory", type=_bytes_or_zero, default=None, metavar="SIZE",
                    help="a pass whose sampling state needs more than this keeps it on disk and works by bands "
-                        "of rows, so memory stays flat at any size (default 256MiB; 0: always)")
+                        "of rows, so memory stays flat at any size (default 256MiB on the CPU, no limit on CUDA; 0: always)")
     p.add_argument("--strength", type=_float_in(0, 1, low_open=True), default=0.3, metavar="X",
                    help="img2img upscaling: how much each pass may change (default 0.3)")
     models = p.add_argument_group("models")

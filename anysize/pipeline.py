@@ -280,7 +280,14 @@ class AnySizePipeline:
             self, width, height, source=source, max_memory=max_memory, tile_batch_size=tile_batch_size,
             vae_tile_size=vae_tile_size, tile_size=tile_size, tiling=tiling, output_type=output_type,
             color_fix=color_fix == "adain", streaming=streaming, guidance_scale=guidance_scale,
-            upscale_guidance_scale=upscale_guidance_scale, latent_memory=latent_memory)
+            upscale_guidance_scale=upscale_guidance_scale, latent_memory=self._latent_limit(latent_memory))
+
+    def _latent_limit(self, latent_memory: int | None) -> int | None:
+        """``latent_memory`` as given; by default (None) :data:`anysize.memory.LATENT_MEMORY` where the
+        sampling state lives in host memory (CPU, MPS), no limit on CUDA, whose state is not the host's."""
+        if latent_memory is None and self.device.type == "cuda":
+            return 2**62
+        return latent_memory
 
     def _plan_call(self, width: int, height: int, **kwargs) -> memory.MemoryPlan:
         """:meth:`plan_memory` for a call, which then decodes with its VAE tile. Under torchrun every rank
@@ -320,7 +327,8 @@ class AnySizePipeline:
         run's info and ``output_metadata`` stored in it; ``images`` is then empty and ``files`` has the path.
         ``run_dir``: checkpoint every ``checkpoint_every`` steps there and continue from what it holds
         (:mod:`anysize.resume`); Ctrl-C then stops at the next step boundary with a checkpoint.
-        ``latent_memory`` (bytes; None: :data:`anysize.memory.LATENT_MEMORY`): a stage-2 pass whose
+        ``latent_memory`` (bytes; None: :data:`anysize.memory.LATENT_MEMORY` on the CPU and MPS, no
+        limit on CUDA, where the state is in GPU memory): a stage-2 pass whose
         sampling state would hold more keeps its latents, scheduler state and conditioning image on disk
         and samples by bands of rows (:mod:`anysize.bands`; beside ``output_path`` or in the run
         directory, else in the temp directory), so memory stays flat at any size; bit-identical on the
@@ -353,7 +361,7 @@ class AnySizePipeline:
                 opts = _Stage2(text, negative_prompt, upscale_inference_steps,
                                guidance_scale if upscale_guidance_scale is None else upscale_guidance_scale,
                                tiles, tile_size, noise_level, strength, generator, callback_on_step_end,
-                               latent_memory, file and Path(file.path).parent)
+                               self._latent_limit(latent_memory), file and Path(file.path).parent)
                 infos.append({"prompt": text, "negative_prompt": negative_prompt, "width": width,
                               "height": height, "base_size": list(plan.base), "panorama": plan.panorama,
                               "passes": [list(p) for p in plan.passes], "tiling": tiling,
@@ -396,7 +404,8 @@ class AnySizePipeline:
         native = int((self.upscaler if self.upscaler is not None else self.base).unet.config.sample_size)
         tiles = TilingConfig(method=tiling, tile_size=tile_size or native, tile_batch_size=mem.tile_batch_size)
         opts = _Stage2(prompt, negative_prompt, num_inference_steps, guidance_scale, tiles, tile_size, noise_level,
-                       strength, generator, callback_on_step_end, latent_memory, file and Path(file.path).parent)
+                       strength, generator, callback_on_step_end, self._latent_limit(latent_memory),
+                       file and Path(file.path).parent)
         passes = upscale_passes(source.size, (width, height), self.stage2_factor)
         info = {"prompt": prompt, "width": width, "height": height, "passes": [list(p) for p in passes],
                 "tiling": tiling, "tile_batch_size": mem.tile_batch_size, "vae_tile_size": mem.vae_tile_size,

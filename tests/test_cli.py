@@ -254,6 +254,20 @@ def test_memory_plan_is_printed_and_kept(capsys, tmp_path, models):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.png"]
 
 
+def test_latent_memory_sends_sampling_to_disk_with_the_same_pixels(capsys, tmp_path, models):
+    """--latent-memory 0: every stage-2 pass samples by bands on disk; same image, no scratch left."""
+    for name, extra in (("mem.png", []), ("disk.png", ["--latent-memory", "0"])):
+        code, _, err = run(capsys, "generate", "x", "--size", "160x96", "-o", tmp_path / name, *FAST, *models, *extra)
+        assert code == 0, err
+    assert "state on disk in bands" in err
+    with PIL.Image.open(tmp_path / "mem.png") as a, PIL.Image.open(tmp_path / "disk.png") as b:
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    code, _, err = run(capsys, "generate", "x", "--size", "96x64", "-o", tmp_path / "p.png", "--latent-memory", "-1",
+                       *FAST, *models)
+    assert_one_error(code, err, 2, "--latent-memory", "512MiB")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.png", "mem.png"]
+
+
 def test_interrupt_exits_130_without_a_file(capsys, tmp_path, monkeypatch, models):
     from anysize.pipeline import AnySizePipeline
 
