@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 
 from .output import _atomic_write, _fsync_dir
 from .resume import load_scheduler_state, scheduler_state
+from .stream import pwrite_all
 
 Box = tuple[int, int, int, int]
 
@@ -96,12 +97,13 @@ class DiskTensor:
         if rows.shape[:2] != self.shape[:2] or rows.shape[3] != self.shape[3] or top < 0 \
                 or top + rows.shape[2] > self.shape[2]:
             raise ValueError(f"rows {tuple(rows.shape)} at row {top}: do not fit {tuple(self.shape)}")
-        raw = rows.detach().to("cpu", self.dtype).contiguous().view(torch.uint8).numpy()
         for b, c in self._planes():
-            view, offset = memoryview(raw[b, c]).cast("B"), (b * self.shape[1] + c) * self._plane + top * self._row
-            while view:
-                n = os.pwrite(self._fd, view, offset)
-                view, offset = view[n:], offset + n
+            self.write_plane(b, c, top, rows[b, c])
+
+    def write_plane(self, b: int, c: int, top: int, rows: torch.Tensor) -> None:
+        """Store ``rows`` ``(h, W)`` of plane ``(b, c)`` at rows ``top:top + h``."""
+        raw = rows.detach().to("cpu", self.dtype).contiguous().view(torch.uint8).numpy()
+        pwrite_all(self._fd, raw, (b * self.shape[1] + c) * self._plane + top * self._row)
         self._cache = None
 
     def box(self, box: Box) -> torch.Tensor:
@@ -138,14 +140,11 @@ class DiskTensor:
 
 
 class Mapped:
-    """A read-only elementwise view of a :class:`DiskTensor`: ``box`` and ``read`` apply ``fn``."""
+    """A read-only elementwise view of a :class:`DiskTensor` for :func:`anysize.vae.tiled_decode`: ``box`` applies ``fn``."""
 
     def __init__(self, base: DiskTensor, fn: Callable[[torch.Tensor], torch.Tensor]):
         self.base, self.fn, self.shape, self.dtype, self.ndim = base, fn, base.shape, base.dtype, 4
         self.device = base.device
-
-    def read(self, top: int, bottom: int) -> torch.Tensor:
-        return self.fn(self.base.read(top, bottom))
 
     def box(self, box: Box) -> torch.Tensor:
         return self.fn(self.base.box(box))
@@ -193,14 +192,7 @@ def fill_planes(target: DiskTensor, values: Callable[[int, int, int, int], torch
     for b, c in target._planes():
         for top in range(0, height, rows):
             bottom = min(height, top + rows)
-            block = values(b, c, top, bottom).to(target.dtype).contiguous()
-            raw = block.view(torch.uint8).numpy()
-            view = memoryview(raw).cast("B")
-            offset = (b * target.shape[1] + c) * target._plane + top * target._row
-            while view:
-                n = os.pwrite(target._fd, view, offset)
-                view, offset = view[n:], offset + n
-    target._cache = None
+            target.write_plane(b, c, top, values(b, c, top, bottom))
 
 
 def band_rows(shape: Sequence[int], minimum: int = 1, budget: int = BAND_BYTES) -> int:
@@ -245,9 +237,6 @@ class BandWork:
     def source(self, step: int) -> DiskTensor:
         """The latents that step ``step`` starts from."""
         return self.init if step == 0 else self.latents[step % 2]
-
-    def result(self, steps: int) -> DiskTensor:
-        return self.source(steps)
 
     def _band_file(self, k: int, parity: int) -> Path:
         return self.dir / f"band{k}.p{parity}.safetensors"

@@ -226,17 +226,21 @@ def sample_tiled(
     the one made when the run first started).
     """
     steps = len(scheduler.timesteps if timesteps is None else timesteps)
-    if plan_generator is None and generator is not None:
-        plan_generator = make_plan_generator(generator)
-    model = TiledModel(
-        denoiser, config, height=latents.shape[-2], width=latents.shape[-1], num_steps=steps,
-        generator=plan_generator,
-    )
+    model = _tiled_model(denoiser, config, latents.shape, steps, generator, plan_generator)
     done = sum(len(p) for p in model.plans[:start])
     with tqdm(total=model.total_evaluations, initial=done, desc=desc, unit="tile", disable=not progress) as bar:
         model.progress = bar.update
         return sample(model, latents, scheduler, generator=generator, timesteps=timesteps,
                       callback_on_step_end=callback_on_step_end, start=start)
+
+
+def _tiled_model(denoiser: TileDenoiser, config: TilingConfig, shape: Sequence[int], steps: int,
+                 generator: torch.Generator | None, plan_generator: torch.Generator | None) -> TiledModel:
+    """The :class:`TiledModel` of a sampling run over a latent of ``shape``; its plans come from
+    ``plan_generator`` (default :func:`make_plan_generator` of ``generator``, before it draws anything)."""
+    if plan_generator is None and generator is not None:
+        plan_generator = make_plan_generator(generator)
+    return TiledModel(denoiser, config, height=shape[-2], width=shape[-1], num_steps=steps, generator=plan_generator)
 
 
 def sample_banded(
@@ -278,10 +282,7 @@ def sample_banded(
     """
     ts = list(scheduler.timesteps if timesteps is None else timesteps)
     device = torch.device(device if device is not None else "cpu")
-    if plan_generator is None and generator is not None:
-        plan_generator = make_plan_generator(generator)
-    batch, _, height, width = work.shape
-    model = TiledModel(denoiser, config, height=height, width=width, num_steps=len(ts), generator=plan_generator)
+    model = _tiled_model(denoiser, config, work.shape, len(ts), generator, plan_generator)
     start = 0
     committed = work.committed()
     if committed is not None:
@@ -307,7 +308,7 @@ def sample_banded(
                     work.commit(i + 1, generator)
             if on_commit is not None:
                 on_commit(i + 1)
-    return work.result(len(ts))
+    return work.source(len(ts))
 
 
 def _banded_step(model: TiledModel, work, bands: list, i: int, t, extra: dict, device: torch.device,

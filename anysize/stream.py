@@ -58,6 +58,14 @@ class ArrayRows:
         self.array[top : top + rows.shape[0]] = rows
 
 
+def pwrite_all(fd: int, data, offset: int) -> None:
+    """Write all of ``data`` (any buffer) at ``offset`` of ``fd``: ``os.pwrite`` may write less."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
 class Raster:
     """An ``(height, width, channels)`` uint8 image in a raw scratch file, written and read with
     positional I/O. A :class:`anysize.vae.TileWriter`: ``write(top, left, tile)`` clips ``tile`` to the
@@ -96,10 +104,7 @@ class Raster:
         return np.frombuffer(data, np.uint8).reshape(bottom - top, self.width, self.channels).copy()
 
     def _pwrite(self, data: bytes, offset: int) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self._fd, view, offset)
-            view, offset = view[n:], offset + n
+        pwrite_all(self._fd, data, offset)
 
     def close(self) -> None:
         """Close and delete the scratch file."""
