@@ -1,9 +1,14 @@
 """Scale benchmark: peak memory and wall time of ``anysize generate`` from 512^2 up to gigapixel sizes.
 
-Each size runs in a fresh process (``python -m anysize generate ... -o OUT.tif``, streamed to a pyramid
-TIFF), so peaks do not mix; the parent samples the child's whole RSS with psutil every 20 ms and keeps
-the peak (``ru_maxrss`` of the child as a cross-check). Prints a markdown table (size, megapixels, wall
-s, s/MP, peak RSS, peak relative to 2048^2) and writes a JSON file and a plot.
+Each size runs in a fresh process (``anysize generate ... -o OUT.tif``, streamed to a pyramid TIFF,
+through ``benchmarks/stage_times.py``, which adds each stage's seconds to the row), so peaks do not
+mix; the parent samples the child's whole RSS with psutil every 20 ms and keeps the peak
+(``ru_maxrss`` of the child as a cross-check). Prints a markdown table (size, megapixels, wall s,
+s/MP, CPU s/MP, steal, peak RSS, peak relative to 2048^2) and writes a JSON file and a plot.
+
+Wall time on a shared virtual machine includes time the host gave to other guests: the row's
+``steal_s`` is the machine's steal time (``/proc/stat``, all CPUs) during the run, and ``cpu_s`` the
+child's user + system seconds, which steal does not inflate.
 
     python benchmarks/scale.py --sizes 512 1024 2048 4096 --steps 2 --upscale-steps 2
 
@@ -58,12 +63,14 @@ class GpuMemory:
 
 
 def run_one(side: int, args: argparse.Namespace, out_dir: Path, gpu: GpuMemory) -> dict:
-    out = out_dir / f"scale_{side}.tif"
-    cmd = [sys.executable, "-m", "anysize", "generate", args.prompt, "--size", f"{side}x{side}", "-o", str(out),
+    out, stages = out_dir / f"scale_{side}.tif", out_dir / f"stages_{side}.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "stage_times.py"), "--json", str(stages), "--",
+           "generate", args.prompt, "--size", f"{side}x{side}", "-o", str(out),
            "--steps", str(args.steps), "--upscale-steps", str(args.upscale_steps), "--seed", "1",
            "--guidance", "4", "--upscale-guidance", "1", "--quiet", *args.models, *args.extra]
     env = {**os.environ, "MKL_CBWR": "AVX2,STRICT"}
     gpu_before = gpu.used()
+    cpu_before, steal_before = _child_cpu(), _steal()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak, gpu_peak = [0], [gpu_before or 0]
@@ -88,6 +95,7 @@ def run_one(side: int, args: argparse.Namespace, out_dir: Path, gpu: GpuMemory) 
         proc.communicate()
         raise SystemExit(f"{side}x{side}: still running after --timeout {args.timeout} s; killed")
     wall = time.perf_counter() - start
+    cpu, steal = _child_cpu() - cpu_before, _steal()
     watcher.join()
     if proc.returncode != 0:
         raise SystemExit(f"{side}x{side} failed: {err.decode().strip()}")
@@ -95,10 +103,28 @@ def run_one(side: int, args: argparse.Namespace, out_dir: Path, gpu: GpuMemory) 
     out.unlink()
     row = {"side": side, "megapixels": side * side / 1e6, "wall_s": wall, "s_per_mp": wall / (side * side / 1e6),
            "peak_rss_mib": peak[0] / 2**20, "file_mib": size / 2**20,
-           "ru_maxrss_children_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+           "ru_maxrss_children_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+           "cpu_s": cpu, "cpu_s_per_mp": cpu / (side * side / 1e6),
+           "steal_s": None if steal is None else steal - steal_before,
+           "stages": json.loads(stages.read_text())}
     if gpu_before is not None:
         row["peak_gpu_mib"] = (gpu_peak[0] - gpu_before) / 2**20
     return row
+
+
+def _child_cpu() -> float:
+    """User + system CPU seconds of this process's finished children."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _steal() -> float | None:
+    """The machine's steal time so far, CPU seconds summed over CPUs (Linux ``/proc/stat``); None elsewhere."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def main() -> None:
@@ -162,13 +188,14 @@ def _report(rows: list[dict], args: argparse.Namespace, gpu: GpuMemory) -> None:
           f"{'; GPU ' + gpu.name if gpu.name else ''}; model {args.arch}; steps {args.steps}+{args.upscale_steps}; "
           f"load average {os.getloadavg()[0]:.1f}")
     gpu_col = "peak_gpu_mib" in rows[0]
-    print("| size | MP | wall s | s/MP | peak RSS MiB | peak / 2048^2 |" + (" peak GPU MiB |" if gpu_col else "")
-          + " file MiB |")
-    print("|---|---|---|---|---|---|" + ("---|" if gpu_col else "") + "---|")
+    print("| size | MP | wall s | s/MP | CPU s/MP | steal s | peak RSS MiB | peak / 2048^2 |"
+          + (" peak GPU MiB |" if gpu_col else "") + " file MiB |")
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if gpu_col else "") + "---|")
     for r in rows:
         rel = f"{r['peak_rss_mib'] / ref['peak_rss_mib']:.2f}" if ref else "-"
+        steal = "-" if r.get("steal_s") is None else f"{r['steal_s']:.0f}"
         print(f"| {r['side']}^2 | {r['megapixels']:.2f} | {r['wall_s']:.1f} | {r['s_per_mp']:.2f} | "
-              f"{r['peak_rss_mib']:.0f} | {rel} |" + (f" {r['peak_gpu_mib']:.0f} |" if gpu_col else "")
+              f"{r['cpu_s_per_mp']:.2f} | {steal} | {r['peak_rss_mib']:.0f} | {rel} |" + (f" {r['peak_gpu_mib']:.0f} |" if gpu_col else "")
               + f" {r['file_mib']:.1f} |")
     _plot_series({"": rows}, args.plot)
 
@@ -185,10 +212,12 @@ def _plot_series(series: dict[str, list[dict]], path: Path) -> None:
         a.plot(mp, [r["peak_rss_mib"] for r in rows], "o-", label=f"{name} process RSS".strip())
         if "peak_gpu_mib" in rows[0]:
             a.plot(mp, [r["peak_gpu_mib"] for r in rows], "s--", label=f"{name} GPU (NVML)".strip())
-        b.plot(mp, [r["s_per_mp"] for r in rows], "o-", label=name or None)
+        b.plot(mp, [r["s_per_mp"] for r in rows], "o-", label=f"{name} wall".strip())
+        if "cpu_s_per_mp" in rows[0]:
+            b.plot(mp, [r["cpu_s_per_mp"] for r in rows], "s--", label=f"{name} CPU (user + system)".strip())
     if len(series) > 1 or any("peak_gpu_mib" in rows[0] for rows in series.values()):
         a.legend(fontsize=7)
-    if len(series) > 1:
+    if len(series) > 1 or any("cpu_s_per_mp" in rows[0] for rows in series.values()):
         b.legend(fontsize=7)
     a.set(xscale="log", xlabel="output megapixels", ylabel="peak memory, MiB", title="peak memory (whole process)")
     b.set(xscale="log", xlabel="output megapixels", ylabel="seconds per megapixel", title="time per megapixel")
