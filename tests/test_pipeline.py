@@ -30,13 +30,19 @@ def test_exact_size_for_any_request(pipe, size):
 def test_plans_follow_the_request():
     assert upscale_passes((64, 64), (64, 64), 4) == ()
     assert upscale_passes((64, 64), (200, 200), 4) == ((200, 200),)
-    # up to x6 in one pass (conditioning enlarged <= 1.5x) rather than a pass the next one shrinks again
+    # the odd ratio goes to the first (smallest) pass: its input is enlarged up to 2x (x4 model) ...
     assert upscale_passes((512, 512), (3000, 3000), 4) == ((3000, 3000),)
-    assert upscale_passes((512, 512), (2100, 2100), 4) == ((2100, 2100),)
-    assert upscale_passes((512, 512), (4096, 4096), 4) == ((2048, 2048), (4096, 4096))
-    assert upscale_passes((512, 512), (16384, 16384), 4) == ((2048, 2048), (8192, 8192), (16384, 16384))
+    assert upscale_passes((512, 512), (4096, 4096), 4) == ((4096, 4096),)
+    assert upscale_passes((64, 64), (2048, 2048), 4) == ((512, 512), (2048, 2048))
+    assert upscale_passes((512, 512), (16384, 16384), 4) == ((4096, 4096), (16384, 16384))
+    assert upscale_passes((64, 64), (16384, 16384), 4) == ((256, 256), (1024, 1024), (4096, 4096), (16384, 16384))
+    # ... or shrunk down to just over 1/2, whichever leaves the ratio nearer a power of 4
+    assert upscale_passes((512, 512), (5120, 5120), 4) == ((1280, 1280), (5120, 5120))  # input 320 = 512 x 0.625
+    assert upscale_passes((512, 512), (9000, 9000), 4) == ((2250, 2250), (9000, 9000))  # input 562 = 512 x 1.1
+    assert upscale_passes((64, 48), (1024, 384), 4) == ((256, 96), (1024, 384))  # the target's ratio
     assert upscale_passes((1, 1), (8, 8000), 4)[0][0] >= 1  # no zero-pixel intermediate
-    assert upscale_passes((64, 48), (200, 150), 2) == ((128, 96), (200, 150))
+    assert upscale_passes((64, 48), (200, 150), 2) == ((100, 75), (200, 150))  # x2 img2img: stretch <= 1.41
+    assert upscale_passes((64, 64), (200, 200), 4, stretch=4) == ((200, 200),)
 
 
 def test_panorama_for_ratios_outside_the_buckets(pipe):
