@@ -122,6 +122,27 @@ def _resize(image: PIL.Image.Image, size: Size) -> PIL.Image.Image:
     return image if image.size == tuple(size) else image.resize(tuple(size), PIL.Image.Resampling.LANCZOS)
 
 
+class _Resized:
+    """``image`` resized to ``size`` (as :func:`_resize`), made one crop at a time for
+    :func:`anysize.vae.tiled_encode`, so a large img2img pass never holds its whole resized input
+    (3 bytes per output pixel, 768 MiB at 16384^2, twice over as PIL image and array). Each crop is
+    resampled from the source with PIL's ``box``, whose weights are those of the whole resize; PIL
+    rounds between its horizontal and vertical passes per call, so a crop can differ from the whole
+    resize by a level or so of 255."""
+
+    def __init__(self, image: PIL.Image.Image, size: Size):
+        self.image, self.size = image.convert("RGB"), tuple(size)
+        self.shape = (size[1], size[0], 3)
+
+    def box(self, box) -> np.ndarray:
+        t, l, b, r = box
+        if self.image.size == self.size:
+            return np.asarray(self.image.crop((l, t, r, b)))
+        sx, sy = self.image.width / self.size[0], self.image.height / self.size[1]
+        return np.asarray(self.image.resize((r - l, b - t), PIL.Image.Resampling.LANCZOS,
+                                            box=(l * sx, t * sy, r * sx, b * sy)))
+
+
 def to_pil(image) -> PIL.Image.Image:
     """A PIL RGB image from PIL, a uint8 / float [0, 1] HWC array, or a [0, 1] (C, H, W) tensor."""
     if isinstance(image, PIL.Image.Image):
@@ -689,7 +710,7 @@ class AnySizePipeline:
         pipe, f = self.base, self.base_factor
         lat_w, lat_h = math.ceil(size[0] / f), math.ceil(size[1] / f)
         dtype = pipe.unet.dtype
-        pixels = np.asarray(_resize(image, (lat_w * f, lat_h * f)))
+        pixels = _Resized(image, (lat_w * f, lat_h * f))
         init = tiled_encode(pipe.vae, pixels, mode="fast").to(self.device, dtype) * pipe.vae.config.scaling_factor
         scheduler = pipe.scheduler
         scheduler.set_timesteps(opts.steps)

@@ -553,8 +553,10 @@ def tiled_encode(
 
     Args:
         vae: a diffusers ``AutoencoderKL``.
-        images: ``(1, C, H, W)`` tensor in [-1, 1], or an ``(H, W, C)`` uint8 numpy array;
-            ``H`` and ``W`` multiples of the scale factor :func:`vae_scale_factor`.
+        images: ``(1, C, H, W)`` tensor in [-1, 1], an ``(H, W, C)`` uint8 numpy array, or an image
+            made on demand: an object with ``shape`` ``(H, W, C)`` whose ``box((top, left, bottom,
+            right))`` returns that crop as a uint8 ``(h, w, C)`` array (read one tile with its margins
+            at a time); ``H`` and ``W`` multiples of the scale factor :func:`vae_scale_factor`.
         tile_size, margin, stats_size: in image px, multiples of the scale factor (margin default:
             ``encoder_margin(config) * factor``, exact; stats_size default 768 = 96 latent px for
             SD). Cores live on the latent grid.
@@ -607,16 +609,22 @@ def _check_args(*, tile_size: int, margin: int, mode: str, tile_batch_size: int,
 
 
 def _image_source(images: Tensor | np.ndarray, channels: int) -> tuple[Callable[[Box], Tensor], tuple[int, ...]]:
-    """(crop box in image px -> (1, C, h, w) float in [-1, 1], (H, W)) for a tensor or a uint8 HWC array."""
-    if isinstance(images, np.ndarray):
-        if images.dtype != np.uint8 or images.ndim != 3 or images.shape[2] != channels:
-            raise ValueError(f"images array {images.dtype} {images.shape}: must be uint8, shape (H, W, {channels})")
+    """(crop box in image px -> (1, C, h, w) float in [-1, 1], (H, W)) for a tensor, a uint8 HWC array,
+    or an object with ``shape`` (H, W, C) whose ``box((top, left, bottom, right))`` makes that crop
+    as a uint8 HWC array."""
+    lazy = not isinstance(images, (np.ndarray, Tensor)) and callable(getattr(images, "box", None))
+    if isinstance(images, np.ndarray) or lazy:
+        shape = tuple(getattr(images, "shape", ()))
+        if (not lazy and images.dtype != np.uint8) or len(shape) != 3 or shape[2] != channels:
+            kind = f"array {images.dtype}" if not lazy else type(images).__name__
+            raise ValueError(f"images {kind} {shape}: must be uint8, shape (H, W, {channels})")
+        read = images.box if lazy else lambda b: images[b[0]:b[2], b[1]:b[3]]  # noqa: E731
 
         def crop(b: Box) -> Tensor:
-            tile = torch.from_numpy(np.array(images[b[0]:b[2], b[1]:b[3]]))
+            tile = torch.from_numpy(np.array(read(b), dtype=np.uint8))
             return tile.permute(2, 0, 1)[None].float() / 127.5 - 1
 
-        return crop, images.shape[:2]
+        return crop, shape[:2]
     if torch.is_tensor(images):
         if images.ndim != 4 or images.shape[0] != 1 or images.shape[1] != channels:
             raise ValueError(f"images.shape={tuple(images.shape)}: must be (1, {channels}, H, W)")

@@ -131,6 +131,25 @@ def test_upscale_alone(pipe):
     assert np.array_equal(np.asarray(out.images[0]), np.asarray(same.images[0]))
 
 
+def test_img2img_input_is_resized_a_crop_at_a_time():
+    """_Resized's crops agree with one whole LANCZOS resize to within a level or two of 255 (PIL
+    rounds between its two passes per call) on a photo-like image, and a same-size input is cropped."""
+    from anysize.pipeline import _Resized
+
+    y, x = np.mgrid[0:90, 0:120]
+    src = np.stack([128 + 100 * np.sin(x / 7.0) * np.cos(y / 11.0), 2.0 * x, 255 - 2.5 * y], -1)
+    image = PIL.Image.fromarray(src.clip(0, 255).astype(np.uint8))
+    for size in ((300, 225), (176, 128), (60, 45)):
+        whole = np.asarray(image.resize(size, PIL.Image.Resampling.LANCZOS)).astype(int)
+        lazy = _Resized(image, size)
+        assert lazy.shape == (size[1], size[0], 3)
+        for t, l, b, r in ((0, 0, size[1], size[0]), (7, 13, size[1] // 2, size[0] - 3), (size[1] // 3, 0, size[1], 40)):
+            crop = lazy.box((t, l, b, r))
+            assert crop.shape == (b - t, r - l, 3) and crop.dtype == np.uint8
+            assert np.abs(crop.astype(int) - whole[t:b, l:r]).max() <= 2
+    assert np.array_equal(_Resized(image, image.size).box((5, 6, 50, 70)), np.asarray(image)[5:50, 6:70])
+
+
 def test_img2img_upscaling_with_the_base_model(model_dirs):
     p = AnySizePipeline.from_pretrained(base=model_dirs[0], img2img=True, device="cpu")
     p.set_progress_bar_config(disable=True)

@@ -179,6 +179,27 @@ def test_encode_accepts_uint8_array(vae):
     assert (tiled_encode(vae, u8, tile_size=16) - tiled_encode(vae, as_tensor, tile_size=16)).abs().max() < 1e-6
 
 
+def test_encode_reads_an_image_made_on_demand(vae):
+    """An object with shape and box() is read one tile (with margins) at a time, never whole."""
+    x = smooth((1, 3, 40, 58), seed=6).clamp(-1, 1)
+    u8 = ((x[0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
+
+    class OnDemand:
+        shape, boxes = u8.shape, []
+
+        def box(self, b):
+            self.boxes.append(b)
+            return u8[b[0]:b[2], b[1]:b[3]]
+
+    lazy = OnDemand()
+    for mode in ("exact", "fast"):
+        assert torch.equal(tiled_encode(vae, lazy, tile_size=16, mode=mode), tiled_encode(vae, u8, tile_size=16, mode=mode))
+    assert max((b[2] - b[0]) * (b[3] - b[1]) for b in lazy.boxes) < u8.shape[0] * u8.shape[1]
+    with pytest.raises(ValueError, match=r"shape \(H, W, 3\)"):
+        OnDemand.shape = (40, 58)
+        tiled_encode(vae, OnDemand(), tile_size=16)
+
+
 def test_fp16_overflow_redone_in_float32():
     """A mid-block that overflows in fp16 (x1e5 > 65504) on every other call: those tiles go to fp32.
 
