@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from .output import _atomic_write, _fsync_dir
 from .resume import load_scheduler_state, scheduler_state
-from .stream import pwrite_all
+from .stream import pread_into, pwrite_all
 
 Box = tuple[int, int, int, int]
 
@@ -83,12 +83,7 @@ class DiskTensor:
         out = torch.empty((*self.shape[:2], bottom - top, self.shape[3]), dtype=self.dtype)
         raw = out.view(torch.uint8).numpy()  # the tensor's own bytes: the reads land in place
         for b, c in self._planes():
-            view, offset = memoryview(raw[b, c]).cast("B"), (b * self.shape[1] + c) * self._plane + top * self._row
-            while view:
-                n = os.preadv(self._fd, [view], offset)
-                if n <= 0:
-                    raise OSError(f"{self.path}: short read at byte {offset}")
-                view, offset = view[n:], offset + n
+            pread_into(self._fd, raw[b, c], (b * self.shape[1] + c) * self._plane + top * self._row, str(self.path))
         self._cache = (top, bottom, out)
         return out.clone()
 

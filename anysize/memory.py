@@ -373,7 +373,6 @@ def _decode(vae: Any, size: tuple[int, int], vae_tile: int, on_disk: bool = Fals
     return _RUNTIME_BYTES + held * lat_w * _DECODE_FLOATS * 4 + tiled_decode_bytes(vae, lat_h, lat_w, vae_tile)
 
 
-
 def _stages(req: _Request, batch: int, vae_tile: int) -> tuple[StagePeak, ...]:
     """Every stage's peak for tile batch ``batch`` and VAE tile ``vae_tile`` (the pipeline's order)."""
     pipe, stages = req.pipe, []

@@ -58,6 +58,17 @@ class ArrayRows:
         self.array[top : top + rows.shape[0]] = rows
 
 
+def pread_into(fd: int, data, offset: int, name: str) -> None:
+    """Fill all of ``data`` (any writable buffer) from ``offset`` of ``fd``: ``os.preadv`` may read less.
+    Raises OSError naming ``name`` when the file ends first."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.preadv(fd, [view], offset)
+        if n <= 0:
+            raise OSError(f"{name}: short read at byte {offset}")
+        view, offset = view[n:], offset + n
+
+
 def pwrite_all(fd: int, data, offset: int) -> None:
     """Write all of ``data`` (any buffer) at ``offset`` of ``fd``: ``os.pwrite`` may write less."""
     view = memoryview(data).cast("B")
@@ -97,11 +108,9 @@ class Raster:
     def read(self, top: int, bottom: int) -> np.ndarray:
         """Rows ``top:bottom`` as a new (bottom - top, W, C) array."""
         top, bottom = max(0, top), min(self.height, bottom)
-        n = (bottom - top) * self._row
-        data = os.pread(self._fd, n, top * self._row) if n else b""
-        if len(data) != n:
-            raise OSError(f"raster {self.path}: short read ({len(data)} of {n} bytes)")
-        return np.frombuffer(data, np.uint8).reshape(bottom - top, self.width, self.channels).copy()
+        out = np.empty((bottom - top, self.width, self.channels), np.uint8)
+        pread_into(self._fd, out, top * self._row, f"raster {self.path}")
+        return out
 
     def _pwrite(self, data: bytes, offset: int) -> None:
         pwrite_all(self._fd, data, offset)

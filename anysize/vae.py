@@ -506,7 +506,7 @@ def tiled_decode(
     Returns:
         ``out`` (the new array when ``out`` was None).
     """
-    on_disk = not torch.is_tensor(latents) and callable(getattr(latents, "box", None))
+    on_disk = _made_on_demand(latents)
     if not (torch.is_tensor(latents) or on_disk) or latents.ndim != 4:
         raise ValueError(f"latents with shape {getattr(latents, 'shape', None)}: must be a 4-D tensor (1, C, h, w)")
     if latents.shape[0] != 1:
@@ -608,11 +608,17 @@ def _check_args(*, tile_size: int, margin: int, mode: str, tile_batch_size: int,
     _check_int("stats_size", stats_size, multiple, multiple)
 
 
+def _made_on_demand(x: Any) -> bool:
+    """Whether ``x`` is read through ``box((top, left, bottom, right))`` (latents on disk, an image
+    resized crop by crop) rather than being an array or tensor in memory."""
+    return not isinstance(x, (np.ndarray, Tensor)) and callable(getattr(x, "box", None))
+
+
 def _image_source(images: Tensor | np.ndarray, channels: int) -> tuple[Callable[[Box], Tensor], tuple[int, ...]]:
     """(crop box in image px -> (1, C, h, w) float in [-1, 1], (H, W)) for a tensor, a uint8 HWC array,
     or an object with ``shape`` (H, W, C) whose ``box((top, left, bottom, right))`` makes that crop
     as a uint8 HWC array."""
-    lazy = not isinstance(images, (np.ndarray, Tensor)) and callable(getattr(images, "box", None))
+    lazy = _made_on_demand(images)
     if isinstance(images, np.ndarray) or lazy:
         shape = tuple(getattr(images, "shape", ()))
         if (not lazy and images.dtype != np.uint8) or len(shape) != 3 or shape[2] != channels:
