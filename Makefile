@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Batch-invariant MKL GEMM on CPU, so results do not depend on tile_batch_size (see README, Determinism).
 export MKL_CBWR ?= AVX2,STRICT
 
-.PHONY: venv browser test bench demo train-default clean
+.PHONY: venv browser test bench demo train-default train-default-cpu clean
 
 $(BIN)/activate: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -30,14 +30,24 @@ bench: venv
 
 # The Quickstart's first command: one image from the embedded default model (CPU, offline).
 demo: venv
-	$(BIN)/anysize generate "two large red circles and a small blue triangle on grass" --size 1024x384 --seed 3 --guidance 4 --upscale-guidance 1 -o demo.png
+	$(BIN)/anysize generate "two large red circles and a small blue triangle on grass" --size 768x384 --seed 3 --guidance 4 --upscale-guidance 1 -o demo.png
 
-# Reproduces anysize/default_model from nothing (2 CPU cores: ~2 h; run again to resume after a stop).
-# The step counts are the shipped model's; see the README's model card.
+# Reproduces anysize/default_model from nothing: the VAE on the CPU (2 cores: ~55 min), then the base,
+# the square baseline and the upscaler side by side on one GPU (H100: ~16 min of training; they run on
+# a CPU too, but for about a day). Run again to resume after a stop. The step counts are the shipped
+# model's; see the README's model card.
 VAE_STEPS ?= 1750
+GPU_BASE_STEPS ?= 3479
+GPU_UPSCALER_STEPS ?= 4306
+train-default: venv
+	$(BIN)/anysize train vae -o runs/vae --steps $(VAE_STEPS) --batch-size 32
+	BASE_STEPS=$(GPU_BASE_STEPS) UP_STEPS=$(GPU_UPSCALER_STEPS) PY=$(BIN)/python tools/train_gpu.sh 600 runs/gpu runs/vae/model
+	$(BIN)/python tools/ship_default.py runs/gpu/base/model runs/gpu/upscaler/model
+
+# The recipe of the weights shipped until 2026-11-23, sized for 2 CPU cores (~2 h): batch 32 / 16.
 BASE_STEPS ?= 1500
 UPSCALER_STEPS ?= 800
-train-default: venv
+train-default-cpu: venv
 	$(BIN)/anysize train vae -o runs/vae --steps $(VAE_STEPS) --batch-size 32
 	$(BIN)/anysize train base -o runs/base --vae runs/vae/model --buckets arad --steps $(BASE_STEPS)
 	$(BIN)/anysize train base -o runs/base-square --vae runs/vae/model --buckets square --steps $(BASE_STEPS)

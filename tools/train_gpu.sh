@@ -6,6 +6,8 @@
 #
 #   tools/train_gpu.sh MINUTES RUNS_DIR [VAE_DIR]     # e.g. tools/train_gpu.sh 7 runs/gpu runs/vae/model
 #
+# BASE_STEPS and UP_STEPS (default: no limit) stop the base runs and the upscaler at a step count
+# instead, which is how the shipped weights are reproduced (the Makefile's train-default-gpu).
 # Runs again with the same RUNS_DIR resume from the last checkpoints. Scene rendering is CPU work:
 # each run gets WORKERS processes for it (default 5; 3 runs x (1 + 5) suit a 16-core GPU machine).
 #
@@ -22,13 +24,14 @@ WORKERS=${WORKERS:-5}
 PY=${PY:-python3}
 BASE_BATCH=${BASE_BATCH:-256}
 UP_BATCH=${UP_BATCH:-64}
+BASE_STEPS=${BASE_STEPS:-1000000}
+UP_STEPS=${UP_STEPS:-1000000}
 mkdir -p "$RUNS"
-common=(--workers "$WORKERS" --max-minutes "$MINUTES" --checkpoint-every 1000 --steps 1000000 --quiet)
-$PY -m anysize train base -o "$RUNS/base" --vae "$VAE" --buckets arad --batch-size "$BASE_BATCH" "${common[@]}" \
-    >"$RUNS/base.log" 2>&1 &
-$PY -m anysize train base -o "$RUNS/base-square" --vae "$VAE" --buckets square --batch-size "$BASE_BATCH" \
-    "${common[@]}" >"$RUNS/base-square.log" 2>&1 &
-$PY -m anysize train upscaler -o "$RUNS/upscaler" --vae "$VAE" --batch-size "$UP_BATCH" "${common[@]}" \
+common=(--workers "$WORKERS" --max-minutes "$MINUTES" --checkpoint-every 1000 --quiet)
+base=(--vae "$VAE" --batch-size "$BASE_BATCH" --steps "$BASE_STEPS" "${common[@]}")
+$PY -m anysize train base -o "$RUNS/base" --buckets arad "${base[@]}" >"$RUNS/base.log" 2>&1 &
+$PY -m anysize train base -o "$RUNS/base-square" --buckets square "${base[@]}" >"$RUNS/base-square.log" 2>&1 &
+$PY -m anysize train upscaler -o "$RUNS/upscaler" --vae "$VAE" --batch-size "$UP_BATCH" --steps "$UP_STEPS" "${common[@]}" \
     >"$RUNS/upscaler.log" 2>&1 &
 status=0
 for job in $(jobs -p); do wait "$job" || status=1; done
