@@ -129,7 +129,7 @@ class TiledModel:
     ):
         self.denoiser, self.config = denoiser, config
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
-        self.plans = [config.plan(height, width, i, generator) for i in range(num_steps)]
+        self.plans = [config.plan(height, width, i, generator, num_steps) for i in range(num_steps)]
         self.progress: Callable[[int], Any] | None = None
 
     @property

@@ -142,7 +142,12 @@ class TilingConfig:
         grid; "alternate" shifts y on even steps and x on odd ones, ``n (n + 1)`` tiles; "auto"
         (default) shifts both while that costs at most ``AREA_BUDGET`` (1.15) times the latent area
         (grids of about 14 x 14 tiles and up) and alternates below, where a shift of both axes would
-        cost up to 27% (8 x 8) or more. An axis holding a single tile never shifts.
+        cost up to 27% (8 x 8) or more, except on the last step (when ``plan`` is told the number of
+        steps), which shifts both: no later step blurs its update, and alternating left that step's
+        unshifted axis on the base grid, a faint grid at the tile pitch in flat areas (measured on the
+        default model at 768x384, seeds 3 and 4: gradient across the horizontal tile boundaries
+        1.66x / 1.55x the median row's with the last step alternating, 1.20x / 1.17x with it shifting
+        both). An axis holding a single tile never shifts.
     weighting: how overlapping tile outputs blend: "uniform", "linear" or "gaussian"
         (None: uniform for fstd/naive/none, gaussian for overlap).
     tile_batch_size: tiles per denoiser call (classifier-free guidance doubles the model batch).
@@ -178,25 +183,27 @@ class TilingConfig:
             return self.weighting
         return "gaussian" if self.method == "overlap" else "uniform"
 
-    def _axes(self, height: int, width: int, step: int) -> str:
-        """Which axes FSTD shifts at ``step`` (see ``shift``)."""
+    def _axes(self, height: int, width: int, step: int, num_steps: int | None = None) -> str:
+        """Which axes FSTD shifts at ``step`` of ``num_steps`` (see ``shift``)."""
         t = self.tile_size
         ny, nx = math.ceil(height / t), math.ceil(width / t)
         if self.shift == "both" or ny == 1 or nx == 1:
             return "both"  # with one axis fixed by the canvas, "both" shifts the other every step
-        if self.shift == "auto" and (ny + 1) * (nx + 1) <= AREA_BUDGET * ny * nx:
+        if self.shift == "auto" and ((ny + 1) * (nx + 1) <= AREA_BUDGET * ny * nx or step == (num_steps or 0) - 1):
             return "both"
         return "y" if step % 2 == 0 else "x"
 
-    def plan(self, height: int, width: int, step: int, generator: torch.Generator) -> list[Box]:
-        """The boxes to evaluate at denoising step ``step`` of a ``height x width`` latent."""
+    def plan(self, height: int, width: int, step: int, generator: torch.Generator,
+             num_steps: int | None = None) -> list[Box]:
+        """The boxes to evaluate at denoising step ``step`` (of ``num_steps``, when known) of a
+        ``height x width`` latent."""
         if self.method == "none":
             return [(0, 0, height, width)]
         if self.method == "naive":
             return naive_tiles(height, width, self.tile_size)
         if self.method == "overlap":
             return overlap_tiles(height, width, self.tile_size, self.stride or max(1, self.tile_size // 2))
-        axes = self._axes(height, width, step)
+        axes = self._axes(height, width, step, num_steps)
         if self.reset_every and step % self.reset_every == 0:
             axes = "none"
         return fstd_tiles(height, width, self.tile_size, generator=generator, max_offset=self.max_offset, axes=axes)

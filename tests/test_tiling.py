@@ -146,3 +146,15 @@ def test_weights_positive(kind, shape):
 def test_bad_arguments_name_the_argument(call, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         call()
+
+
+def test_fstd_auto_shifts_both_axes_on_the_last_step():
+    # on an 8 x 8 grid "auto" alternates, but the last step's update is never blurred by a later one:
+    # it shifts both axes, so neither axis of the final update sits on the base grid
+    cfg = TilingConfig(tile_size=64)
+    assert [cfg._axes(512, 512, i, 20) for i in (0, 1, 18, 19)] == ["y", "x", "y", "both"]
+    assert cfg._axes(512, 512, 19) == "x"  # number of steps unknown: plain alternation
+    assert TilingConfig(tile_size=64, shift="alternate")._axes(512, 512, 19, 20) == "x"
+    g = torch.Generator().manual_seed(0)
+    plans = [cfg.plan(512, 512, i, g, 20) for i in range(20)]
+    assert {len(p) for p in plans[:-1]} <= {64, 72} and len(plans[-1]) == 81
