@@ -145,9 +145,9 @@ class TilingConfig:
         cost up to 27% (8 x 8) or more, except on the last step (when ``plan`` is told the number of
         steps), which shifts both: no later step blurs its update, and alternating left that step's
         unshifted axis on the base grid, a faint grid at the tile pitch in flat areas (measured on the
-        default model at 768x384, seeds 3 and 4: gradient across the horizontal tile boundaries
-        1.66x / 1.55x the median row's with the last step alternating, 1.20x / 1.17x with it shifting
-        both). An axis holding a single tile never shifts.
+        default model at 768x384, seeds 3 and 4, ``benchmarks/tile_grid.py``: gradient across the
+        horizontal tile boundaries 1.66x / 1.55x the median row's with the last step alternating,
+        1.20x / 1.17x with it shifting both). An axis holding a single tile never shifts.
     weighting: how overlapping tile outputs blend: "uniform", "linear" or "gaussian"
         (None: uniform for fstd/naive/none, gaussian for overlap).
     tile_batch_size: tiles per denoiser call (classifier-free guidance doubles the model batch).
@@ -189,7 +189,8 @@ class TilingConfig:
         ny, nx = math.ceil(height / t), math.ceil(width / t)
         if self.shift == "both" or ny == 1 or nx == 1:
             return "both"  # with one axis fixed by the canvas, "both" shifts the other every step
-        if self.shift == "auto" and ((ny + 1) * (nx + 1) <= AREA_BUDGET * ny * nx or step == (num_steps or 0) - 1):
+        last = num_steps is not None and step == num_steps - 1
+        if self.shift == "auto" and (last or (ny + 1) * (nx + 1) <= AREA_BUDGET * ny * nx):
             return "both"
         return "y" if step % 2 == 0 else "x"
 
