@@ -79,33 +79,51 @@ def nearest_bucket(width: int, height: int, buckets: list[Bucket]) -> Bucket:
     return min(buckets, key=lambda b: (abs(math.log(b[1] / b[0]) - target), -b[0] * b[1]))
 
 
+# What stage 1 does for a ratio outside the buckets (``choose_base_size``'s ``beyond``). Measured on
+# the default model (benchmarks/panorama.py, README): "stretch" kept the composition at 2.4:1 to 4:1
+# (exact match 0.41-0.44, level with the true scenes through the VAE), sampling at the request's own ratio
+# drew the caption's objects again (untiled "direct": 0.01-0.20; "tiled" views: 0.00).
+BEYOND_BUCKETS = ("stretch", "direct", "tiled")
+
+
 @dataclass(frozen=True)
 class BucketChoice:
     """Where stage 1 generates for a ``width x height`` request."""
 
     width: int
     height: int
-    panorama: bool  # the request's ratio lies outside the buckets: generate at its own ratio, tiled
+    panorama: bool  # at the request's own ratio (outside the buckets), not at a bucket
+    tiled: bool = False  # panorama sampled by the tiled sampler (``beyond="tiled"``)
 
     @property
     def size(self) -> Bucket:
         return self.width, self.height
 
 
+def stretch_factor(size: Bucket, width: int, height: int) -> float:
+    """How much resizing ``size`` to ``width x height`` distorts it: the larger ratio of the two
+    aspect ratios, 1.0 for the same ratio."""
+    return math.exp(abs(math.log(size[1] / size[0]) - math.log(height / width)))
+
+
 def choose_base_size(width: int, height: int, buckets: list[Bucket], *, granularity: int = 64,
-                     tolerance: float = 0.15) -> BucketChoice:
-    """Stage 1's size: the nearest bucket; or, when the requested ratio lies more than ``tolerance``
-    (in log ratio) outside the buckets' range (a 4:1 banner, a 1:3 scroll), a size at the requested
-    ratio whose shorter side is the nearest extreme bucket's shorter side, or the request's own when
-    that is smaller (panorama mode; never larger than the request needs)."""
+                     tolerance: float = 0.15, beyond: str = "stretch") -> BucketChoice:
+    """Stage 1's size: the nearest bucket. When the requested ratio lies more than ``tolerance`` (in
+    log ratio) outside the buckets' range (a 4:1 banner, a 1:3 scroll), ``beyond`` decides:
+    "stretch" keeps the nearest bucket (the pipeline resizes its image to the request's ratio);
+    "direct" and "tiled" sample at the requested ratio, at a size whose shorter side is the nearest
+    extreme bucket's shorter side, or the request's own when that is smaller (panorama mode; never
+    larger than the request needs), "tiled" with the tiled sampler."""
+    if beyond not in BEYOND_BUCKETS:
+        raise ValueError(f"beyond={beyond!r}: must be one of {', '.join(BEYOND_BUCKETS)}")
     bucket = nearest_bucket(width, height, buckets)
     logs = [math.log(b[1] / b[0]) for b in buckets]
     target = math.log(height / width)
-    if min(logs) - tolerance <= target <= max(logs) + tolerance:
+    if beyond == "stretch" or min(logs) - tolerance <= target <= max(logs) + tolerance:
         return BucketChoice(*bucket, panorama=False)
     # the shorter side of the nearest extreme bucket, or of the request when that is smaller
     short = min(min(bucket), max(granularity, min(width, height) // granularity * granularity))
     long = min(_round_to(short * max(width, height) / min(width, height), granularity),
                math.ceil(max(width, height) / granularity) * granularity)
     size = (long, short) if width >= height else (short, long)
-    return BucketChoice(*size, panorama=True)
+    return BucketChoice(*size, panorama=True, tiled=beyond == "tiled")

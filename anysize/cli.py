@@ -25,6 +25,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 from . import __version__  # noqa: E402
+from .buckets import BEYOND_BUCKETS  # noqa: E402
 from .output import check_output_path  # noqa: E402
 
 TILING = ("fstd", "overlap", "naive", "none")  # anysize.tiling.METHODS, named here without importing torch
@@ -135,8 +136,16 @@ def _add_generate(sub) -> None:
                    help="guidance of stage 2 (default: --guidance); 1 turns it off, as for upscalers "
                         "trained without captions (the default model's)")
     p.add_argument("--negative", default=None, metavar="TEXT", help="negative prompt")
+    _add_panorama(p)
     _add_run_options(p)
     p.set_defaults(run=_generate)
+
+
+def _add_panorama(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--panorama", choices=BEYOND_BUCKETS, default="stretch",
+                   help="a ratio beyond the buckets (wider than 2:1, taller than 1:2): stretch the nearest "
+                        "bucket's image to it (default; keeps the composition), or sample at the ratio itself, "
+                        "direct or tiled (both repeat objects on the default model)")
 
 
 def _add_upscale(sub) -> None:
@@ -197,6 +206,7 @@ def _add_buckets(sub) -> None:
                    help="native pixel area (default 262144 = 512x512; SDXL 1048576)")
     p.add_argument("--granularity", type=_int_at_least(1), default=64, metavar="N",
                    help="bucket sides are multiples of this (default 64)")
+    _add_panorama(p)
     p.set_defaults(run=_buckets)
 
 
@@ -207,16 +217,18 @@ def _generate(args: argparse.Namespace) -> int:
     pipe = _load(args)
     pipe.check_inputs(args.prompt, width, height, args.steps, args.upscale_steps, args.guidance, args.tiling,
                       args.tile_size, args.tile_batch, "pil", args.strength, upscale_guidance_scale=args.upscale_guidance,
-                      max_memory=args.max_memory, vae_tile_size=args.vae_tile)
-    _preflight(pipe, args, guidance_scale=args.guidance, upscale_guidance_scale=args.upscale_guidance)
+                      max_memory=args.max_memory, vae_tile_size=args.vae_tile, panorama=args.panorama)
+    _preflight(pipe, args, guidance_scale=args.guidance, upscale_guidance_scale=args.upscale_guidance,
+               panorama=args.panorama)
     seed = _pick_seed(args)
-    _say(args, f"{_plan_line(pipe.plan(width, height), args.size)}; seed {seed}")
+    _say(args, f"{_plan_line(pipe.plan(width, height, args.panorama), args.size)}; seed {seed}")
     extra = {"steps": args.steps, "upscale_steps": args.upscale_steps, "guidance": args.guidance,
              "upscale_guidance": args.guidance if args.upscale_guidance is None else args.upscale_guidance}
     result = pipe(args.prompt, width, height, generator=_generator(seed), num_inference_steps=args.steps,
                   upscale_inference_steps=args.upscale_steps, guidance_scale=args.guidance,
                   upscale_guidance_scale=args.upscale_guidance, negative_prompt=args.negative,
-                  strength=args.strength, **_tile_kwargs(args), **_file_kwargs(args, pipe, seed, out, extra),
+                  strength=args.strength, panorama=args.panorama, **_tile_kwargs(args),
+                  **_file_kwargs(args, pipe, seed, out, extra),
                   **_run_kwargs(args, seed))
     return _done(result)
 
@@ -242,18 +254,20 @@ def _upscale(args: argparse.Namespace) -> int:
 
 
 def _buckets(args: argparse.Namespace) -> int:
-    from .buckets import arad_buckets, choose_base_size
+    from .buckets import arad_buckets, choose_base_size, stretch_factor
 
     buckets = arad_buckets(args.area, args.granularity)
-    choice = choose_base_size(*args.size, buckets, granularity=args.granularity) if args.size else None
+    choice = (choose_base_size(*args.size, buckets, granularity=args.granularity, beyond=args.panorama)
+              if args.size else None)
     print(f"ARAD buckets at {args.area} px, sides multiples of {args.granularity} (W x H, ratio H/W):")
     for w, h in buckets:
         mark = "*" if choice is not None and not choice.panorama and choice.size == (w, h) else " "
         print(f" {mark} {w:>5} x {h:<5} {h / w:.3f}")
     if choice is not None:
         w, h = args.size
-        where = (f"panorama {choice.width}x{choice.height} (ratio outside the buckets: stage 1 samples tiled)"
-                 if choice.panorama else f"bucket {choice.width}x{choice.height}")
+        where = (f"panorama {choice.width}x{choice.height} (ratio outside the buckets: stage 1 samples "
+                 f"{'tiled' if choice.tiled else 'untiled'} at it)" if choice.panorama
+                 else f"bucket {choice.width}x{choice.height}{_stretch(stretch_factor(choice.size, w, h))}")
         print(f"{w}x{h} (ratio {h / w:.3f}) -> {where}")
     return 0
 
@@ -475,8 +489,14 @@ def _passes(passes: Sequence[tuple[int, int]]) -> str:
 
 def _plan_line(plan, size: tuple[int, int]) -> str:
     """e.g. ``stage 1: bucket 832x1216 -> stage 2: 2 passes (...) -> 3000x4500``."""
-    where = "panorama" if plan.panorama else "bucket"
-    return f"stage 1: {where} {plan.base[0]}x{plan.base[1]} -> stage 2: {_passes(plan.passes)} -> {size[0]}x{size[1]}"
+    where = ("tiled " if plan.tiled else "") + ("panorama" if plan.panorama else "bucket")
+    return (f"stage 1: {where} {plan.base[0]}x{plan.base[1]}{_stretch(plan.stretch)} -> stage 2: "
+            f"{_passes(plan.passes)} -> {size[0]}x{size[1]}")
+
+
+def _stretch(factor: float) -> str:
+    """A note when stage 1's image is resized to another ratio by more than rounding to the grid."""
+    return f" (stretched {factor:.2f}x to the ratio)" if factor >= 1.005 else ""
 
 
 def _file_kwargs(args: argparse.Namespace, pipe, seed: int, out: Path, extra: dict) -> dict[str, Any]:

@@ -300,7 +300,8 @@ class _Request:
     width: int
     height: int
     base: tuple[int, int] | None  # stage 1's size; None for stage 2 alone (upscale)
-    panorama: bool
+    panorama: bool  # stage 1 at the request's ratio, not a bucket
+    base_tiled: bool  # stage 1 samples by tiles
     source: tuple[int, int]  # the image stage 2 starts from
     passes: tuple[tuple[int, int], ...]
     tiling: str
@@ -379,7 +380,7 @@ def _stages(req: _Request, batch: int, vae_tile: int) -> tuple[StagePeak, ...]:
     if req.base is not None:
         base, f = pipe.base, pipe.base_factor
         (bw, bh) = req.base
-        tiling = req.tiling if req.panorama else "none"
+        tiling = req.tiling if req.base_tiled else "none"
         device, detail = _sampling(base.unet, bh // f, bw // f, tiling, req.tile_size or pipe.base_tile, batch,
                                    req.cfg)
         where = "panorama" if req.panorama else "bucket"
@@ -453,7 +454,8 @@ def _budget(device: Any, max_memory: int | None) -> tuple[int, str, int | None]:
 
 def _request(pipe: Any, width: int, height: int, source: tuple[int, int] | None, *, tiling: str,
              tile_size: int | None, output_type: str, color_fix: bool, streaming: bool, guidance_scale: float,
-             upscale_guidance_scale: float | None, latent_memory: int | None = None) -> _Request:
+             upscale_guidance_scale: float | None, latent_memory: int | None = None,
+             panorama: str = "stretch") -> _Request:
     from .pipeline import upscale_passes
 
     upscale_guidance = guidance_scale if upscale_guidance_scale is None else upscale_guidance_scale
@@ -462,9 +464,10 @@ def _request(pipe: Any, width: int, height: int, source: tuple[int, int] | None,
                   upscale_cfg=upscale_guidance > 1, latent_memory=latent_memory)
     if source is not None:
         passes = upscale_passes(tuple(source), (width, height), pipe.stage2_factor)
-        return _Request(base=None, panorama=False, source=tuple(source), passes=passes, **common)
-    plan = pipe.plan(width, height)
-    return _Request(base=plan.base, panorama=plan.panorama, source=plan.base, passes=plan.passes, **common)
+        return _Request(base=None, panorama=False, base_tiled=False, source=tuple(source), passes=passes, **common)
+    plan = pipe.plan(width, height, panorama)
+    return _Request(base=plan.base, panorama=plan.panorama, base_tiled=plan.tiled, source=plan.base,
+                    passes=plan.passes, **common)
 
 
 def plan_memory(pipe: Any, width: int, height: int, *, source: tuple[int, int] | None = None,
@@ -472,7 +475,8 @@ def plan_memory(pipe: Any, width: int, height: int, *, source: tuple[int, int] |
                 vae_tile_size: int | None = None, tile_size: int | None = None, tiling: str = "fstd",
                 output_type: str = "pil", color_fix: bool = True, streaming: bool = False,
                 guidance_scale: float = 7.5, upscale_guidance_scale: float | None = None,
-                latent_memory: int | None = None, margin: float = SAFETY_MARGIN) -> MemoryPlan:
+                latent_memory: int | None = None, margin: float = SAFETY_MARGIN,
+                panorama: str = "stretch") -> MemoryPlan:
     """Plan a ``width x height`` request of :class:`anysize.AnySizePipeline` ``pipe`` before any compute.
 
     ``tile_batch_size`` (tiles per UNet call) and ``vae_tile_size`` (VAE decode core tile, latent px):
@@ -483,14 +487,16 @@ def plan_memory(pipe: Any, width: int, height: int, *, source: tuple[int, int] |
     bands, so the full image is never held. ``tiling``, ``tile_size``, ``output_type``,
     ``guidance_scale`` and ``upscale_guidance_scale`` as in the pipeline's call (guidance > 1 doubles
     the UNet batch); ``color_fix``: the AdaIN colour fix runs. ``latent_memory``: stage-2 sampling
-    state above this many bytes is kept on disk by bands (:func:`banded_sampling`).
+    state above this many bytes is kept on disk by bands (:func:`banded_sampling`). ``panorama``: stage
+    1 for a ratio outside the buckets, as in the pipeline's call.
 
     Raises :class:`MemoryPreflightError` with the estimate and the budget when the request does not
     fit at the given choices, or at tile batch 1 and the smallest VAE tile.
     """
     req = _request(pipe, width, height, source, tiling=tiling, tile_size=tile_size, output_type=output_type,
                    color_fix=color_fix, streaming=streaming, guidance_scale=guidance_scale,
-                   upscale_guidance_scale=upscale_guidance_scale, latent_memory=latent_memory)
+                   upscale_guidance_scale=upscale_guidance_scale, latent_memory=latent_memory,
+                   panorama=panorama)
     budget, where, host_budget = _budget(pipe.device, max_memory)
 
     def plan(batch: int, vae_tile: int) -> MemoryPlan:
@@ -509,7 +515,7 @@ def plan_memory(pipe: Any, width: int, height: int, *, source: tuple[int, int] |
 def _batch_choices(req: _Request, pipe: Any) -> tuple[int, ...]:
     """Tile batch sizes worth trying: :data:`TILE_BATCH_CHOICES` up to the most tiles any step evaluates."""
     sizes = []  # (latent height, latent width, tile) of every tiled sampling stage
-    if req.base is not None and req.panorama:
+    if req.base is not None and req.base_tiled:
         sizes.append((req.base[1] // pipe.base_factor, req.base[0] // pipe.base_factor, pipe.base_tile))
     model = pipe.upscaler if pipe.upscaler is not None else pipe.base
     f = _factor(model.vae)

@@ -1,8 +1,9 @@
 """AnySizePipeline: text to an image of exactly W x H in two stages (Any-Size-Diffusion).
 
 Stage 1 (ARAD, Zheng et al. 2023, sec. 3.2): the base model samples at the aspect-ratio bucket
-nearest the request (untiled, classifier-free guidance); when the ratio lies outside the buckets it
-samples at the requested ratio with the tiled sampler instead (panorama mode). Stage 2 (FSTD, sec.
+nearest the request (untiled, classifier-free guidance), also when the ratio lies outside the
+buckets (``panorama="stretch"``; "direct" and "tiled" sample at the requested ratio instead, which
+repeats objects on the default model). Stage 2 (FSTD, sec.
 3.3): the stage-1 image is enlarged pass by pass (x4 each for an x4 super-resolution model, x2 for
 img2img with the base model), the last pass landing exactly on W x H, each through the tiled sampler
 and the tiled VAE decode.
@@ -24,7 +25,7 @@ import PIL.Image
 import torch
 
 from . import bands, models, stream
-from .buckets import arad_buckets, choose_base_size, model_granularity
+from .buckets import BEYOND_BUCKETS, arad_buckets, choose_base_size, model_granularity, stretch_factor
 from . import distributed, memory
 from .output import STREAMING, check_output_path, output_format, save_image
 from .resume import RunDir, RunInterrupted, generator_fingerprint, load_scheduler_state
@@ -65,6 +66,8 @@ class Plan:
     base: Size  # stage 1's size (a bucket, or the request's ratio in panorama mode)
     panorama: bool
     passes: tuple[Size, ...]  # stage 2's output size per pass; the last is the request
+    tiled: bool = False  # stage 1 samples by tiles (panorama="tiled")
+    stretch: float = 1.0  # how much the stage-1 image is distorted to reach the request's ratio
 
 
 @dataclass(frozen=True)
@@ -242,7 +245,8 @@ class AnySizePipeline:
     def check_inputs(self, prompt, width, height, num_inference_steps=1, upscale_inference_steps=1,
                      guidance_scale=1.0, tiling="fstd", tile_size=None, tile_batch_size=None, output_type="pil",
                      strength=0.3, color_fix="adain", noise_level=20, *, negative_prompt=None,
-                     upscale_guidance_scale=None, max_memory=None, vae_tile_size=None, latent_memory=None) -> None:
+                     upscale_guidance_scale=None, max_memory=None, vae_tile_size=None, latent_memory=None,
+                     panorama="stretch") -> None:
         """Validate every argument before any compute; each message names the argument, its value and the rule.
 
         ``num_inference_steps=None`` checks a stage-2-only call (:meth:`upscale`).
@@ -264,6 +268,8 @@ class AnySizePipeline:
                                      ("latent_memory", 0 if latent_memory is None else latent_memory, 0)):
             if not _is_int(value) or value < minimum:
                 raise ValueError(f"{name}={value!r}: must be an integer >= {minimum}")
+        if panorama not in BEYOND_BUCKETS:
+            raise ValueError(f"panorama={panorama!r}: must be one of {', '.join(BEYOND_BUCKETS)}")
         if noise_level > max_level:
             raise ValueError(f"noise_level={noise_level}: must be <= the upscaler's max_noise_level {max_level}")
         if tile_size is not None and (not _is_int(tile_size) or tile_size < 8):
@@ -286,17 +292,19 @@ class AnySizePipeline:
             return 1000
         return int(getattr(self.upscaler.config, "max_noise_level", None) or 350)
 
-    def plan(self, width: int, height: int) -> Plan:
-        """Where stage 1 generates and which stage-2 passes follow, for a ``width x height`` request."""
-        choice = choose_base_size(width, height, self.buckets, granularity=self.granularity)
-        return Plan(choice.size, choice.panorama, upscale_passes(choice.size, (width, height), self.stage2_factor))
+    def plan(self, width: int, height: int, panorama: str = "stretch") -> Plan:
+        """Where stage 1 generates and which stage-2 passes follow, for a ``width x height`` request;
+        ``panorama`` for a ratio outside the buckets (:func:`anysize.buckets.choose_base_size`)."""
+        choice = choose_base_size(width, height, self.buckets, granularity=self.granularity, beyond=panorama)
+        return Plan(choice.size, choice.panorama, upscale_passes(choice.size, (width, height), self.stage2_factor),
+                    choice.tiled, stretch_factor(choice.size, width, height))
 
     def plan_memory(self, width: int, height: int, *, source: Size | None = None, max_memory: int | None = None,
                     tile_batch_size: int | None = None, vae_tile_size: int | None = None, tile_size=None,
                     tiling: str = "fstd", output_type: str = "pil", color_fix: str | None = "adain",
                     output_path=None, guidance_scale: float = 7.5,
                     upscale_guidance_scale: float | None = None,
-                    latent_memory: int | None = None) -> memory.MemoryPlan:
+                    latent_memory: int | None = None, panorama: str = "stretch") -> memory.MemoryPlan:
         """The memory plan of a request (:func:`anysize.memory.plan_memory`), before any compute: the
         tile batch and VAE decode tile (None: the largest that fit the free memory or ``max_memory``)
         and each stage's estimated peak; ``plan.describe()`` prints it. ``source``: the input's
@@ -307,7 +315,8 @@ class AnySizePipeline:
             self, width, height, source=source, max_memory=max_memory, tile_batch_size=tile_batch_size,
             vae_tile_size=vae_tile_size, tile_size=tile_size, tiling=tiling, output_type=output_type,
             color_fix=color_fix == "adain", streaming=streaming, guidance_scale=guidance_scale,
-            upscale_guidance_scale=upscale_guidance_scale, latent_memory=self._latent_limit(latent_memory))
+            upscale_guidance_scale=upscale_guidance_scale, latent_memory=self._latent_limit(latent_memory),
+            panorama=panorama)
 
     def _latent_limit(self, latent_memory: int | None) -> int | None:
         """``latent_memory`` as given; by default (None) :data:`anysize.memory.LATENT_MEMORY` where the
@@ -336,7 +345,8 @@ class AnySizePipeline:
                  output_type: str = "pil", callback_on_step_end: Callable | None = None, noise_level: int = 20,
                  strength: float = 0.3, color_fix: str | None = "adain", max_memory: int | None = None,
                  vae_tile_size: int | None = None, output_path=None, output_metadata: dict | None = None,
-                 run_dir=None, checkpoint_every: int = 1, latent_memory: int | None = None) -> AnySizeOutput:
+                 run_dir=None, checkpoint_every: int = 1, latent_memory: int | None = None,
+                 panorama: str = "stretch") -> AnySizeOutput:
         """Generate one image of exactly ``width x height`` pixels per prompt.
 
         Stage 1 uses ``num_inference_steps`` and ``guidance_scale``; stage 2 uses
@@ -354,6 +364,11 @@ class AnySizePipeline:
         run's info and ``output_metadata`` stored in it; ``images`` is then empty and ``files`` has the path.
         ``run_dir``: checkpoint every ``checkpoint_every`` steps there and continue from what it holds
         (:mod:`anysize.resume`); Ctrl-C then stops at the next step boundary with a checkpoint.
+        ``panorama``, for a ratio outside the buckets (past 2:1 / 1:2 with ARAD's): "stretch" (default)
+        samples stage 1 at the nearest bucket and resizes it to the ratio; "direct" samples at the
+        ratio itself, "tiled" at the ratio with the tiled sampler (MultiDiffusion-style panorama).
+        On the default model stretch keeps the composition where the others repeat objects (README,
+        ``benchmarks/panorama.py``); ``out.info`` records the ``stretch`` factor.
         ``latent_memory`` (bytes; None: :data:`anysize.memory.LATENT_MEMORY` on the CPU and MPS, no
         limit on CUDA, where the state is in GPU memory): a stage-2 pass whose
         sampling state would hold more keeps its latents, scheduler state and conditioning image on disk
@@ -364,21 +379,22 @@ class AnySizePipeline:
         self.check_inputs(prompt, width, height, num_inference_steps, upscale_inference_steps, guidance_scale,
                           tiling, tile_size, tile_batch_size, output_type, strength, color_fix, noise_level,
                           negative_prompt=negative_prompt, upscale_guidance_scale=upscale_guidance_scale,
-                          max_memory=max_memory, vae_tile_size=vae_tile_size, latent_memory=latent_memory)
+                          max_memory=max_memory, vae_tile_size=vae_tile_size, latent_memory=latent_memory,
+                          panorama=panorama)
         file = self._file_output(output_path, output_metadata, (width, height), prompt, output_type)
         mem = self._plan_call(width, height, max_memory=max_memory, tile_batch_size=tile_batch_size,
                               vae_tile_size=vae_tile_size, tile_size=tile_size, tiling=tiling,
                               output_type=output_type, color_fix=color_fix, output_path=output_path,
                               guidance_scale=guidance_scale, upscale_guidance_scale=upscale_guidance_scale,
-                              latent_memory=latent_memory)
+                              latent_memory=latent_memory, panorama=panorama)
         generator = generator if generator is not None else _fresh_generator()
         request = {"call": "generate", "prompt": prompt, "negative_prompt": negative_prompt, "width": width,
                    "height": height, "steps": num_inference_steps, "upscale_steps": upscale_inference_steps,
                    "guidance": guidance_scale, "upscale_guidance": upscale_guidance_scale, "tiling": tiling,
                    "tile_size": tile_size, "noise_level": noise_level, "strength": strength,
-                   "latent_memory": latent_memory}
+                   "latent_memory": latent_memory, "panorama": panorama}
         with self._running(run_dir, checkpoint_every, request, generator):
-            plan = self.plan(width, height)
+            plan = self.plan(width, height, panorama)
             tiles = TilingConfig(method=tiling, tile_size=tile_size or self.base_tile,
                                  tile_batch_size=mem.tile_batch_size)
             images, infos = [], []
@@ -391,6 +407,7 @@ class AnySizePipeline:
                                self._latent_limit(latent_memory), file and Path(file.path).parent)
                 infos.append({"prompt": text, "negative_prompt": negative_prompt, "width": width,
                               "height": height, "base_size": list(plan.base), "panorama": plan.panorama,
+                              "panorama_mode": panorama, "stretch": round(plan.stretch, 4),
                               "passes": [list(p) for p in plan.passes], "tiling": tiling,
                               "tile_batch_size": mem.tile_batch_size, "vae_tile_size": mem.vae_tile_size,
                               **self.model_ids})
@@ -572,13 +589,13 @@ class AnySizePipeline:
 
     # ------------------------------------------------------------------ stages
     def _stage1(self, prompt, negative_prompt, plan: Plan, steps, guidance_scale, tiles, generator, callback):
-        """Base model at the bucket (untiled), or at the request's ratio with the tiled sampler (panorama)."""
+        """Base model at the bucket (untiled), or at the request's ratio (panorama), tiled or not."""
         pipe, (w, h) = self.base, plan.base
         den = self._denoiser(pipe, prompt, negative_prompt, guidance_scale, plan.base)
         pipe.scheduler.set_timesteps(steps)
         shape = (1, pipe.unet.config.in_channels, h // self.base_factor, w // self.base_factor)
         latents = self._noise(shape, generator, pipe.unet.dtype) * pipe.scheduler.init_noise_sigma
-        config = tiles if plan.panorama else replace(tiles, method="none")
+        config = tiles if plan.tiled else replace(tiles, method="none")
         desc = f"stage 1 ({'panorama' if plan.panorama else 'bucket'} {w}x{h})"
         return self._sample(pipe, den, latents, config, generator, callback, "base", desc)
 

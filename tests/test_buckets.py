@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from anysize.buckets import ARAD_RATIOS, arad_buckets, choose_base_size, kohya_buckets, nearest_bucket
+from anysize.buckets import (ARAD_RATIOS, BEYOND_BUCKETS, BucketChoice, arad_buckets, choose_base_size, kohya_buckets,
+                             nearest_bucket, stretch_factor)
 
 
 @pytest.mark.parametrize("area, step", [(512 * 512, 64), (768 * 768, 64), (1024 * 1024, 64), (64 * 64, 16)])
@@ -42,15 +43,26 @@ def test_kohya_buckets_fit_area_and_bounds():
 
 def test_choose_base_size_panorama_outside_range_only():
     buckets = arad_buckets(512 * 512, 64)
-    assert not choose_base_size(1920, 1080, buckets).panorama
-    wide = choose_base_size(4096, 1024, buckets)  # 4:1 is past the widest bucket (2:1)
-    assert wide.panorama and wide.width > 2 * wide.height and wide.height % 64 == 0
-    tall = choose_base_size(1000, 3000, buckets)
-    assert tall.panorama and tall.height >= 2.5 * tall.width
-    thin = choose_base_size(32, 2048, buckets)  # never larger than the request needs
+    for beyond in BEYOND_BUCKETS:
+        assert choose_base_size(1920, 1080, buckets, beyond=beyond) == BucketChoice(704, 384, panorama=False)
+    wide = choose_base_size(4096, 1024, buckets, beyond="direct")  # 4:1 is past the widest bucket (2:1)
+    assert wide.panorama and not wide.tiled and wide.width > 2 * wide.height and wide.height % 64 == 0
+    tall = choose_base_size(1000, 3000, buckets, beyond="tiled")
+    assert tall.panorama and tall.tiled and tall.height >= 2.5 * tall.width
+    thin = choose_base_size(32, 2048, buckets, beyond="direct")  # never larger than the request needs
     assert thin.panorama and thin.height <= 2048 and thin.width == 64
     coarse = arad_buckets(64 * 64, 16)  # coarse buckets: a ratio between two buckets is no panorama
-    assert not choose_base_size(200, 150, coarse).panorama
+    assert not choose_base_size(200, 150, coarse, beyond="direct").panorama
+
+
+def test_choose_base_size_stretches_the_nearest_bucket_by_default():
+    buckets = arad_buckets(512 * 512, 64)
+    wide = choose_base_size(4096, 1024, buckets)
+    assert wide == BucketChoice(*max(buckets, key=lambda b: b[0] / b[1]), panorama=False)
+    assert stretch_factor(wide.size, 4096, 1024) == pytest.approx(4 / (wide.width / wide.height))
+    assert stretch_factor((704, 352), 1408, 704) == 1.0 and stretch_factor((352, 704), 704, 2816) == pytest.approx(2)
+    with pytest.raises(ValueError, match="beyond='crop'"):
+        choose_base_size(4096, 1024, buckets, beyond="crop")
 
 
 @pytest.mark.parametrize("call, msg", [(lambda: arad_buckets(0), "area=0"), (lambda: nearest_bucket(0, 5, [(1, 1)]), "width=0"),

@@ -57,7 +57,7 @@ def test_generate_writes_png_of_exact_size_with_metadata(capsys, tmp_path, model
     code, stdout, stderr = run(capsys, "generate", "a red fox", "--size", "200x120", "-o", out, *FAST, *models)
     assert code == 0, stderr
     assert stdout.strip() == str(out)
-    assert "stage 1: bucket 84x52 -> stage 2: 1 pass (200x120) -> 200x120; seed 7" in stderr
+    assert "stage 1: bucket 84x52 (stretched 1.03x to the ratio) -> stage 2: 1 pass (200x120) -> 200x120; seed 7" in stderr
     with PIL.Image.open(out) as image:
         assert image.size == (200, 120) and image.mode == "RGB"
     meta = read_metadata(out)
@@ -132,10 +132,13 @@ def test_same_seed_same_pixels(capsys, tmp_path, models):
 def test_buckets_lists_and_maps(capsys):
     code, out, _ = run(capsys, "buckets", "--size", "1920x1080")
     assert code == 0
-    assert " *   704 x 384   0.545" in out and out.strip().endswith("1920x1080 (ratio 0.562) -> bucket 704x384")
+    assert " *   704 x 384   0.545" in out and out.strip().endswith("1920x1080 (ratio 0.562) -> bucket 704x384 (stretched 1.03x to the ratio)")
     assert len([line for line in out.splitlines() if line.startswith((" * ", "   "))]) == 9
+    code, out, _ = run(capsys, "buckets", "--size", "4000x500", "--area", 1024 * 1024, "--granularity", 64,
+                       "--panorama", "tiled")
+    assert code == 0 and "-> panorama" in out and "samples tiled" in out and "*" not in out
     code, out, _ = run(capsys, "buckets", "--size", "4000x500", "--area", 1024 * 1024, "--granularity", 64)
-    assert code == 0 and "-> panorama" in out and "*" not in out
+    assert code == 0 and out.strip().endswith("-> bucket 1408x704 (stretched 4.00x to the ratio)") and "*" in out
 
 
 @pytest.mark.parametrize("text, size", [("640x480", (640, 480)), ("640*480", (640, 480)), ("640X480", (640, 480)),

@@ -70,10 +70,14 @@ def test_stages_follow_the_request(pipe):
     # latents out: no last decode and no output image
     names = [s.name for s in plan_memory(pipe, 256, 256, output_type="latent", max_memory=BIG).stages]
     assert names[-1] == "pass 1" and "output" not in names
-    # panorama: stage 1 samples tiles, so the tile batch counts there too
-    assert pipe.plan(2048, 64).panorama
-    small, large = (plan_memory(pipe, 2048, 64, tile_batch_size=b, max_memory=BIG).stages[0] for b in (1, 8))
+    # tiled panorama: stage 1 samples tiles, so the tile batch counts there too; not when untiled
+    assert pipe.plan(2048, 64, "tiled").tiled
+    small, large = (plan_memory(pipe, 2048, 64, tile_batch_size=b, max_memory=BIG, panorama="tiled").stages[0]
+                    for b in (1, 8))
     assert small.name == "stage 1" and "panorama" in small.detail and large.device > small.device
+    one, eight = (plan_memory(pipe, 2048, 64, tile_batch_size=b, max_memory=BIG, panorama="direct").stages[0]
+                  for b in (1, 8))
+    assert "panorama" in one.detail and one.device == eight.device
 
 
 def test_output_type_and_streaming(pipe):

@@ -46,10 +46,35 @@ def test_plans_follow_the_request():
 
 
 def test_panorama_for_ratios_outside_the_buckets(pipe):
-    wide, tall, square = pipe.plan(400, 90), pipe.plan(60, 300), pipe.plan(200, 200)
-    assert wide.panorama and wide.base[0] > 3 * wide.base[1]
-    assert tall.panorama and tall.base[1] > 3 * tall.base[0]
-    assert not square.panorama and square.base == (64, 64) and square.passes == ((200, 200),)
+    wide, tall, square = pipe.plan(400, 90, "direct"), pipe.plan(60, 300, "tiled"), pipe.plan(200, 200, "tiled")
+    assert wide.panorama and not wide.tiled and wide.base[0] > 3 * wide.base[1]
+    assert tall.panorama and tall.tiled and tall.base[1] > 3 * tall.base[0]
+    assert not square.panorama and not square.tiled and square.base == (64, 64) and square.passes == ((200, 200),)
+    stretched = pipe.plan(400, 90)  # the default: the widest bucket, resized to 4.4:1 on the way up
+    assert stretched.base == max(pipe.buckets, key=lambda b: b[0] / b[1]) and not stretched.panorama
+    assert stretched.stretch == pytest.approx((400 / 90) / (stretched.base[0] / stretched.base[1]))
+
+
+@pytest.mark.parametrize("mode, calls", [("stretch", 1), ("direct", 1), ("tiled", 2)])
+def test_panorama_mode_decides_stage_1_size_and_tiling(pipe, mode, calls):
+    """Stage 1's UNet calls per step: one untiled call at the bucket (stretch) or at the request's
+    ratio (direct); several tile batches when tiled (tile batch 1, and the 4:1 latent spans >1 tile)."""
+    seen = []
+    hook = pipe.base.unet.register_forward_hook(lambda m, a, out: seen.append(tuple(a[0].shape[-2:])))
+    try:
+        out = pipe("a red circle", width=256, height=64, generator=gen(0), num_inference_steps=1,
+                   upscale_inference_steps=1, guidance_scale=1.0, tile_batch_size=1, panorama=mode, output_type="np")
+    finally:
+        hook.remove()
+    plan = pipe.plan(256, 64, mode)
+    f = pipe.base_factor
+    stage1 = seen[:calls]
+    assert out.images[0].shape == (64, 256, 3) and out.info[0]["panorama_mode"] == mode
+    assert out.info[0]["base_size"] == list(plan.base) and out.info[0]["stretch"] == pytest.approx(plan.stretch, abs=1e-4)
+    if mode == "tiled":
+        assert all(s[1] < plan.base[0] // f for s in stage1)
+    else:
+        assert stage1 == [(plan.base[1] // f, plan.base[0] // f)]
 
 
 def test_same_seed_same_image_other_seed_differs(pipe):
