@@ -1,7 +1,7 @@
 """Stage 1 beyond the buckets: how to generate a 3:1 banner or a 1:4 scroll with a bucketed base model.
 
 The ARAD buckets span H/W 0.5 to 2.0. A request outside them (1536x640 is 2.4:1) needs stage 1 to do
-something else; this script measures three answers on the same scenes, from the same seeds, with the
+something else; this script measures four answers on the same scenes, from the same seeds, with the
 shipped default model, at the size the pipeline picks for stage 1 (the extreme bucket's shorter side,
 the request's ratio):
 
@@ -17,7 +17,10 @@ Each image is scored by ``anysize.evaluate`` against the scene laid out for the 
 ``round_trip`` row (the true scene through the VAE) is the reference, as in ``composition.py``. The
 figures hold for the default model on the scene domain; a Stable Diffusion base is not measured here.
 
-    .venv/bin/python benchmarks/panorama.py --prompts 100 --json benchmarks/results/panorama.json
+    .venv/bin/python benchmarks/panorama.py --prompts 100 --ratios 2.4 3 4 --methods tiled direct stretch \
+        --json benchmarks/results/panorama.json
+    .venv/bin/python benchmarks/panorama.py --prompts 100 --ratios 2.4 3 4 --methods area --merge \
+        --json benchmarks/results/panorama.json
 """
 
 from __future__ import annotations
@@ -125,7 +128,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.samples:
         os.makedirs(args.samples, exist_ok=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     results = run(args)
     if args.merge and args.json and os.path.exists(args.json):
         with open(args.json) as f:
