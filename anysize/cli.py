@@ -284,6 +284,9 @@ def _add_train(sub) -> None:
                    help="ARAD ratio buckets, or square only (the composition baseline)")
     p.add_argument("--init", default=None, metavar="DIR", help="diffusers model directory to fine-tune")
     p.add_argument("--vae", default=None, metavar="DIR", help="trained VAE (run directory's model/ of a vae run)")
+    p.add_argument("--decoder-only", action="store_true",
+                   help="vae with --init: train the decoder only; the encoder and its latents stay as they are, "
+                        "so models trained on them keep working")
     p.add_argument("--resolution", type=_int_at_least(8), default=64, metavar="PX",
                    help="native side: buckets hold about PX^2 pixels (default 64)")
     p.add_argument("--crop", type=_int_at_least(16), default=128, metavar="PX", help="upscaler crop side (default 128)")
@@ -309,7 +312,7 @@ def _train(args: argparse.Namespace) -> int:
         vae=args.vae and Path(args.vae), data=args.data, buckets=args.buckets, resolution=args.resolution,
         crop=args.crop, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         checkpoint_every=args.checkpoint_every, seed=args.seed, workers=args.workers,
-        max_minutes=args.max_minutes, progress=not args.quiet,
+        max_minutes=args.max_minutes, progress=not args.quiet, decoder_only=args.decoder_only,
     )
     print(train(config))
     return 0

@@ -50,6 +50,9 @@ class TrainConfig:
         plain numpy on the CPU, so on a GPU it can leave the model waiting (``log.jsonl`` says how long).
     max_minutes: stop after this much training time (checkpoint, then export); a later run with the
         same ``output_dir`` resumes towards ``steps``.
+    decoder_only: "vae" only, with ``init``: train the decoder and keep the encoder (and its
+        ``scaling_factor``) as they are, so the latents of models trained on this VAE stay valid. This is
+        how a shipped VAE is sharpened without retraining the UNets that sample its latents.
     """
 
     task: str
@@ -70,6 +73,7 @@ class TrainConfig:
     workers: int = 0
     max_minutes: float | None = None
     progress: bool = True
+    decoder_only: bool = False
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -88,6 +92,8 @@ class TrainConfig:
                 raise ValueError(f"{name}={value!r}: must be a positive integer")
         if self.task == "upscaler" and self.crop % 16:
             raise ValueError(f"crop={self.crop}: must be a multiple of 16 (x4 input through a factor-4 VAE)")
+        if self.decoder_only and (self.task != "vae" or self.init is None):
+            raise ValueError("decoder_only: needs task 'vae' and init (the VAE whose encoder stays frozen)")
         if self.data != "scenes" and not Path(self.data).is_dir():
             raise ValueError(f"data={self.data!r}: must be 'scenes' or a folder of images with .txt captions")
 
@@ -314,6 +320,12 @@ class Trainer:
         if c.task == "vae":
             self.vae = self._load("vae", new_vae)
             self.trainable, self.frozen = [self.vae], []
+            if c.decoder_only:
+                self.vae.requires_grad_(False)
+                self.trainable = [self.vae.post_quant_conv, self.vae.decoder]
+                for m in self.trainable:
+                    m.requires_grad_(True)
+                self.frozen = [self.vae]
             return
         self.vae = self._load("vae", new_vae, source=c.vae)
         self.vae.requires_grad_(False)
@@ -392,8 +404,11 @@ class Trainer:
         if c.task == "vae":
             with self._timing("data"):
                 images = to_tensor(self.data.crops(c.resolution, c.batch_size, scale_range=(1.0, 4.0))).to(device)
-            posterior = self.vae.encode(images).latent_dist
+            with torch.no_grad() if c.decoder_only else contextlib.nullcontext():
+                posterior = self.vae.encode(images).latent_dist
             recon = self.vae.decode(posterior.sample()).sample
+            if c.decoder_only:
+                return F.l1_loss(recon, images) + F.mse_loss(recon, images)
             return F.l1_loss(recon, images) + F.mse_loss(recon, images) + 1e-6 * posterior.kl().mean()
         if c.task == "base":
             with self._timing("data"):
@@ -528,7 +543,10 @@ class Trainer:
                                               max_noise_level=self.config.max_noise_level)
 
     def _latent_scale(self) -> float:
-        """1 / std of the latents on fresh scenes, as Stable Diffusion's ``scaling_factor``."""
+        """1 / std of the latents on fresh scenes, as Stable Diffusion's ``scaling_factor``; the
+        encoder's own when only the decoder was trained (the latents it scales have not changed)."""
+        if self.config.decoder_only:
+            return float(self.vae.config.scaling_factor)
         with torch.no_grad():
             images = to_tensor(SceneData(self.config.seed + 1).crops(self.config.resolution, 16, (1.0, 4.0)))
             images = images.to(self.device)

@@ -37,6 +37,25 @@ def test_vae_run_exports_a_diffusers_vae(vae_run):
     assert vae.config.scaling_factor > 0 and 2 ** (len(vae.config.block_out_channels) - 1) == 4
 
 
+def test_decoder_only_keeps_the_encoder_and_its_latent_scale(tmp_path, vae_run):
+    from diffusers import AutoencoderKL
+
+    out = train(TrainConfig(task="vae", output_dir=tmp_path, init=vae_run, decoder_only=True, steps=2,
+                            resolution=32, **QUICK))
+    before, after = AutoencoderKL.from_pretrained(vae_run / "vae"), AutoencoderKL.from_pretrained(out / "vae")
+    assert after.config.scaling_factor == before.config.scaling_factor
+    old, new = before.state_dict(), after.state_dict()
+    frozen = [k for k in old if k.startswith(("encoder.", "quant_conv."))]
+    trained = [k for k in old if k.startswith(("decoder.", "post_quant_conv."))]
+    assert frozen and trained and len(frozen) + len(trained) == len(old)
+    assert all(torch.equal(old[k], new[k]) for k in frozen)
+    assert sum(not torch.equal(old[k], new[k]) for k in trained) > len(trained) // 2
+    with pytest.raises(ValueError, match="decoder_only"):
+        TrainConfig(task="base", output_dir=tmp_path / "x", init=vae_run, decoder_only=True)
+    with pytest.raises(ValueError, match="decoder_only"):
+        TrainConfig(task="vae", output_dir=tmp_path / "y", decoder_only=True)
+
+
 def test_resume_continues_exactly(tmp_path, vae_run):
     cfg = dict(task="base", vae=vae_run, resolution=32, **QUICK)
     straight = Trainer(TrainConfig(output_dir=tmp_path / "a", steps=4, **cfg))
