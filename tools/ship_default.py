@@ -1,6 +1,10 @@
 """Copies trained runs into ``anysize/default_model/{base,upscaler}`` as fp16 safetensors (the shipped model).
 
-    .venv/bin/python tools/ship_default.py runs/base/model runs/upscaler/model
+    .venv/bin/python tools/ship_default.py runs/base/model runs/upscaler/model [--vae runs/vae-decoder/model]
+
+``--vae`` puts one VAE into both parts in place of the one they were trained with: a decoder-only
+fine-tune of that VAE (``anysize train vae --init ... --decoder-only``), whose encoder, and so whose
+latents, the UNets were trained on.
 
 Each component is loaded with diffusers/transformers, cast to float16 and saved with
 ``save_pretrained(safe_serialization=True)`` into a temp directory that replaces the old one in one
@@ -19,13 +23,15 @@ import torch
 DEST = Path(__file__).resolve().parents[1] / "anysize" / "default_model"
 
 
-def save_fp16(source: str | Path, out: Path) -> int:
-    """``source`` (a diffusers directory) saved to ``out`` with its UNet, VAE and text encoder in
-    float16, through a temp directory renamed into place; returns the bytes written."""
-    from diffusers import DiffusionPipeline
+def save_fp16(source: str | Path, out: Path, vae: str | Path | None = None) -> int:
+    """``source`` (a diffusers directory) saved to ``out`` with its UNet, VAE (``vae``'s if given) and
+    text encoder in float16, through a temp directory renamed into place; returns the bytes written."""
+    from diffusers import AutoencoderKL, DiffusionPipeline
 
     out = Path(out)
-    pipe = DiffusionPipeline.from_pretrained(source, use_safetensors=True)
+    parts = {} if vae is None else {"vae": AutoencoderKL.from_pretrained(Path(vae) / "vae" if (Path(vae) / "vae").is_dir()
+                                                                          else vae, use_safetensors=True)}
+    pipe = DiffusionPipeline.from_pretrained(source, use_safetensors=True, **parts)
     for name in ("unet", "vae", "text_encoder"):
         getattr(pipe, name).to(torch.float16)
     tmp = out.with_name(out.name + ".tmp")
@@ -36,16 +42,19 @@ def save_fp16(source: str | Path, out: Path) -> int:
     return sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
 
 
-def ship(source: str, role: str) -> int:
-    return save_fp16(source, DEST / role)
+def ship(source: str, role: str, vae: str | None = None) -> int:
+    return save_fp16(source, DEST / role, vae)
 
 
 def main(argv: list[str]) -> int:
+    vae = None
+    if len(argv) == 4 and argv[2] == "--vae":
+        argv, vae = argv[:2], argv[3]
     if len(argv) != 2:
-        print("usage: ship_default.py BASE_MODEL_DIR UPSCALER_MODEL_DIR", file=sys.stderr)
+        print("usage: ship_default.py BASE_MODEL_DIR UPSCALER_MODEL_DIR [--vae VAE_DIR]", file=sys.stderr)
         return 2
     DEST.mkdir(parents=True, exist_ok=True)
-    total = ship(argv[0], "base") + ship(argv[1], "upscaler")
+    total = ship(argv[0], "base", vae) + ship(argv[1], "upscaler", vae)
     print(f"{DEST}: {total / 1e6:.1f} MB")
     return 0 if total <= 40e6 else 1
 
