@@ -124,6 +124,13 @@ def load_pipeline(source: str | os.PathLike, *, device: torch.device, dtype: tor
     return pipe.to(device)
 
 
+def component_dir(root: str | os.PathLike, name: str) -> Path:
+    """A pipeline component's directory: ``root / name`` when ``root`` is a diffusers model directory
+    that has it (``runs/vae/model`` -> ``runs/vae/model/vae``), else ``root`` itself (the component's own)."""
+    sub = Path(root) / name
+    return sub if sub.is_dir() else Path(root)
+
+
 def default_model_paths() -> tuple[Path, Path]:
     """(base, upscaler) directories of the embedded default model; a clear error while it is not shipped."""
     base, up = DEFAULT_MODEL_DIR / "base", DEFAULT_MODEL_DIR / "upscaler"

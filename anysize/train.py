@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .buckets import Bucket, arad_buckets, model_granularity, nearest_bucket
+from .models import component_dir
 from .scenes import BACKGROUND_PHRASES, COLORS, NUMBER_WORDS, PATTERNS, PLURALS, SHAPES, SIZES, render, render_crop, sample_scene
 from .vae import vae_scale_factor
 
@@ -365,8 +366,7 @@ class Trainer:
         root = source if source is not None else self.config.init
         if root is None:
             return make()
-        path = Path(root) / name if (Path(root) / name).is_dir() else Path(root)
-        return classes[name].from_pretrained(path, use_safetensors=True)
+        return classes[name].from_pretrained(component_dir(root, name), use_safetensors=True)
 
     # -- where the time goes: data (scene rendering, on the CPU) against the whole step, per checkpoint
     @contextlib.contextmanager
@@ -407,9 +407,8 @@ class Trainer:
             with torch.no_grad() if c.decoder_only else contextlib.nullcontext():
                 posterior = self.vae.encode(images).latent_dist
             recon = self.vae.decode(posterior.sample()).sample
-            if c.decoder_only:
-                return F.l1_loss(recon, images) + F.mse_loss(recon, images)
-            return F.l1_loss(recon, images) + F.mse_loss(recon, images) + 1e-6 * posterior.kl().mean()
+            error = F.l1_loss(recon, images) + F.mse_loss(recon, images)
+            return error if c.decoder_only else error + 1e-6 * posterior.kl().mean()
         if c.task == "base":
             with self._timing("data"):
                 images, captions = self.data.batch(self._bucket(), c.batch_size)

@@ -42,14 +42,23 @@ RATIOS = (0.25, *ARAD_RATIOS, 4.0)
 METRICS = ("exact", "color_exact", "count_exact", "recall", "duplicate_rate", "cut_rate")
 
 
-def load(path: str, vae: str | None = None):
-    """The base model at ``path`` as a diffusers pipeline, its VAE replaced by the one at ``vae`` if given."""
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline
+def load_vae(path: str):
+    """A VAE in float32, eval mode, from a diffusers model directory or the VAE's own directory."""
+    from diffusers import AutoencoderKL
+
+    from anysize.models import component_dir
+
+    return AutoencoderKL.from_pretrained(component_dir(path, "vae"), use_safetensors=True).float().eval()
+
+
+def load(path: str, vae=None):
+    """The base model at ``path`` as a diffusers pipeline, its VAE replaced by the module ``vae`` if given."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(path, use_safetensors=True, safety_checker=None,
                                                    requires_safety_checker=False, dtype=torch.float32)
     if vae is not None:
-        pipe.vae = AutoencoderKL.from_pretrained(vae, use_safetensors=True).to(torch.float32)
+        pipe.vae = vae
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -81,7 +90,8 @@ def vae_round_trip(vae, images: np.ndarray) -> np.ndarray:
 
 
 def run(args) -> dict:
-    models = {"arad": load(args.arad, args.vae), "square": load(args.square, args.vae)}
+    vae = load_vae(args.vae) if args.vae else None  # one module, shared: loaded once
+    models = {"arad": load(args.arad, vae), "square": load(args.square, vae)}
     ref = models["arad"]
     area = args.resolution**2
     granularity = model_granularity(ref.vae, ref.unet)
@@ -176,8 +186,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arad", required=True, help="diffusers dir of the ARAD-trained base model")
     p.add_argument("--square", required=True, help="diffusers dir of the square-trained baseline")
-    p.add_argument("--vae", help="a VAE directory that decodes both models' latents (and the true scenes') "
-                                 "instead of their own; its encoder must be theirs (a decoder-only fine-tune)")
+    p.add_argument("--vae", help="a VAE (its directory, or a model directory with vae/) that decodes both models' "
+                                 "latents (and the true scenes') instead of their own; its encoder must be theirs "
+                                 "(a decoder-only fine-tune)")
     p.add_argument("--prompts", type=int, default=100)
     p.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
     p.add_argument("--resolution", type=int, default=64, help="native side: images hold about PX^2 pixels")

@@ -21,22 +21,14 @@ import sys
 os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from anysize.evaluate import aggregate, evaluate_image  # noqa: E402
 from anysize.scenes import render, sample_scene  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from composition import vae_round_trip  # noqa: E402
+from composition import load_vae, vae_round_trip  # noqa: E402
 
 SIZES = ("64x64", "96x48", "48x96", "128x64", "128x128")
-
-
-def load_vae(path: str):
-    from diffusers import AutoencoderKL
-
-    sub = os.path.join(path, "vae")
-    return AutoencoderKL.from_pretrained(sub if os.path.isdir(sub) else path, use_safetensors=True).float().eval()
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -80,7 +72,6 @@ def main(argv=None) -> int:
     p.add_argument("--scenes", type=int, default=100)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
-    torch.manual_seed(0)
     results = run(args)
     print(table(results))
     if args.json:

@@ -28,9 +28,10 @@ def save_fp16(source: str | Path, out: Path, vae: str | Path | None = None) -> i
     text encoder in float16, through a temp directory renamed into place; returns the bytes written."""
     from diffusers import AutoencoderKL, DiffusionPipeline
 
+    from anysize.models import component_dir
+
     out = Path(out)
-    parts = {} if vae is None else {"vae": AutoencoderKL.from_pretrained(Path(vae) / "vae" if (Path(vae) / "vae").is_dir()
-                                                                          else vae, use_safetensors=True)}
+    parts = {} if vae is None else {"vae": AutoencoderKL.from_pretrained(component_dir(vae, "vae"), use_safetensors=True)}
     pipe = DiffusionPipeline.from_pretrained(source, use_safetensors=True, **parts)
     for name in ("unet", "vae", "text_encoder"):
         getattr(pipe, name).to(torch.float16)
