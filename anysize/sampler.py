@@ -10,6 +10,7 @@ explicit weights (FSTD: Zheng et al. 2023, sec. 3.3; the MultiDiffusion-style me
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import inspect
@@ -362,6 +363,50 @@ def make_plan_generator(generator: torch.Generator) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
+def _per_sample_linears(unet) -> list[torch.nn.Module]:
+    """The UNet's ``nn.Linear`` layers outside attention blocks: the timestep, class and SDXL added
+    embeddings and every ResNet's ``time_emb_proj``. They see one row per sample, so their GEMM has as
+    many rows as the UNet batch; attention projections see batch x tokens rows and are left alone."""
+    if not isinstance(unet, torch.nn.Module):
+        return []
+    return [m for name, m in unet.named_modules()
+            if isinstance(m, torch.nn.Linear) and "attentions" not in name.split(".")]
+
+
+def _row_by_row(module: torch.nn.Linear, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    """Forward hook: recompute a per-sample linear one distinct row at a time on the CPU.
+
+    MKL's SGEMM sums a product in another order when it has fewer than four rows (even with
+    ``MKL_CBWR=...,STRICT``, whose AVX2 branch MKL ignores on AMD CPUs), so one tile's timestep embedding
+    changed with the number of tiles in the UNet call (README: Determinism). A one-row product takes the
+    same path whatever the batch, and the rows here are few distinct values (one timestep for all tiles,
+    at most a positive and a negative pooled embedding), so this costs a handful of GEMVs on tiny layers.
+    No torch or diffusers switch makes small GEMMs batch-invariant, hence this hook.
+    """
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.device.type != "cpu" or x.shape[0] < 2:
+        return None
+    rows, index = torch.unique(x, dim=0, return_inverse=True)
+    one = [torch.nn.functional.linear(r.unsqueeze(0).clone(), module.weight, module.bias) for r in rows]
+    return torch.cat(one)[index]
+
+
+@contextlib.contextmanager
+def batch_invariant_linears(unet_or_linears, device: torch.device | str = "cpu"):
+    """Within the block, on the CPU, the per-sample linears of ``unet_or_linears`` (a UNet, or the list
+    :func:`_per_sample_linears` made of one) give each sample the same bits whatever the batch size."""
+    linears = unet_or_linears if isinstance(unet_or_linears, list) else _per_sample_linears(unet_or_linears)
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    handles = [m.register_forward_hook(_row_by_row) for m in linears]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 class UNetTileDenoiser:
     """Tile-level denoiser over a diffusers ``UNet2DConditionModel``, with classifier-free guidance.
 
@@ -396,6 +441,7 @@ class UNetTileDenoiser:
             negative_prompt_embeds = torch.zeros_like(prompt_embeds)
         self.negative_prompt_embeds = negative_prompt_embeds
         self.negative_added_cond_kwargs = negative_added_cond_kwargs or added_cond_kwargs
+        self._row_linears = _per_sample_linears(unet)
 
     def _per_box(self, value: torch.Tensor | None, n_boxes: int) -> torch.Tensor | None:
         return None if value is None else value.repeat(n_boxes, *([1] * (value.dim() - 1)))
@@ -431,4 +477,5 @@ class UNetTileDenoiser:
             kwargs["class_labels"] = labels
         if added is not None:
             kwargs["added_cond_kwargs"] = added
-        return self.unet(x, t, **kwargs)[0]
+        with batch_invariant_linears(self._row_linears, x.device):
+            return self.unet(x, t, **kwargs)[0]
