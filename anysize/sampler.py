@@ -366,11 +366,13 @@ def make_plan_generator(generator: torch.Generator) -> torch.Generator:
 def _per_sample_linears(unet) -> list[torch.nn.Module]:
     """The UNet's ``nn.Linear`` layers outside attention blocks: the timestep, class and SDXL added
     embeddings and every ResNet's ``time_emb_proj``. They see one row per sample, so their GEMM has as
-    many rows as the UNet batch; attention projections see batch x tokens rows and are left alone."""
+    many rows as the UNet batch; attention projections see batch x tokens rows and are left alone.
+    Plain ``nn.Linear`` only: a subclass (LoRA-compatible, quantized) has its own forward, which the
+    hook's ``F.linear`` on ``weight`` would not reproduce."""
     if not isinstance(unet, torch.nn.Module):
         return []
     return [m for name, m in unet.named_modules()
-            if isinstance(m, torch.nn.Linear) and "attentions" not in name.split(".")]
+            if type(m) is torch.nn.Linear and "attentions" not in name.split(".")]
 
 
 def _row_by_row(module: torch.nn.Linear, args: tuple, output: torch.Tensor) -> torch.Tensor | None:

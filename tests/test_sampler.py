@@ -84,6 +84,34 @@ def test_batch_invariance_without_guidance(unet, embeds):
     assert torch.equal(*outs)
 
 
+def test_unet_rows_do_not_depend_on_the_batch_under_batch_invariant_linears(unet):
+    # the UNet alone, batches of 2..8 samples: each sample's output must be the same bits (batch 1 is
+    # oneDNN's own convolution path, see above). Without the hooks this failed on an AMD EPYC machine.
+    g = torch.Generator().manual_seed(5)
+    x, e = torch.randn(8, 4, 16, 16, generator=g), torch.randn(8, 5, 32, generator=g)
+    with torch.no_grad(), batch_invariant_linears(unet):
+        full = unet(x, 500, encoder_hidden_states=e).sample
+        for b in (2, 3, 5):
+            assert torch.equal(unet(x[:b], 500, encoder_hidden_states=e[:b]).sample, full[:b]), b
+    assert not unet.time_embedding.linear_1._forward_hooks  # removed on leaving the block
+
+
+def test_batch_invariant_linears_skip_subclasses_and_token_inputs():
+    class Scaled(torch.nn.Linear):  # a subclass with its own forward (as LoRA or quantized layers have)
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    net = torch.nn.Module()
+    net.plain, net.scaled = torch.nn.Linear(4, 3), Scaled(4, 3)
+    x = torch.randn(6, 4)
+    with batch_invariant_linears(net):
+        torch.testing.assert_close(net.scaled(x), 2 * torch.nn.functional.linear(x, net.scaled.weight, net.scaled.bias))
+        tokens = torch.randn(2, 5, 4)
+        assert torch.equal(net.plain(tokens), torch.nn.functional.linear(tokens, net.plain.weight, net.plain.bias))
+        rows = net.plain(x)
+    torch.testing.assert_close(rows, net.plain(x))
+
+
 @pytest.mark.parametrize("method", ["fstd", "overlap", "naive"])
 def test_same_seed_same_output_other_seed_differs(unet, embeds, method):
     cfg = TilingConfig(method=method, tile_size=16, tile_batch_size=4)
