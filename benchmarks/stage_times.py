@@ -3,7 +3,8 @@ sampling, each VAE decode, the colour fix and the file write.
 
 Runs the command line in this process with timers wrapped around the pipeline's stage methods (the
 library itself carries no timing code), then prints one line per stage and, with ``--json``, writes
-them as a list of ``{"stage", "seconds"}`` (``benchmarks/scale.py --breakdown`` runs every size
+them as a list of ``{"stage", "seconds", "peak_rss_mib_so_far"}`` (the RSS high-water mark when the
+stage ended, which tells the stage that set the peak) (``benchmarks/scale.py --breakdown`` runs every size
 through this script). Everything after ``--`` is the ``anysize`` command line:
 
     .venv/bin/python benchmarks/stage_times.py -- generate "two red circles on grass" --size 2048x2048 -o out.tif
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -33,7 +35,9 @@ def main() -> int:
     times: list[dict] = []
 
     def record(stage: str, seconds: float) -> None:
-        times.append({"stage": stage, "seconds": seconds})
+        # the process's RSS high-water mark so far: the first stage whose value jumps set the peak
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        times.append({"stage": stage, "seconds": seconds, "peak_rss_mib_so_far": round(peak)})
 
     import torch  # noqa: F401  (the heavy imports, counted on their own)
     import diffusers  # noqa: F401
@@ -58,7 +62,8 @@ def main() -> int:
         record("total", time.perf_counter() - START)
         width = max(len(t["stage"]) for t in times)
         for t in times:
-            print(f"{t['stage']:<{width}}  {t['seconds']:8.2f} s", file=sys.stderr)
+            print(f"{t['stage']:<{width}}  {t['seconds']:8.2f} s  peak RSS so far {t['peak_rss_mib_so_far']} MiB",
+                  file=sys.stderr)
         if args.json is not None:
             args.json.write_text(json.dumps(times, indent=1) + "\n")
     return code
