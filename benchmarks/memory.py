@@ -98,6 +98,16 @@ def child(args) -> None:
     print(json.dumps(res))
 
 
+def run_case(cmd: list[str], label: str) -> dict:
+    """Run one case in a fresh process (so peaks do not mix); its last line of output is the JSON row."""
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode:
+        sys.exit(f"{label} failed:\n{res.stderr[-3000:]}")
+    row = json.loads(res.stdout.strip().splitlines()[-1])
+    print(f"  done {label}: {row['seconds']:.1f} s", file=sys.stderr)
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="2048,8192")
@@ -107,15 +117,8 @@ def main() -> None:
     args = p.parse_args()
     if args.case:
         return child(args)
-    rows = []
-    for case in args.cases.split(","):
-        for side in map(int, args.sizes.split(",")):
-            cmd = [sys.executable, __file__, "--case", case, "--side", str(side)]
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            if res.returncode:
-                sys.exit(f"{case} {side} failed:\n{res.stderr[-3000:]}")
-            rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-            print(f"  done {case} {side}: {rows[-1]['seconds']:.1f} s", file=sys.stderr)
+    rows = [run_case([sys.executable, __file__, "--case", case, "--side", str(side)], f"{case} {side}")
+            for case in args.cases.split(",") for side in map(int, args.sizes.split(","))]
     print("| case | output px | latent | wall s | peak RSS MB | peak - models MB |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from memory import ReleasingMemmapWriter  # noqa: E402
+from memory import ReleasingMemmapWriter, run_case  # noqa: E402
 
 
 def evaluated_fraction(length: int, tile: int, margin: int) -> float:
@@ -75,15 +74,8 @@ def main() -> None:
     if args.case:
         print(json.dumps(case(*args.case, args.vae)))
         return
-    rows = []
-    for side in args.sides:
-        for tile in args.tiles:
-            cmd = [sys.executable, __file__, "--vae", args.vae, "--case", str(side), str(tile)]
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            if res.returncode:
-                sys.exit(f"side {side} tile {tile} failed:\n{res.stderr[-3000:]}")
-            rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-            print(f"  done latent {side}^2, tile {tile}: {rows[-1]['seconds']:.1f} s", file=sys.stderr)
+    rows = [run_case([sys.executable, __file__, "--vae", args.vae, "--case", str(side), str(tile)],
+                     f"latent {side}^2, tile {tile}") for side in args.sides for tile in args.tiles]
     print("| output | latent | VAE tile | evaluated / kept px | decode s | s / MP | peak RSS MiB | decode adds MiB | planner estimate MiB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
