@@ -3,9 +3,9 @@ sampling, each VAE decode, the colour fix and the file write.
 
 Runs the command line in this process with timers wrapped around the pipeline's stage methods (the
 library itself carries no timing code), then prints one line per stage and, with ``--json``, writes
-them as a list of ``{"stage", "seconds", "peak_rss_mib_so_far"}`` (the RSS high-water mark when the
-stage ended, which tells the stage that set the peak) (``benchmarks/scale.py --breakdown`` runs every size
-through this script). Everything after ``--`` is the ``anysize`` command line:
+them as a list of ``{"stage", "seconds", "peak_rss_mib_so_far"}``; the last is the RSS high-water mark
+when the stage ended, so the stage where it jumps set the peak. ``benchmarks/scale.py`` runs every size
+through this script. Everything after ``--`` is the ``anysize`` command line:
 
     .venv/bin/python benchmarks/stage_times.py -- generate "two red circles on grass" --size 2048x2048 -o out.tif
 """
