@@ -182,6 +182,13 @@ def samples(results: dict, path: str, zoom: int = 2) -> None:
     canvas.save(path)
 
 
+def write_json(path: str, data: dict) -> None:
+    """A benchmark's results as indented JSON at ``path`` (its folder made if missing); shared by the
+    scene-domain benchmarks that import this module."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=1))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arad", required=True, help="diffusers dir of the ARAD-trained base model")
@@ -208,9 +215,7 @@ def main(argv=None) -> int:
     if args.samples:
         samples(results, args.samples)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        data = {k: v for k, v in results.items() if k != "picks"}
-        Path(args.json).write_text(json.dumps(data, indent=1))
+        write_json(args.json, {k: v for k, v in results.items() if k != "picks"})
     return 0
 
 

@@ -43,7 +43,7 @@ from anysize.evaluate import aggregate, evaluate_image  # noqa: E402
 from anysize.scenes import render, sample_scene  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from composition import vae_round_trip  # noqa: E402
+from composition import vae_round_trip, write_json  # noqa: E402
 
 # width / height of the requests: all outside the buckets' 2:1 (0.5 to 2.0 in H/W), wide and tall
 WIDE = (2.4, 3.0, 4.0, 6.0)
@@ -138,8 +138,7 @@ def main(argv=None) -> int:
         results = old
     print(table(results))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(args.json, results)
     return 0
 
 

@@ -14,7 +14,6 @@ about 12 px, 3 latent pixels.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -26,7 +25,7 @@ from anysize.evaluate import aggregate, evaluate_image  # noqa: E402
 from anysize.scenes import render, sample_scene  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from composition import load_vae, vae_round_trip  # noqa: E402
+from composition import load_vae, vae_round_trip, write_json  # noqa: E402
 
 SIZES = ("64x64", "96x48", "48x96", "128x64", "128x128")
 
@@ -75,8 +74,7 @@ def main(argv=None) -> int:
     results = run(args)
     print(table(results))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(args.json, results)
     return 0
 
 

@@ -31,17 +31,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 from memory import ReleasingMemmapWriter, run_case  # noqa: E402
 
 
-def evaluated_fraction(length: int, tile: int, margin: int) -> float:
-    """Latent px read along one axis (cores plus margins, clamped to the canvas) per px kept."""
-    read = sum(min(length, a + tile + margin) - max(0, a - margin) for a in range(0, length, tile))
-    return read / length
-
-
 def case(side: int, tile: int, vae_dir: str) -> dict:
     from diffusers import AutoencoderKL
 
     from anysize import memory
-    from anysize.vae import decoder_margin, tiled_decode, vae_scale_factor
+    from anysize.vae import _plan_tiles, decoder_margin, tiled_decode, vae_scale_factor
 
     vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32).eval()
     factor = vae_scale_factor(vae)
@@ -55,11 +49,12 @@ def case(side: int, tile: int, vae_dir: str) -> dict:
         tiled_decode(vae, lat, mode="fast", out=writer, **kwargs)
         seconds = time.perf_counter() - start
         checksum = int(writer.array[:: max(1, px // 64), :: max(1, px // 64)].sum(dtype="int64"))
-    margin = decoder_margin(vae.config)
+    # latent px the decode reads (its own tile plan: cores plus clamped margins) per px it keeps
+    read = sum(h * w for h, w in (t.shape for t in _plan_tiles(side, side, tile, decoder_margin(vae.config))))
     return {"side": side, "tile": tile, "pixels": px, "seconds": seconds, "base_mb": base / 2**20,
             "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "estimate_mb": memory.tiled_decode_bytes(vae, side, side, tile) / 2**20,
-            "overhead": evaluated_fraction(side, tile, margin) ** 2,
+            "overhead": read / side**2,
             "stats_size": kwargs["stats_size"], "checksum": checksum}
 
 
