@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,9 +99,11 @@ def load_pipeline(source: str | os.PathLike, *, device: torch.device, dtype: tor
                 raise ModelLoadError(
                     f"{role} {path}: holds only pickle weights (.bin/.ckpt), which can run arbitrary code when "
                     "loaded; convert them to .safetensors, or pass allow_pickle=True (CLI: --allow-pickle)")
-            pipe = DiffusionPipeline.from_pretrained(
-                path, dtype=dtype, use_safetensors=not allow_pickle or None, local_files_only=True
-            )
+            with warnings.catch_warnings():  # the x4 class's scaling_factor reset, undone below
+                warnings.filterwarnings("ignore", message=".*scaling_factor.*", category=FutureWarning)
+                pipe = DiffusionPipeline.from_pretrained(
+                    path, dtype=dtype, use_safetensors=not allow_pickle or None, local_files_only=True
+                )
         elif path.is_file():
             _refuse_pickle(path, allow_pickle)
             if path.suffix.lower() != ".safetensors" and not allow_pickle:
@@ -120,8 +123,35 @@ def load_pipeline(source: str | os.PathLike, *, device: torch.device, dtype: tor
         raise ModelLoadError(f"{role} {source}: could not load as a {tried}: {first}") from exc
     if getattr(pipe, "unet", None) is None or getattr(pipe, "vae", None) is None:
         raise ModelLoadError(f"{role} {source}: needs a UNet and a VAE (got {type(pipe).__name__})")
+    if path.is_dir():
+        restore_vae_scale(pipe.vae, path)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def saved_vae_scale(root: str | os.PathLike) -> float | None:
+    """The ``scaling_factor`` written in a diffusers directory's VAE config (``root/vae`` or ``root``
+    itself), or None where there is none."""
+    config = component_dir(root, "vae") / "config.json"
+    try:
+        value = json.loads(config.read_text()).get("scaling_factor")
+    except (OSError, json.JSONDecodeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def restore_vae_scale(vae, root: str | os.PathLike) -> None:
+    """Put back the ``scaling_factor`` that ``root``'s VAE config holds.
+
+    diffusers' ``StableDiffusionUpscalePipeline.__init__`` overwrites any other value with 0.08333,
+    the factor of Stability's own x4 upscaler VAE. An x4-layout upscaler trained on another VAE (the
+    default model's: 0.6458) then decodes latents 7.75x too large, and its noisy latents are scaled
+    wrongly all through sampling: the output loses ~7 dB of PSNR and shifts colour. diffusers has
+    no switch for this, so the loader and the trainer's export undo it from the config on disk.
+    """
+    scale = saved_vae_scale(root)
+    if scale is not None and scale != vae.config.scaling_factor:
+        vae.register_to_config(scaling_factor=scale)
 
 
 def component_dir(root: str | os.PathLike, name: str) -> Path:

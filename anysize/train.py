@@ -538,8 +538,13 @@ class Trainer:
         if self.config.task == "base":
             return StableDiffusionPipeline(**parts, scheduler=sched, safety_checker=None, feature_extractor=None,
                                            requires_safety_checker=False)
-        return StableDiffusionUpscalePipeline(**parts, scheduler=sched, low_res_scheduler=self.low_res_scheduler,
+        scale = self.vae.config.scaling_factor
+        pipe = StableDiffusionUpscalePipeline(**parts, scheduler=sched, low_res_scheduler=self.low_res_scheduler,
                                               max_noise_level=self.config.max_noise_level)
+        # diffusers has just set our VAE's scaling_factor to 0.08333 (see anysize.models.restore_vae_scale):
+        # put back the one the UNet was trained with, for the export and for any training after it
+        self.vae.register_to_config(scaling_factor=scale)
+        return pipe
 
     def _latent_scale(self) -> float:
         """1 / std of the latents on fresh scenes, as Stable Diffusion's ``scaling_factor``; the

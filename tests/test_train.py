@@ -1,6 +1,8 @@
 """Training: a few steps on small models run, checkpoint, resume exactly, export and load through AnySizePipeline."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -119,6 +121,25 @@ def test_vae_trains_on_a_folder_of_images(tmp_path):
 def test_upscaler_exports_the_noise_schedule_it_was_trained_with(tmp_path, vae_run):
     t = Trainer(TrainConfig(task="upscaler", output_dir=tmp_path, vae=vae_run, crop=32, steps=1, **QUICK))
     assert t._pipeline().low_res_scheduler is t.low_res_scheduler
+
+
+def test_upscaler_keeps_the_latent_scale_it_trains_with_through_export_and_load(tmp_path, vae_run):
+    from diffusers import AutoencoderKL
+
+    scale = AutoencoderKL.from_pretrained(vae_run / "vae").config.scaling_factor
+    assert scale != 0.08333  # the value diffusers' x4 upscaler class forces on any VAE it is given
+    t = Trainer(TrainConfig(task="upscaler", output_dir=tmp_path, vae=vae_run, crop=32, steps=2, **QUICK))
+    out = t.run()  # exports at the end: builds a StableDiffusionUpscalePipeline around t.vae
+    assert t.vae.config.scaling_factor == scale  # a longer run would go on training at the same scale
+    assert json.loads((out / "vae" / "config.json").read_text())["scaling_factor"] == scale
+    pipe = AnySizePipeline.from_pretrained(upscaler=out, device="cpu")
+    assert pipe.upscaler.vae.config.scaling_factor == scale
+    # tools/ship_default.py: fp16 copy with a VAE put in from another directory (--vae)
+    spec = importlib.util.spec_from_file_location("ship_default", Path(__file__).parents[1] / "tools" / "ship_default.py")
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+    ship.save_fp16(out, tmp_path / "shipped", vae=vae_run)
+    assert json.loads((tmp_path / "shipped" / "vae" / "config.json").read_text())["scaling_factor"] == scale
 
 
 def test_bad_config_names_the_argument(tmp_path):

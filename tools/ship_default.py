@@ -28,11 +28,12 @@ def save_fp16(source: str | Path, out: Path, vae: str | Path | None = None) -> i
     text encoder in float16, through a temp directory renamed into place; returns the bytes written."""
     from diffusers import AutoencoderKL, DiffusionPipeline
 
-    from anysize.models import component_dir
+    from anysize.models import component_dir, restore_vae_scale
 
     out = Path(out)
     parts = {} if vae is None else {"vae": AutoencoderKL.from_pretrained(component_dir(vae, "vae"), use_safetensors=True)}
     pipe = DiffusionPipeline.from_pretrained(source, use_safetensors=True, **parts)
+    restore_vae_scale(pipe.vae, vae if vae is not None else source)  # the x4 upscaler class resets it
     for name in ("unet", "vae", "text_encoder"):
         getattr(pipe, name).to(torch.float16)
     tmp = out.with_name(out.name + ".tmp")
