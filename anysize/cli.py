@@ -234,8 +234,6 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _upscale(args: argparse.Namespace) -> int:
-    from .pipeline import upscale_passes
-
     width, height = args.size
     out = check_output_path(args.output, args.size)
     source = _read_image(args.image)
@@ -244,7 +242,7 @@ def _upscale(args: argparse.Namespace) -> int:
                       args.tile_batch, "pil", args.strength, max_memory=args.max_memory, vae_tile_size=args.vae_tile)
     _preflight(pipe, args, source=source.size, guidance_scale=1.0)
     seed = _pick_seed(args)
-    passes = upscale_passes(source.size, args.size, pipe.stage2_factor)
+    passes = pipe.stage2_passes(source.size, args.size)
     _say(args, f"upscale: {source.size[0]}x{source.size[1]} -> {_passes(passes)} -> {width}x{height}; seed {seed}")
     extra = {"steps": args.steps, "source": str(args.image), "source_size": list(source.size)}
     result = pipe.upscale(source, width, height, args.prompt, num_inference_steps=args.steps,

@@ -456,14 +456,12 @@ def _request(pipe: Any, width: int, height: int, source: tuple[int, int] | None,
              tile_size: int | None, output_type: str, color_fix: bool, streaming: bool, guidance_scale: float,
              upscale_guidance_scale: float | None, latent_memory: int | None = None,
              panorama: str = "stretch") -> _Request:
-    from .pipeline import upscale_passes
-
     upscale_guidance = guidance_scale if upscale_guidance_scale is None else upscale_guidance_scale
     common = dict(pipe=pipe, width=width, height=height, tiling=tiling, tile_size=tile_size,
                   output_type=output_type, color_fix=color_fix, streaming=streaming, cfg=guidance_scale > 1,
                   upscale_cfg=upscale_guidance > 1, latent_memory=latent_memory)
     if source is not None:
-        passes = upscale_passes(tuple(source), (width, height), pipe.stage2_factor)
+        passes = pipe.stage2_passes(tuple(source), (width, height))
         return _Request(base=None, panorama=False, base_tiled=False, source=tuple(source), passes=passes, **common)
     plan = pipe.plan(width, height, panorama)
     return _Request(base=plan.base, panorama=plan.panorama, base_tiled=plan.tiled, source=plan.base,

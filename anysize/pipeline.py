@@ -88,7 +88,8 @@ class _Stage2:
     scratch: Any = None  # where banded work goes without a run directory (None: the system's temp dir)
 
 
-def upscale_passes(source: Size, target: Size, factor: int, *, stretch: float | None = None) -> tuple[Size, ...]:
+def upscale_passes(source: Size, target: Size, factor: int, *, stretch: float | None = None,
+                   min_scale: float = 1.0) -> tuple[Size, ...]:
     """Pass sizes from ``source`` to ``target``: x``factor`` each at the target's aspect ratio, the last
     pass exactly ``target``. A ratio that is not a power of ``factor`` is taken up by the first pass,
     whose input is ``source`` resized by a scale in (1/stretch, stretch] (default stretch
@@ -97,11 +98,16 @@ def upscale_passes(source: Size, target: Size, factor: int, *, stretch: float | 
     at its own scale. (Putting the odd ratio in the last pass instead means one more large pass
     whose output is then shrunk: about 25% more work at 2048^2 from 64^2, and measured worse on the
     scene domain; see the README's stage-2 pass plan section.) Empty when the target is no larger
-    than the source."""
+    than the source, or when it is at most ``min_scale`` times the source's area scale (the pipeline
+    passes sqrt(factor) = 2 for an x4 super-resolution model, whose one pass would otherwise be
+    conditioned on the source shrunk to a quarter to a half: measured far worse than a plain resize,
+    README "Enlargements of 2x or less")."""
     (sw, sh), (tw, th) = source, target
     if tw <= sw and th <= sh:
         return ()
     scale = math.sqrt(tw * th / (sw * sh))
+    if scale <= min_scale:
+        return ()
     stretch = math.sqrt(factor) if stretch is None else stretch
     n = max(1, math.ceil(math.log(scale / stretch) / math.log(factor) - 1e-9))
     return tuple((max(1, round(tw / factor ** (n - k))), max(1, round(th / factor ** (n - k))))
@@ -241,6 +247,14 @@ class AnySizePipeline:
     def stage2_factor(self) -> int:
         return 4 if self.upscaler is not None else 2
 
+    def stage2_passes(self, source: Size, target: Size) -> tuple[Size, ...]:
+        """Stage 2's pass sizes from ``source`` to ``target`` (:func:`upscale_passes`). With an x4
+        super-resolution upscaler, an enlargement of 2x or less has no pass (a Lanczos resize): its
+        one pass would be conditioned on the source shrunk to target / 4. img2img passes work at their
+        own size from the source enlarged, so they keep the one pass."""
+        min_scale = math.sqrt(self.stage2_factor) if self.upscaler is not None else 1.0
+        return upscale_passes(tuple(source), tuple(target), self.stage2_factor, min_scale=min_scale)
+
     # ------------------------------------------------------------------ checks and plans
     def check_inputs(self, prompt, width, height, num_inference_steps=1, upscale_inference_steps=1,
                      guidance_scale=1.0, tiling="fstd", tile_size=None, tile_batch_size=None, output_type="pil",
@@ -296,7 +310,7 @@ class AnySizePipeline:
         """Where stage 1 generates and which stage-2 passes follow, for a ``width x height`` request;
         ``panorama`` for a ratio outside the buckets (:func:`anysize.buckets.choose_base_size`)."""
         choice = choose_base_size(width, height, self.buckets, granularity=self.granularity, beyond=panorama)
-        return Plan(choice.size, choice.panorama, upscale_passes(choice.size, (width, height), self.stage2_factor),
+        return Plan(choice.size, choice.panorama, self.stage2_passes(choice.size, (width, height)),
                     choice.tiled, stretch_factor(choice.size, width, height))
 
     def plan_memory(self, width: int, height: int, *, source: Size | None = None, max_memory: int | None = None,
@@ -450,7 +464,7 @@ class AnySizePipeline:
         opts = _Stage2(prompt, negative_prompt, num_inference_steps, guidance_scale, tiles, tile_size, noise_level,
                        strength, generator, callback_on_step_end, self._latent_limit(latent_memory),
                        file and Path(file.path).parent)
-        passes = upscale_passes(source.size, (width, height), self.stage2_factor)
+        passes = self.stage2_passes(source.size, (width, height))
         info = {"prompt": prompt, "width": width, "height": height, "passes": [list(p) for p in passes],
                 "tiling": tiling, "tile_batch_size": mem.tile_batch_size, "vae_tile_size": mem.vae_tile_size,
                 **self.model_ids}

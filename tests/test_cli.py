@@ -260,7 +260,7 @@ def test_memory_plan_is_printed_and_kept(capsys, tmp_path, models):
 def test_latent_memory_sends_sampling_to_disk_with_the_same_pixels(capsys, tmp_path, models):
     """--latent-memory 0: every stage-2 pass samples by bands on disk; same image, no scratch left."""
     for name, extra in (("mem.png", []), ("disk.png", ["--latent-memory", "0"])):
-        code, _, err = run(capsys, "generate", "x", "--size", "160x96", "-o", tmp_path / name, *FAST, *models, *extra)
+        code, _, err = run(capsys, "generate", "x", "--size", "200x120", "-o", tmp_path / name, *FAST, *models, *extra)
         assert code == 0, err
     assert "state on disk in bands" in err
     with PIL.Image.open(tmp_path / "mem.png") as a, PIL.Image.open(tmp_path / "disk.png") as b:

@@ -45,6 +45,22 @@ def test_plans_follow_the_request():
     assert upscale_passes((64, 64), (200, 200), 4, stretch=4) == ((200, 200),)
 
 
+def test_an_x4_upscaler_leaves_enlargements_of_2x_or_less_to_a_resize(pipe, model_dirs):
+    # its one pass would be conditioned on the source shrunk to target / 4 (README: enlargements of 2x or less)
+    assert upscale_passes((64, 64), (128, 128), 4, min_scale=2) == ()
+    assert upscale_passes((64, 64), (96, 32), 4, min_scale=2) == ()  # narrower: no larger by area scale
+    assert upscale_passes((64, 64), (130, 130), 4, min_scale=2) == ((130, 130),)
+    assert pipe.stage2_passes((64, 64), (128, 128)) == ()
+    assert pipe.stage2_passes((64, 64), (129, 129)) == ((129, 129),)
+    img2img = AnySizePipeline.from_pretrained(base=model_dirs[0], img2img=True, device="cpu")
+    assert img2img.stage2_passes((64, 64), (80, 80)) == ((80, 80),)  # img2img works at the target's size
+    bucket = pipe.plan(100, 100).base
+    out = pipe("a red circle", 2 * bucket[0], 2 * bucket[1], num_inference_steps=2,
+               generator=torch.Generator().manual_seed(0))
+    assert out.info[0]["passes"] == []
+    assert out.images[0].size == (2 * bucket[0], 2 * bucket[1])
+
+
 def test_panorama_for_ratios_outside_the_buckets(pipe):
     wide, tall, square = pipe.plan(400, 90, "direct"), pipe.plan(60, 300, "tiled"), pipe.plan(200, 200, "tiled")
     assert wide.panorama and not wide.tiled and wide.base[0] > 3 * wide.base[1]

@@ -19,7 +19,7 @@ from anysize import cli
 from anysize.resume import RunDir, RunDirError, RunInterrupted, load_scheduler_state, scheduler_state
 
 ROOT = Path(__file__).resolve().parents[1]
-KW = dict(width=160, height=96, num_inference_steps=3, upscale_inference_steps=4, tile_size=8, tile_batch_size=3)
+KW = dict(width=200, height=120, num_inference_steps=3, upscale_inference_steps=4, tile_size=8, tile_batch_size=3)
 
 
 def gen(seed=0):
@@ -98,7 +98,7 @@ def test_a_run_dir_refuses_another_request(pipe, tmp_path):
 
 
 def _generate_argv(model_dirs, out, run_dir):
-    return ["generate", "a red circle", "--size", "160x96", "-o", str(out), "--steps", "3", "--upscale-steps",
+    return ["generate", "a red circle", "--size", "200x120", "-o", str(out), "--steps", "3", "--upscale-steps",
             "30", "--tile-size", "8", "--seed", "11", "--base", str(model_dirs[0]), "--upscaler",
             str(model_dirs[1]), "--run-dir", str(run_dir), "--quiet"]
 
