@@ -54,8 +54,11 @@ METRICS = ("exact", "color_exact", "count_exact", "recall", "duplicate_rate", "c
 def stage1(pipe: AnySizePipeline, caption: str, seed: int, size: tuple[int, int], tiling: str, steps: int,
            guidance: float) -> np.ndarray:
     """The pipeline's stage 1 alone: a request of exactly the stage-1 size has no upscaling pass."""
+    # at the request's ratio whatever the pipeline's default for ratios beyond the buckets ("stretch")
+    panorama = "tiled" if tiling == "fstd" else "direct"
     out = pipe(caption, width=size[0], height=size[1], generator=torch.Generator().manual_seed(seed),
-               num_inference_steps=steps, guidance_scale=guidance, tiling=tiling, output_type="np")
+               num_inference_steps=steps, guidance_scale=guidance, tiling=tiling, output_type="np",
+               panorama=panorama)
     return np.clip(np.rint(out.images[0] * 255), 0, 255).astype(np.uint8)
 
 
