@@ -53,6 +53,16 @@ def last_pass_plan(source, target, factor, *, stretch=1.5):
 PLANS = {"first": pipeline.upscale_passes, "last": last_pass_plan}
 
 
+def upscale_with_plan(pipe: AnySizePipeline, plan, image, width: int, height: int, prompt: str, **kwargs):
+    """``pipe.upscale`` with its pass sizes from ``plan(source, target, factor)`` instead of
+    :meth:`AnySizePipeline.stage2_passes` (which also leaves enlargements of 2x or less to a resize)."""
+    pipe.stage2_passes = lambda source, target: plan(tuple(source), tuple(target), pipe.stage2_factor)
+    try:
+        return pipe.upscale(image, width, height, prompt, **kwargs)
+    finally:
+        del pipe.stage2_passes  # the instance attribute; the method shows through again
+
+
 def sheet_row(target: int, scene: int, images: list[tuple[str, np.ndarray]], side: int = 256):
     """One row of the picture: each image whole, shrunk to ``side`` px (shapes and colours are what
     the plans change)."""
@@ -82,14 +92,10 @@ def main() -> int:
             truth = render(scene, target, target)
             crops = [("truth", truth)]
             for name, plan in PLANS.items():
-                pipeline.upscale_passes = plan  # what pipe.upscale plans with
-                try:
-                    start = time.perf_counter()
-                    out = pipe.upscale(low, target, target, scene.caption, num_inference_steps=steps,
-                                       generator=torch.Generator().manual_seed(i)).images[0]
-                    seconds = time.perf_counter() - start
-                finally:
-                    pipeline.upscale_passes = PLANS["first"]
+                start = time.perf_counter()
+                out = upscale_with_plan(pipe, plan, low, target, target, scene.caption, num_inference_steps=steps,
+                                        generator=torch.Generator().manual_seed(i)).images[0]
+                seconds = time.perf_counter() - start
                 psnr, ssim = psnr_ssim(np.asarray(out), truth)
                 rows.append({"target": target, "scene": args.scene_seed + i, "plan": name, "steps": steps,
                              "passes": plan((SOURCE, SOURCE), (target, target), 4), "psnr": psnr, "ssim": ssim,

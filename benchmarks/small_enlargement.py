@@ -33,6 +33,7 @@ import PIL.Image  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pass_plan import upscale_with_plan  # noqa: E402
 from upscale_quality import psnr_ssim  # noqa: E402
 
 from anysize import AnySizePipeline  # noqa: E402
@@ -48,12 +49,7 @@ def enlarge(pipe: AnySizePipeline, method: str, low: PIL.Image.Image, target: tu
     if method == "resize":
         return np.asarray(low.resize(target, PIL.Image.Resampling.LANCZOS))
     if method == "pass":  # one pass whatever the scale, as the pipeline planned before
-        plan = pipe.stage2_passes
-        pipe.stage2_passes = lambda source, size: upscale_passes(source, size, pipe.stage2_factor)
-        try:
-            return np.asarray(pipe.upscale(low, *target, caption, **kw).images[0])
-        finally:
-            pipe.stage2_passes = plan
+        return np.asarray(upscale_with_plan(pipe, upscale_passes, low, *target, caption, **kw).images[0])
     big = pipe.upscale(low, 4 * low.width, 4 * low.height, caption, **kw).images[0]
     return np.asarray(big.resize(target, PIL.Image.Resampling.LANCZOS))
 
