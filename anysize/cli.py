@@ -285,8 +285,8 @@ def _add_train(sub) -> None:
     p.add_argument("--decoder-only", action="store_true",
                    help="vae with --init: train the decoder only; the encoder and its latents stay as they are, "
                         "so models trained on them keep working")
-    p.add_argument("--resolution", type=_int_at_least(8), default=64, metavar="PX",
-                   help="native side: buckets hold about PX^2 pixels (default 64)")
+    p.add_argument("--resolution", type=_int_at_least(8), default=None, metavar="PX",
+                   help="native side: buckets hold about PX^2 pixels (default: the --init model's, else 64)")
     p.add_argument("--crop", type=_int_at_least(16), default=128, metavar="PX", help="upscaler crop side (default 128)")
     p.add_argument("--steps", type=_int_at_least(1), default=2000, metavar="N")
     p.add_argument("--batch-size", type=_int_at_least(1), default=32, metavar="N")

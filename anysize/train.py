@@ -45,7 +45,9 @@ class TrainConfig:
     vae: a trained VAE directory for "base"/"upscaler" on new models (the VAE stays frozen).
     data: "scenes" (the procedural domain) or a folder of images with same-name ``.txt`` captions.
     buckets: "arad" (the paper's nine ratios) or "square" (the baseline that shows the composition problem).
-    resolution: the base model's native side: buckets hold about ``resolution**2`` pixels.
+    resolution: the base model's native side: buckets hold about ``resolution**2`` pixels. None: the
+        ``init`` model's (its UNet's ``sample_size`` times the VAE factor), else 64. A "base" fine-tune at
+        another side re-registers the UNet's ``sample_size``, so the pipeline samples at the new buckets.
     crop: upscaler only: side of the high-resolution training crops (the low-res input is crop / 4).
     workers: processes that render the procedural scenes (0: in the training process). Rendering is
         plain numpy on the CPU, so on a GPU it can leave the model waiting (``log.jsonl`` says how long).
@@ -62,7 +64,7 @@ class TrainConfig:
     vae: Path | None = None
     data: str = "scenes"
     buckets: str = "arad"
-    resolution: int = 64
+    resolution: int | None = None
     crop: int = 128
     steps: int = 2000
     batch_size: int = 32
@@ -89,6 +91,8 @@ class TrainConfig:
             raise ValueError(f"max_minutes={self.max_minutes!r}: must be positive")
         for name in ("resolution", "crop", "steps", "batch_size", "checkpoint_every"):
             value = getattr(self, name)
+            if name == "resolution" and value is None:
+                continue
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}: must be a positive integer")
         if self.task == "upscaler" and self.crop % 16:
@@ -318,6 +322,8 @@ class Trainer:
     # -- components
     def _build(self) -> None:
         c = self.config
+        if c.resolution is None and c.task != "base":
+            c.resolution = 64
         if c.task == "vae":
             self.vae = self._load("vae", new_vae)
             self.trainable, self.frozen = [self.vae], []
@@ -339,7 +345,14 @@ class Trainer:
         self.text_encoder = self._load("text_encoder", lambda: new_text_encoder(len(self.tokenizer)))
         dim = self.text_encoder.config.hidden_size
         if c.task == "base":
-            self.unet = self._load("unet", lambda: new_unet(c.resolution // self._factor(), 4, dim))
+            self.unet = self._load("unet", lambda: new_unet((c.resolution or 64) // self._factor(), 4, dim))
+            native = int(self.unet.config.sample_size) * self._factor()
+            if c.resolution is None:
+                c.resolution = native
+            elif c.resolution != native:
+                # fine-tuning at another native size: the exported UNet says so, so that the pipeline's
+                # buckets (sample_size x VAE factor) follow what the model was trained at
+                self.unet.register_to_config(sample_size=c.resolution // self._factor())
         else:
             if self._factor() != 4:
                 raise ValueError(f"vae: factor {self._factor()}; the x4 upscaler layout needs a factor-4 VAE")
@@ -366,7 +379,9 @@ class Trainer:
         root = source if source is not None else self.config.init
         if root is None:
             return make()
-        return classes[name].from_pretrained(component_dir(root, name), use_safetensors=True)
+        # fp32 whatever the saved dtype: the shipped default model is fp16, and transformers keeps a
+        # saved fp16 text encoder in fp16, which a fp32 UNet's cross-attention cannot take
+        return classes[name].from_pretrained(component_dir(root, name), use_safetensors=True, dtype=torch.float32)
 
     # -- where the time goes: data (scene rendering, on the CPU) against the whole step, per checkpoint
     @contextlib.contextmanager

@@ -109,6 +109,23 @@ def test_fine_tune_an_existing_model_on_a_captioned_folder(tmp_path, model_dirs)
     assert pipe("picture", width=64, height=64, num_inference_steps=2).images[0].size == (64, 64)
 
 
+def test_fine_tune_takes_a_fp16_model_and_moves_its_native_size(tmp_path, model_dirs):
+    from diffusers import StableDiffusionPipeline
+
+    half = tmp_path / "half"  # saved as the shipped default model is: fp16
+    StableDiffusionPipeline.from_pretrained(model_dirs[0], dtype=torch.float16).save_pretrained(half)
+    same = Trainer(TrainConfig(task="base", output_dir=tmp_path / "same", init=half, steps=1, **QUICK))
+    native = same.unet.config.sample_size * same._factor()
+    assert same.config.resolution == native  # no --resolution: the model's own
+    assert {p.dtype for m in (same.unet, same.text_encoder, same.vae) for p in m.parameters()} == {torch.float32}
+    wider = TrainConfig(task="base", output_dir=tmp_path / "wider", init=half, resolution=2 * native, steps=1, **QUICK)
+    trainer = Trainer(wider)
+    assert max(w * h for w, h in trainer.buckets) > 3 * native**2
+    pipe = AnySizePipeline.from_pretrained(base=trainer.run(), img2img=True, device="cpu")
+    assert pipe.base_tile * pipe.base_factor == 2 * native  # the pipeline's buckets follow
+    assert pipe.buckets == trainer.buckets
+
+
 def test_vae_trains_on_a_folder_of_images(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
