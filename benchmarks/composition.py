@@ -37,6 +37,7 @@ import torch  # noqa: E402
 from anysize.buckets import ARAD_RATIOS, arad_buckets, model_granularity  # noqa: E402
 from anysize.evaluate import aggregate, evaluate_image  # noqa: E402
 from anysize.scenes import render, sample_scene  # noqa: E402
+from anysize.vae import vae_scale_factor  # noqa: E402
 
 RATIOS = (0.25, *ARAD_RATIOS, 4.0)
 METRICS = ("exact", "color_exact", "count_exact", "recall", "duplicate_rate", "cut_rate")
@@ -91,10 +92,14 @@ def vae_round_trip(vae, images: np.ndarray) -> np.ndarray:
 
 def run(args) -> dict:
     vae = load_vae(args.vae) if args.vae else None  # one module, shared: loaded once
-    models = {"arad": load(args.arad, vae), "square": load(args.square, vae)}
+    models = {"arad": load(args.arad, vae)}
+    if args.square:
+        models["square"] = load(args.square, vae)
     ref = models["arad"]
-    area = args.resolution**2
     granularity = model_granularity(ref.vae, ref.unet)
+    if args.resolution is None:  # the ARAD model's native side: its UNet's sample_size in image pixels
+        args.resolution = int(ref.unet.config.sample_size) * vae_scale_factor(ref.vae)
+    area = args.resolution**2
     results: dict = {"config": dict(vars(args)), "ratios": {}}
     picks: dict = {}
     for ratio in args.ratios:
@@ -113,19 +118,27 @@ def run(args) -> dict:
             row[name]["seconds"] = time.perf_counter() - t0
             picks.setdefault(ratio, {})[name] = images[: args.sample_count]
         results["ratios"][str(ratio)] = row
-        a, s = row["arad"], row["square"]
-        print(f"ratio {ratio:.4g} ({width}x{height}): exact arad {a['exact']:.2f} square {s['exact']:.2f} "
-              f"round trip {row['round_trip']['exact']:.2f} | "
-              f"duplicates arad {a['duplicate_rate']:.2f} square {s['duplicate_rate']:.2f}", file=sys.stderr)
+        exact = " ".join(f"{name} {row[name]['exact']:.2f}" for name in models)
+        dup = " ".join(f"{name} {row[name]['duplicate_rate']:.2f}" for name in models)
+        print(f"ratio {ratio:.4g} ({width}x{height}): exact {exact} round trip {row['round_trip']['exact']:.2f} | "
+              f"duplicates {dup}", file=sys.stderr)
     results["picks"] = picks
     return results
 
 
+def model_names(results: dict) -> list[str]:
+    """The models a results dict scored: "arad", and "square" unless the run had no baseline."""
+    first = next(iter(results["ratios"].values()))
+    return [name for name in ("arad", "square") if name in first]
+
+
 def table(results: dict) -> str:
-    head = "| ratio H/W | size | " + " | ".join(f"{m} ARAD / square" for m in METRICS) + " | exact, true scene via VAE |"
+    names = model_names(results)
+    label = " / ".join({"arad": "ARAD", "square": "square"}[n] for n in names)
+    head = "| ratio H/W | size | " + " | ".join(f"{m} {label}" for m in METRICS) + " | exact, true scene via VAE |"
     lines = [head, "|" + "---|" * (3 + len(METRICS))]
     for ratio, row in results["ratios"].items():
-        cells = [f"{row['arad'][m]:.2f} / {row['square'][m]:.2f}" for m in METRICS]
+        cells = [" / ".join(f"{row[n][m]:.2f}" for n in names) for m in METRICS]
         via_vae = f"{row['round_trip']['exact']:.2f}" if "round_trip" in row else "-"
         lines.append(f"| {float(ratio):.3g} | {row['width']}x{row['height']} | " + " | ".join(cells)
                      + f" | {via_vae} |")
@@ -144,6 +157,8 @@ def plot(results: dict, path: str) -> None:
                                  ("exact match (shape + colour)", "colour multiset match", "duplicate rate",
                                   "objects cut by the frame")):
         for name, style in (("arad", "o-"), ("square", "s--")):
+            if name not in model_names(results):
+                continue
             ax.plot(ratios, [results["ratios"][str(r)][name][metric] for r in ratios], style,
                     label="ARAD buckets" if name == "arad" else "square only")
         rows = [results["ratios"][str(r)] for r in ratios]
@@ -165,17 +180,18 @@ def samples(results: dict, path: str, zoom: int = 2) -> None:
     """One row per model, one column group per ratio: the first generated images, side by side."""
     from PIL import Image
 
-    tiles = [(p["arad"], p["square"]) for p in results["picks"].values()]
+    tiles = [(p["arad"], p.get("square", [])) for p in results["picks"].values()]
+    rows = 2 if tiles[0][1] else 1
     pad = 6
     col_w = [max(img.shape[1] for img in a) * zoom for a, _ in tiles]
     row_h = max(img.shape[0] for a, _ in tiles for img in a) * zoom
     n = len(tiles[0][0])
     width = sum(w * n + pad * n for w in col_w) + pad
-    canvas = Image.new("RGB", (width, 2 * row_h + 3 * pad), "white")
+    canvas = Image.new("RGB", (width, rows * row_h + (rows + 1) * pad), "white")
     x = pad
     for (a, s), w in zip(tiles, col_w):
         for k in range(n):
-            for r, imgs in enumerate((a, s)):
+            for r, imgs in enumerate((a, s)[:rows]):
                 im = Image.fromarray(imgs[k]).resize((imgs[k].shape[1] * zoom, imgs[k].shape[0] * zoom), Image.NEAREST)
                 canvas.paste(im, (x, pad + r * (row_h + pad)))
             x += w + pad
@@ -192,13 +208,15 @@ def write_json(path: str, data: dict) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arad", required=True, help="diffusers dir of the ARAD-trained base model")
-    p.add_argument("--square", required=True, help="diffusers dir of the square-trained baseline")
+    p.add_argument("--square", help="diffusers dir of the square-trained baseline (left out: the ARAD model alone)")
     p.add_argument("--vae", help="a VAE (its directory, or a model directory with vae/) that decodes both models' "
                                  "latents (and the true scenes') instead of their own; its encoder must be theirs "
                                  "(a decoder-only fine-tune)")
     p.add_argument("--prompts", type=int, default=100)
     p.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
-    p.add_argument("--resolution", type=int, default=64, help="native side: images hold about PX^2 pixels")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="native side: images hold about PX^2 pixels (default: the ARAD model's, its UNet's "
+                        "sample_size times the VAE factor)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--batch", type=int, default=50)
