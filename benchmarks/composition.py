@@ -181,7 +181,7 @@ def samples(results: dict, path: str, zoom: int = 2) -> None:
     from PIL import Image
 
     tiles = [(p["arad"], p.get("square", [])) for p in results["picks"].values()]
-    rows = 2 if tiles[0][1] else 1
+    rows = 2 if len(tiles[0][1]) else 1  # no baseline: the ARAD row alone
     pad = 6
     col_w = [max(img.shape[1] for img in a) * zoom for a, _ in tiles]
     row_h = max(img.shape[0] for a, _ in tiles for img in a) * zoom
