@@ -25,7 +25,7 @@ import PIL.Image
 import torch
 
 from . import bands, models, stream
-from .buckets import BEYOND_BUCKETS, arad_buckets, choose_base_size, model_granularity, stretch_factor
+from .buckets import BEYOND_BUCKETS, arad_buckets, choose_base_size, model_granularity, native_side, stretch_factor
 from . import distributed, memory
 from .output import STREAMING, check_output_path, output_format, save_image
 from .resume import RunDir, RunInterrupted, generator_fingerprint, load_scheduler_state
@@ -209,9 +209,8 @@ class AnySizePipeline:
         if base is not None:
             self.base_factor = vae_scale_factor(base.vae)
             self.base_tile = int(base.unet.config.sample_size)
-            native = self.base_tile * self.base_factor
             self.granularity = model_granularity(base.vae, base.unet)
-            self.buckets = arad_buckets(native * native, granularity=self.granularity)
+            self.buckets = arad_buckets(native_side(base.vae, base.unet) ** 2, granularity=self.granularity)
 
     @classmethod
     def from_pretrained(cls, base=None, upscaler=None, *, device=None, dtype=None, allow_pickle: bool = False,

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .buckets import Bucket, arad_buckets, model_granularity, nearest_bucket
+from .buckets import Bucket, arad_buckets, model_granularity, native_side, nearest_bucket
 from .models import component_dir
 from .scenes import BACKGROUND_PHRASES, COLORS, NUMBER_WORDS, PATTERNS, PLURALS, SHAPES, SIZES, render, render_crop, sample_scene
 from .vae import vae_scale_factor
@@ -322,8 +322,8 @@ class Trainer:
     # -- components
     def _build(self) -> None:
         c = self.config
-        if c.resolution is None and c.task != "base":
-            c.resolution = 64
+        if c.resolution is None and (c.task != "base" or c.init is None):
+            c.resolution = 64  # else the init model's native side, read from its UNet below
         if c.task == "vae":
             self.vae = self._load("vae", new_vae)
             self.trainable, self.frozen = [self.vae], []
@@ -345,8 +345,8 @@ class Trainer:
         self.text_encoder = self._load("text_encoder", lambda: new_text_encoder(len(self.tokenizer)))
         dim = self.text_encoder.config.hidden_size
         if c.task == "base":
-            self.unet = self._load("unet", lambda: new_unet((c.resolution or 64) // self._factor(), 4, dim))
-            native = int(self.unet.config.sample_size) * self._factor()
+            self.unet = self._load("unet", lambda: new_unet(c.resolution // self._factor(), 4, dim))
+            native = native_side(self.vae, self.unet)
             if c.resolution is None:
                 c.resolution = native
             elif c.resolution != native:

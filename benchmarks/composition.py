@@ -34,10 +34,9 @@ os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from anysize.buckets import ARAD_RATIOS, arad_buckets, model_granularity  # noqa: E402
+from anysize.buckets import ARAD_RATIOS, arad_buckets, model_granularity, native_side  # noqa: E402
 from anysize.evaluate import aggregate, evaluate_image  # noqa: E402
 from anysize.scenes import render, sample_scene  # noqa: E402
-from anysize.vae import vae_scale_factor  # noqa: E402
 
 RATIOS = (0.25, *ARAD_RATIOS, 4.0)
 METRICS = ("exact", "color_exact", "count_exact", "recall", "duplicate_rate", "cut_rate")
@@ -97,8 +96,8 @@ def run(args) -> dict:
         models["square"] = load(args.square, vae)
     ref = models["arad"]
     granularity = model_granularity(ref.vae, ref.unet)
-    if args.resolution is None:  # the ARAD model's native side: its UNet's sample_size in image pixels
-        args.resolution = int(ref.unet.config.sample_size) * vae_scale_factor(ref.vae)
+    if args.resolution is None:  # the ARAD model's own
+        args.resolution = native_side(ref.vae, ref.unet)
     area = args.resolution**2
     results: dict = {"config": dict(vars(args)), "ratios": {}}
     picks: dict = {}

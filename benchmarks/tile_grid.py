@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from anysize import AnySizePipeline, tiling  # noqa: E402
-from anysize.vae import vae_scale_factor  # noqa: E402
+from anysize.buckets import native_side  # noqa: E402
 
 PROMPT = "two large red circles and a small blue triangle on grass"
 
@@ -54,7 +54,7 @@ def main() -> int:
     pipe = AnySizePipeline.from_pretrained()
     pipe.set_progress_bar_config(disable=True)
     up = pipe.upscaler if pipe.upscaler is not None else pipe.base
-    pitch = int(up.unet.config.sample_size) * vae_scale_factor(up.vae)
+    pitch = native_side(up.vae, up.unet)
     planned = tiling.TilingConfig.plan
     rows = []
     for mode in args.last_step:
