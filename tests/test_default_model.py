@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -11,6 +12,14 @@ from anysize.cli import main
 from anysize.models import DEFAULT_MODEL_DIR, default_model_paths
 
 BUDGET = 40 * 1000 * 1000
+
+
+@pytest.fixture(scope="module")
+def default_pipe():
+    """The shipped default model in float32 on the CPU, loaded once for the tests that only read it."""
+    pipe = AnySizePipeline.from_pretrained(dtype=torch.float32, device="cpu")
+    pipe.progress = False
+    return pipe
 
 
 def test_shipped_weights_are_safetensors_within_budget():
@@ -46,11 +55,10 @@ def test_cli_generate_uses_the_default_model(tmp_path, monkeypatch):
         assert im.size == (90, 200)
 
 
-def test_both_parts_decode_with_the_scale_their_vae_was_trained_with():
+def test_both_parts_decode_with_the_scale_their_vae_was_trained_with(default_pipe):
     # the two parts ship one VAE; diffusers' x4 upscaler class resets its scaling_factor to 0.08333 on
     # load, which made every upscale ~7 dB worse until the loader put the saved value back
-    pipe = AnySizePipeline.from_pretrained(dtype=torch.float32, device="cpu")
-    base_vae, up_vae = pipe.base.vae, pipe.upscaler.vae
+    base_vae, up_vae = default_pipe.base.vae, default_pipe.upscaler.vae
     assert up_vae.config.scaling_factor == base_vae.config.scaling_factor != 0.08333
     assert all(torch.equal(a, b) for a, b in zip(base_vae.state_dict().values(), up_vae.state_dict().values()))
 
@@ -60,22 +68,20 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(255.0**2 / err))
 
 
-def test_default_upscaler_enlarges_a_scene_about_as_well_as_bicubic():
+def test_default_upscaler_enlarges_a_scene_about_as_well_as_bicubic(default_pipe):
     from anysize.scenes import render, sample_scene
 
     scene = sample_scene(0, 0.75)
     low, truth = Image.fromarray(render(scene, 64, 48)), render(scene, 256, 192)
-    pipe = AnySizePipeline.from_pretrained(dtype=torch.float32, device="cpu")
-    pipe.progress = False
-    out = pipe.upscale(low, 256, 192, "", num_inference_steps=10, generator=torch.Generator().manual_seed(0))
+    out = default_pipe.upscale(low, 256, 192, "", num_inference_steps=10, generator=torch.Generator().manual_seed(0))
     bicubic = _psnr(low.resize((256, 192), Image.BICUBIC), truth)
     # measured 2026-11-23: bicubic 26.5 dB, the upscaler ~25.5 dB; with the VAE scale reset, 19 dB
     assert _psnr(out.images[0], truth) > bicubic - 3.0
 
 
-def test_wide_and_tall_buckets_keep_a_64_px_shorter_side():
+def test_wide_and_tall_buckets_keep_a_64_px_shorter_side(default_pipe):
     # at 2:1 the 64^2-px buckets had a 48 px shorter side, where this VAE loses small shapes (exact match
     # 0.59 against 0.82 at 1:1); the base shipped since is fine-tuned at 80^2 px
-    pipe = AnySizePipeline.from_pretrained(dtype=torch.float32, device="cpu")
+    pipe = default_pipe
     assert pipe.plan(768, 384).base == (128, 64) and pipe.plan(384, 768).base == (64, 128)
     assert pipe.plan(800, 800).base == (80, 80)
