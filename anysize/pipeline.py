@@ -493,18 +493,24 @@ class AnySizePipeline:
 
     @contextlib.contextmanager
     def _running(self, run_dir, every: int, request: dict, generator: torch.Generator):
-        """With ``run_dir``: checkpoints there (:meth:`_sample`) and Ctrl-C at a step boundary."""
-        if run_dir is None:
-            yield
-            return
-        request = {**request, "seed_state": generator_fingerprint(generator), "dtype": str(self.dtype),
-                   **self.model_ids}
-        self._run = RunDir(run_dir, request, every=every)
+        """With ``run_dir``: checkpoints there (:meth:`_sample`) and Ctrl-C at a step boundary. Either
+        way, the memory the request freed goes back to the system when it ends, however it ends
+        (:func:`anysize.memory.release_freed_memory`): otherwise glibc keeps hundreds of MiB of it
+        resident in the caller's process (``benchmarks/held_memory.py``)."""
         try:
-            with self._run.stop_on_interrupt():
+            if run_dir is None:
                 yield
+                return
+            request = {**request, "seed_state": generator_fingerprint(generator), "dtype": str(self.dtype),
+                       **self.model_ids}
+            self._run = RunDir(run_dir, request, every=every)
+            try:
+                with self._run.stop_on_interrupt():
+                    yield
+            finally:
+                self._run = None
         finally:
-            self._run = None
+            memory.release_freed_memory()
 
     @staticmethod
     def _output(images: list, infos: list[dict], file: _FileOutput | None, plan: memory.MemoryPlan) -> AnySizeOutput:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import PIL.Image
 import pytest
 import torch
 from hypothesis import given, settings
@@ -240,3 +241,44 @@ def test_memory_module_imports_without_torch():
     code = "import sys, anysize.memory as m; m.parse_bytes('8GiB'); assert 'torch' not in sys.modules"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+# ---------------------------------------------------------------------- handing freed memory back
+RETENTION = """
+import ctypes, platform, psutil
+from anysize.memory import release_freed_memory
+rss = lambda: psutil.Process().memory_info().rss
+libc = platform.libc_ver()[0]
+if libc == "glibc":  # pin glibc's thresholds (mmap above 64 MiB, never trim by itself): what it retains is certain
+    ctypes.CDLL(None).mallopt(-3, 64 << 20), ctypes.CDLL(None).mallopt(-1, 1 << 30)
+blocks = [bytearray(1 << 20) for _ in range(128)]
+del blocks  # 128 MiB freed onto the heap and kept resident
+before = rss()
+ok = release_freed_memory()
+print(libc, ok, (before - rss()) >> 20)
+"""
+
+
+def test_release_freed_memory_hands_the_freed_heap_back():
+    out = subprocess.run([sys.executable, "-c", RETENTION], capture_output=True, text=True, check=True).stdout
+    libc, ok, dropped_mib = out.split()
+    if libc == "glibc":
+        assert ok == "True" and int(dropped_mib) >= 96, out
+    else:  # no malloc_trim to call: it says so and does nothing
+        assert ok == "False", out
+
+
+def test_every_pipeline_call_hands_freed_memory_back_once_at_its_end(pipe, monkeypatch):
+    calls = []
+    monkeypatch.setattr(memory, "release_freed_memory", lambda: calls.append(1) or True)
+    pipe("a red circle", width=256, height=256, generator=torch.Generator().manual_seed(0),
+         num_inference_steps=1, upscale_inference_steps=1)
+    assert len(calls) == 1
+    pipe.upscale(PIL.Image.new("RGB", (32, 32), "red"), 128, 128, num_inference_steps=1)
+    assert len(calls) == 2
+    with pytest.raises(ValueError):  # refused before any work: still nothing held
+        pipe("a red circle", width=0, height=256)
+    with pytest.raises(RuntimeError, match="stop"):  # stopped mid-way: released all the same
+        pipe("a red circle", width=256, height=256, num_inference_steps=2, upscale_inference_steps=1,
+             callback_on_step_end=lambda *a: (_ for _ in ()).throw(RuntimeError("stop")))
+    assert len(calls) == 3
