@@ -590,13 +590,13 @@ def _malloc_trim():
 def release_freed_memory() -> bool:
     """Hand the pages that the C allocator holds free back to the system; True where it could (glibc).
 
-    glibc keeps freed heap blocks mapped, and after a large tensor is freed it raises its threshold for
-    giving blocks back at once, so the tiles and activations of a stage stay in the process's resident
-    memory after the stage ends and stack under the next stage's own peak (the README's memory-planner
-    table measured that). The pipeline calls this between stages: one ``malloc_trim(0)``, which costs
-    milliseconds; fixing ``M_MMAP_THRESHOLD`` instead would give every large tensor back as it is freed,
-    at the price of page faults on every allocation (measured at about 2x the wall time). Neither
-    PyTorch nor psutil offers this, hence ctypes.
+    glibc keeps freed heap blocks mapped (and after a large tensor is freed it raises its threshold
+    for giving blocks back at once), so without this a request's working memory stays in the
+    process's resident memory after the request returns: 0.4-0.7 GiB at 1024^2-2048^2 with the
+    default model (``benchmarks/held_memory.py``). The pipeline calls this when a call ends: one
+    ``malloc_trim(0)``, tens of milliseconds. Calling it between stages too lowered no peak, and fixing
+    ``M_MMAP_THRESHOLD`` instead costs page faults on every large allocation (about 2x the wall time).
+    Neither PyTorch nor psutil offers this, hence ctypes.
     """
     trim = _malloc_trim()
     if trim is None:
