@@ -17,20 +17,20 @@ ARAD_RATIOS = (0.5, 0.5625, 0.625, 0.75, 1.0, 4 / 3, 1.6, 16 / 9, 2.0)
 Bucket = tuple[int, int]
 
 
-def _vae_factor(vae) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
 def model_granularity(vae, unet) -> int:
     """Image px that keep every UNet level whole: VAE factor x UNet downsampling (64 px for SD)."""
-    return _vae_factor(vae) * 2 ** (len(unet.config.block_out_channels) - 1)
+    from .vae import vae_scale_factor  # here, not at the top: the command line imports this module without torch
+
+    return vae_scale_factor(vae) * 2 ** (len(unet.config.block_out_channels) - 1)
 
 
 def native_side(vae, unet) -> int:
     """Image px of the side the UNet was trained at: its ``sample_size`` (latent px) x the VAE factor
     (512 for SD 1.5). The buckets hold about its square; the trainer writes ``sample_size`` so that
     inference picks the buckets training used."""
-    return int(unet.config.sample_size) * _vae_factor(vae)
+    from .vae import vae_scale_factor
+
+    return int(unet.config.sample_size) * vae_scale_factor(vae)
 
 
 def _positive_int(name: str, value: int) -> None:
