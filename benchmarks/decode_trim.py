@@ -13,7 +13,6 @@ interleaved, e.g.:
 import ctypes
 import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -21,10 +20,10 @@ import time
 os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")
 sys.path.insert(0, os.path.dirname(__file__))
 
-import psutil  # noqa: E402
 import torch  # noqa: E402
 from diffusers import AutoencoderKL  # noqa: E402
 from memory import ReleasingMemmapWriter  # noqa: E402
+from memory_planner import Meter  # noqa: E402
 
 from anysize import memory  # noqa: E402
 from anysize.vae import tiled_decode, vae_scale_factor  # noqa: E402
@@ -51,18 +50,13 @@ def main() -> None:
     lat = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(0))
     kwargs = memory.decode_kwargs(vae, side, side, 64)
     px = side * vae_scale_factor(vae)
-    memory.release_freed_memory()
-    base = psutil.Process().memory_info().rss
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := current RSS
+    meter = Meter(torch.device("cpu"))
     with tempfile.TemporaryDirectory() as d, torch.no_grad():
         writer = ReleasingMemmapWriter(os.path.join(d, "o.npy"), (px, px, 3))
         start = time.perf_counter()
         tiled_decode(vae, lat, mode="fast", out=writer, **kwargs)
         seconds = time.perf_counter() - start
-    with open("/proc/self/status") as f:
-        hwm = int(re.search(r"VmHWM:\s+(\d+)", f.read())[1]) * 1024
-    print(json.dumps({"side": side, "mode": mode, "s": round(seconds, 1), "adds": (hwm - base) >> 20,
+    print(json.dumps({"side": side, "mode": mode, "s": round(seconds, 1), "adds": meter.mark() >> 20,
                       "est": memory.tiled_decode_bytes(vae, side, side, 64) >> 20}))
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 
@@ -30,34 +29,29 @@ MIB = 2**20
 def case(size: int, release: bool) -> dict:
     import psutil
     import torch
+    from memory_planner import Meter
 
     from anysize import AnySizePipeline, memory
 
-    if not release:
-        memory.release_freed_memory = lambda: False  # the pipeline looks it up on the module at each call
     pipe = AnySizePipeline.from_pretrained()
     pipe.set_progress_bar_config(disable=True)
-    trimmed = memory._malloc_trim()
-    if trimmed is not None:
-        trimmed(0)  # the baseline: loading's leftovers handed back in both modes
-    base = psutil.Process().memory_info().rss
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := current RSS
+    meter = Meter(pipe.device)  # the baseline, with loading's leftovers handed back in both modes
+    release_freed_memory = memory.release_freed_memory
+    if not release:
+        memory.release_freed_memory = lambda: False  # the pipeline looks it up on the module at each call
     start = time.perf_counter()
     image = pipe("two red circles over water", size, size, generator=torch.Generator().manual_seed(1),
                  num_inference_steps=2, upscale_inference_steps=2, guidance_scale=7.5,
                  upscale_guidance_scale=1.0).images[0]
     seconds = time.perf_counter() - start
-    with open("/proc/self/status") as f:
-        hwm = int(re.search(r"VmHWM:\s+(\d+)", f.read())[1]) * 1024
-    after = psutil.Process().memory_info().rss
+    peak = meter.mark()
     row = {"size": size, "release": release, "seconds": seconds, "image": list(image.size),
-           "peak_mib": (hwm - base) / MIB, "held_mib": (after - base) / MIB}
-    if not release and trimmed is not None:  # what the call costs, done by hand after the request
+           "peak_mib": peak / MIB, "held_mib": (psutil.Process().memory_info().rss - meter.base) / MIB}
+    if not release:  # what the call costs, done by hand after the request
         start = time.perf_counter()
-        trimmed(0)
-        row["trim_ms"] = (time.perf_counter() - start) * 1000
-        row["held_after_trim_mib"] = (psutil.Process().memory_info().rss - base) / MIB
+        if release_freed_memory():
+            row["trim_ms"] = (time.perf_counter() - start) * 1000
+            row["held_after_trim_mib"] = (psutil.Process().memory_info().rss - meter.base) / MIB
     return row
 
 

@@ -20,8 +20,6 @@ latent with a trivial denoiser.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import gc
 import json
 import os
@@ -46,9 +44,10 @@ SD15_UNET = UNETS["sd15"]
 
 def _malloc_trim() -> None:
     """Hand the C allocator's free heap memory back to the system (glibc), so RSS is what is live."""
+    from anysize import memory
+
     gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    memory.release_freed_memory()
 
 
 class Meter:
