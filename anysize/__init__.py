@@ -10,17 +10,17 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "AnySizePipeline": "pipeline",
     "AnySizeOutput": "pipeline",
-    "TiledModel": "sampler",
-    "TileMerger": "sampler",
-    "UNetTileDenoiser": "sampler",
-    "sample": "sampler",
-    "sample_tiled": "sampler",
-    "TilingConfig": "tiling",
-    "fstd_tiles": "tiling",
-    "naive_tiles": "tiling",
-    "overlap_tiles": "tiling",
-    "tiled_decode": "vae",
-    "tiled_encode": "vae",
+    "TiledModel": "core.sampler",
+    "TileMerger": "core.sampler",
+    "UNetTileDenoiser": "core.sampler",
+    "sample": "core.sampler",
+    "sample_tiled": "core.sampler",
+    "TilingConfig": "core.tiling",
+    "fstd_tiles": "core.tiling",
+    "naive_tiles": "core.tiling",
+    "overlap_tiles": "core.tiling",
+    "tiled_decode": "core.vae",
+    "tiled_encode": "core.vae",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

@@ -19,7 +19,7 @@ Bucket = tuple[int, int]
 
 def model_granularity(vae, unet) -> int:
     """Image px that keep every UNet level whole: VAE factor x UNet downsampling (64 px for SD)."""
-    from .vae import vae_scale_factor  # here, not at the top: the command line imports this module without torch
+    from .core.vae import vae_scale_factor  # here, not at the top: the command line imports this module without torch
 
     return vae_scale_factor(vae) * 2 ** (len(unet.config.block_out_channels) - 1)
 
@@ -28,7 +28,7 @@ def native_side(vae, unet) -> int:
     """Image px of the side the UNet was trained at: its ``sample_size`` (latent px) x the VAE factor
     (512 for SD 1.5). The buckets hold about its square; the trainer writes ``sample_size`` so that
     inference picks the buckets training used."""
-    from .vae import vae_scale_factor
+    from .core.vae import vae_scale_factor
 
     return int(unet.config.sample_size) * vae_scale_factor(vae)
 

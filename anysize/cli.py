@@ -26,9 +26,9 @@ from typing import Any  # noqa: E402
 
 from . import __version__  # noqa: E402
 from .buckets import BEYOND_BUCKETS  # noqa: E402
-from .output import check_output_path  # noqa: E402
+from .io.output import check_output_path  # noqa: E402
 
-TILING = ("fstd", "overlap", "naive", "none")  # anysize.tiling.METHODS, named here without importing torch
+TILING = ("fstd", "overlap", "naive", "none")  # anysize.core.tiling.METHODS, named here without importing torch
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 MIN_SIDE = 8
 EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -348,7 +348,7 @@ def _run_kwargs(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     """``run_dir`` and ``checkpoint_every`` for the pipeline, after storing the command for ``resume``."""
     if args.run_dir is None:
         return {}
-    from . import distributed
+    from .core import distributed
 
     if distributed.current() is not None:
         raise UsageError("--run-dir: not supported under torchrun yet; run it in one process")
@@ -361,7 +361,7 @@ def _remember_command(args: argparse.Namespace, seed: int) -> None:
     directory, for ``anysize resume``."""
     import json
 
-    from .output import _atomic_write
+    from .io.atomic import atomic_write
 
     argv = [a for a in args.argv if a != "--quiet"]
     if args.seed is None:
@@ -369,7 +369,7 @@ def _remember_command(args: argparse.Namespace, seed: int) -> None:
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     data = json.dumps({"argv": argv, "cwd": os.getcwd(), "version": __version__}, indent=1).encode()
-    _atomic_write(run_dir / COMMAND_FILE, lambda f: f.write(data))
+    atomic_write(run_dir / COMMAND_FILE, lambda f: f.write(data))
 
 
 def _add_view(sub) -> None:
@@ -389,7 +389,7 @@ def _add_view(sub) -> None:
 
 
 def _view(args: argparse.Namespace) -> int:
-    from .view import serve
+    from .io.view import serve
 
     return serve(args.out, host=args.host, port=args.port, open_browser=args.open_browser)
 
@@ -508,7 +508,7 @@ def _file_kwargs(args: argparse.Namespace, pipe, seed: int, out: Path, extra: di
                 "device": str(pipe.device), "dtype": str(pipe.dtype).removeprefix("torch."), "version": __version__}
     if pipe.upscaler is None:
         metadata["strength"] = args.strength
-    from . import distributed
+    from .core import distributed
 
     if not distributed.is_main():  # under torchrun rank 0 alone decodes and writes; the others stop at latents
         return {"output_type": "latent"}
@@ -570,12 +570,12 @@ def _message(exc: Exception) -> str:
 
 def _join_process_group(args: argparse.Namespace) -> bool:
     """Under ``torchrun --nproc_per_node N`` (WORLD_SIZE > 1), generate and upscale split each step's
-    tiles across the processes (:mod:`anysize.distributed`): join the group, use cuda:LOCAL_RANK on
+    tiles across the processes (:mod:`anysize.core.distributed`): join the group, use cuda:LOCAL_RANK on
     GPUs, take rank 0's seed, and keep the other ranks quiet. False (torch not imported) otherwise."""
     if os.environ.get("WORLD_SIZE", "1").strip() in ("", "1") or args.command not in ("generate", "upscale"):
         return False
     _check_device(args.device)
-    from . import distributed
+    from .core import distributed
 
     group = distributed.init(args.device)
     args.device = str(group.device)
@@ -608,7 +608,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error(_message(exc), _exit_code(exc))
     finally:
         if joined:
-            from . import distributed
+            from .core import distributed
 
             distributed.destroy()
 

@@ -42,7 +42,7 @@ VAE_TILE_CHOICES = (64, 48, 32, 16)  # VAE decode core tiles (latent px) tried, 
 EXACT_STATS_SIDE = 128  # latent side up to which a decode's GroupNorm statistics come from the whole latent
 FAST_STATS_SIZE = 96  # longer side (latent px) of fast mode's downsampled statistics copy above that
 COLOR_FIX_BYTES = 32 * MIB  # host bytes of one band of the AdaIN colour fix (anysize.pipeline.adain_color_fix)
-STREAM_ROWS = 256  # rows per band when the output streams to a file (anysize.stream: TIFF and Deep Zoom tiles)
+STREAM_ROWS = 256  # rows per band when the output streams to a file (anysize.io.stream: TIFF and Deep Zoom tiles)
 
 # ---- calibration (benchmarks/memory_planner.py: CPU peak RSS; see the README's memory planner section)
 # Bytes per latent pixel of one latent-sized float32 tensor's worth of sampler state, times the
@@ -65,7 +65,7 @@ _VAE_LIVE = 6
 _VAE_ENCODE_LIVE = 8
 # Per stage, whatever the sizes: thread-local buffers, allocator arenas, the text encoder's activations.
 _RUNTIME_BYTES = 32 * MIB
-# The stage-2 img2img encode's tile and statistics size in image px (anysize.vae.tiled_encode defaults).
+# The stage-2 img2img encode's tile and statistics size in image px (anysize.core.vae.tiled_encode defaults).
 _ENCODE_TILE_PX = 512
 _ENCODE_STATS_PX = 768
 # Host bytes per output pixel besides the uint8 result (3): PIL keeps RGB as 4 bytes a pixel, and a
@@ -76,7 +76,7 @@ _OUTPUT_EXTRA = {"pil": 4 + 3, "np": 12, "pt": 24, "latent": 0}
 _BAND_BYTES_PER_PX = 48
 
 # Sampling state above this many bytes (_STATE_FLOATS per latent px) is kept on disk and worked on by
-# bands (anysize.bands): the default keeps 4096^2 px outputs of the x4 upscaler (1024^2 latent, 144 MiB)
+# bands (anysize.core.bands): the default keeps 4096^2 px outputs of the x4 upscaler (1024^2 latent, 144 MiB)
 # in memory and sends 8192^2 and up to disk.
 LATENT_MEMORY = 256 * MIB
 
@@ -173,9 +173,9 @@ def decode_stats_size(side: int, tile_size: int, margin: int) -> int:
 
 
 def decode_kwargs(vae: Any, height: int, width: int, tile_size: int = 64) -> dict[str, int]:
-    """``tile_size`` and ``stats_size`` for :func:`anysize.vae.tiled_decode` (``mode="fast"``) of a
+    """``tile_size`` and ``stats_size`` for :func:`anysize.core.vae.tiled_decode` (``mode="fast"``) of a
     ``height x width`` latent, as the planner assumed them."""
-    from .vae import decoder_margin
+    from .core.vae import decoder_margin
 
     side = max(height, width)
     return {"tile_size": tile_size, "stats_size": decode_stats_size(side, tile_size, decoder_margin(vae.config))}
@@ -184,7 +184,7 @@ def decode_kwargs(vae: Any, height: int, width: int, tile_size: int = 64) -> dic
 def tiled_decode_bytes(vae: Any, height: int, width: int, tile_size: int) -> int:
     """Peak activation bytes of a fast tiled decode (one tile per call): the larger of one tile with
     its margins and the statistics run on the (downsampled) whole latent."""
-    from .vae import decoder_margin
+    from .core.vae import decoder_margin
 
     margin = decoder_margin(vae.config)
     crop = min(tile_size + 2 * margin, height), min(tile_size + 2 * margin, width)
@@ -195,7 +195,7 @@ def tiled_decode_bytes(vae: Any, height: int, width: int, tile_size: int) -> int
 
 
 def tiles_per_step(method: str, height: int, width: int, tile: int) -> int:
-    """At most how many tiles one sampling step evaluates (anysize.tiling): the most a tile batch can hold."""
+    """At most how many tiles one sampling step evaluates (anysize.core.tiling): the most a tile batch can hold."""
     if method == "none":
         return 1
 
@@ -277,7 +277,7 @@ class MemoryPlan:
         return self.peak <= self.usable and host_ok
 
     def decode_kwargs(self, vae: Any, height: int, width: int) -> dict[str, int]:
-        """:func:`anysize.vae.tiled_decode` ``tile_size`` and ``stats_size`` for a ``height x width`` latent."""
+        """:func:`anysize.core.vae.tiled_decode` ``tile_size`` and ``stats_size`` for a ``height x width`` latent."""
         return decode_kwargs(vae, height, width, self.vae_tile_size)
 
     def describe(self) -> str:
@@ -342,7 +342,7 @@ def sampler_state_bytes(lat_h: int, lat_w: int) -> int:
 
 
 def banded_sampling(lat_h: int, lat_w: int, latent_memory: int | None = None, tiling: str = "fstd") -> bool:
-    """Whether sampling a ``lat_h x lat_w`` latent keeps its state on disk by bands (:mod:`anysize.bands`):
+    """Whether sampling a ``lat_h x lat_w`` latent keeps its state on disk by bands (:mod:`anysize.core.bands`):
     when the in-memory state would exceed ``latent_memory`` bytes (None: :data:`LATENT_MEMORY`). An
     untiled sampler ("none") always works in memory."""
     limit = LATENT_MEMORY if latent_memory is None else latent_memory
@@ -358,7 +358,7 @@ def _sampling(unet: Any, lat_h: int, lat_w: int, tiling: str, tile: int, batch: 
     state = sampler_state_bytes(lat_h, lat_w)
     detail = f"{n} tile{'s' if n > 1 else ''} of {th}x{tw} latent px per call" + (", CFG" if cfg else "")
     if banded_sampling(lat_h, lat_w, latent_memory, tiling):
-        from .bands import band_rows
+        from .core.bands import band_rows
 
         rows = band_rows((1, channels, lat_h, lat_w), minimum=th)
         state = sampler_state_bytes(min(lat_h, rows + 2 * th), lat_w)
@@ -368,7 +368,7 @@ def _sampling(unet: Any, lat_h: int, lat_w: int, tiling: str, tile: int, batch: 
 
 def _decode(vae: Any, size: tuple[int, int], vae_tile: int, on_disk: bool = False) -> int:
     """Bytes of a tiled decode; ``on_disk``: the latents are read from disk a tile's rows at a time."""
-    from .vae import decoder_margin
+    from .core.vae import decoder_margin
 
     f = _factor(vae)
     lat_h, lat_w = math.ceil(size[1] / f), math.ceil(size[0] / f)

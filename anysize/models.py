@@ -16,21 +16,14 @@ from pathlib import Path
 
 import torch
 
+from .core.devices import default_device  # noqa: F401  (re-exported: models.default_device)
+
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 
 
 class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message is one line naming what was tried."""
-
-
-def default_device() -> torch.device:
-    """cuda if present, then Apple's mps, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

@@ -24,14 +24,16 @@ import numpy as np
 import PIL.Image
 import torch
 
-from . import bands, models, stream
+from . import models
+from .core import bands, distributed
+from .io import stream
 from .buckets import BEYOND_BUCKETS, arad_buckets, choose_base_size, model_granularity, native_side, stretch_factor
-from . import distributed, memory
-from .output import STREAMING, check_output_path, output_format, save_image
-from .resume import RunDir, RunInterrupted, generator_fingerprint, load_scheduler_state
-from .sampler import UNetTileDenoiser, make_plan_generator, sample_banded, sample_tiled
-from .tiling import METHODS, TilingConfig
-from .vae import tiled_decode, tiled_encode, vae_scale_factor
+from . import memory
+from .io.output import STREAMING, check_output_path, output_format, save_image
+from .core.checkpoint import RunDir, RunInterrupted, generator_fingerprint, load_scheduler_state
+from .core.sampler import UNetTileDenoiser, make_plan_generator, sample_banded, sample_tiled
+from .core.tiling import METHODS, TilingConfig
+from .core.vae import tiled_decode, tiled_encode, vae_scale_factor
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 COLOR_FIXES = ("adain", "none")
@@ -133,7 +135,7 @@ def _resize(image: PIL.Image.Image, size: Size) -> PIL.Image.Image:
 
 class _Resized:
     """``image`` resized to ``size`` (as :func:`_resize`), made one crop at a time for
-    :func:`anysize.vae.tiled_encode`, so a large img2img pass never holds its whole resized input
+    :func:`anysize.core.vae.tiled_encode`, so a large img2img pass never holds its whole resized input
     (3 bytes per output pixel, 768 MiB at 16384^2, twice over as PIL image and array). Each crop is
     resampled from the source with PIL's ``box`` argument. PIL rounds to 8 bits between its two
     passes within each call, so a crop can differ from the same pixels of one whole resize: by at
@@ -174,7 +176,7 @@ def _image_tensor(image: PIL.Image.Image, device) -> torch.Tensor:
 def adain_color_fix(image: np.ndarray | stream.Rows, reference: PIL.Image.Image, rows: int | None = None):
     """Match each channel's mean and std to ``reference`` (the AdaIN colour fix of StableSR), in place,
     a band of rows at a time (default :func:`anysize.memory.color_fix_rows`: a fixed number of bytes)
-    so a huge uint8 image (an array or a :class:`anysize.stream.Raster` on disk) never becomes float
+    so a huge uint8 image (an array or a :class:`anysize.io.stream.Raster` on disk) never becomes float
     all at once. Returns ``image``."""
     ref = np.asarray(reference.convert("RGB"), dtype=np.float64).reshape(-1, 3)
     target = stream.as_rows(image)
@@ -376,7 +378,7 @@ class AnySizePipeline:
         (format by extension; ``.tif`` and ``.dzi`` never hold the whole image in memory), with the
         run's info and ``output_metadata`` stored in it; ``images`` is then empty and ``files`` has the path.
         ``run_dir``: checkpoint every ``checkpoint_every`` steps there and continue from what it holds
-        (:mod:`anysize.resume`); Ctrl-C then stops at the next step boundary with a checkpoint.
+        (:mod:`anysize.core.checkpoint`); Ctrl-C then stops at the next step boundary with a checkpoint.
         ``panorama``, for a ratio outside the buckets (past 2:1 / 1:2 with ARAD's): "stretch" (default)
         samples stage 1 at the nearest bucket and resizes it to the ratio; "direct" samples at the
         ratio itself, "tiled" at the ratio with the tiled sampler (MultiDiffusion-style panorama).
@@ -385,7 +387,7 @@ class AnySizePipeline:
         ``latent_memory`` (bytes; None: :data:`anysize.memory.LATENT_MEMORY` on the CPU and MPS, no
         limit on CUDA, where the state is in GPU memory): a stage-2 pass whose
         sampling state would hold more keeps its latents, scheduler state and conditioning image on disk
-        and samples by bands of rows (:mod:`anysize.bands`; beside ``output_path`` or in the run
+        and samples by bands of rows (:mod:`anysize.core.bands`; beside ``output_path`` or in the run
         directory, else in the temp directory), so memory stays flat at any size; bit-identical on the
         CPU for deterministic schedulers; such a pass checkpoints every step.
         """
@@ -728,7 +730,7 @@ class AnySizePipeline:
 
     def _sample_banded(self, pipe, denoiser, work: bands.BandWork, tiles: TilingConfig, opts: _Stage2, desc: str,
                        timesteps=None) -> bands.DiskTensor:
-        """:func:`anysize.sampler.sample_banded` for one pass; with a run directory, continued from its
+        """:func:`anysize.core.sampler.sample_banded` for one pass; with a run directory, continued from its
         last commit, and Ctrl-C stops after the next one."""
         run = self._run
 

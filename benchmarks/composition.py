@@ -2,7 +2,7 @@
 
 For every ratio (height / width: the paper's nine plus 1:4 and 4:1) the same N scenes (fixed seeds,
 laid out for that ratio) are drawn; each model generates their captions at the same size (about the
-native area, sides on the model's grid) from the same initial noise, and ``anysize.evaluate`` scores
+native area, sides on the model's grid) from the same initial noise, and ``anysize.train.evaluate`` scores
 the images against the scenes: exact match of the (shape, colour) multiset, recall, precision,
 duplicate rate (copies beyond the caption: the square model's failure at wide ratios) and the share
 of detected objects cut by the frame. This is the base stage alone, where the paper's claim lives.
@@ -35,8 +35,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from anysize.buckets import ARAD_RATIOS, arad_buckets, model_granularity, native_side  # noqa: E402
-from anysize.evaluate import aggregate, evaluate_image  # noqa: E402
-from anysize.scenes import render, sample_scene  # noqa: E402
+from anysize.train.evaluate import aggregate, evaluate_image  # noqa: E402
+from anysize.train.scenes import render, sample_scene  # noqa: E402
 
 RATIOS = (0.25, *ARAD_RATIOS, 4.0)
 METRICS = ("exact", "color_exact", "count_exact", "recall", "duplicate_rate", "cut_rate")

@@ -26,7 +26,7 @@ from memory import ReleasingMemmapWriter  # noqa: E402
 from memory_planner import Meter  # noqa: E402
 
 from anysize import memory  # noqa: E402
-from anysize.vae import tiled_decode, vae_scale_factor  # noqa: E402
+from anysize.core.vae import tiled_decode, vae_scale_factor  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

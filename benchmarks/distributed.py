@@ -40,7 +40,7 @@ def worker(args) -> None:
     import PIL.Image
 
     from anysize import AnySizePipeline, distributed
-    from anysize.scenes import render, sample_scene
+    from anysize.train.scenes import render, sample_scene
 
     group = distributed.init("cpu")
     pipe = AnySizePipeline.from_pretrained(device="cpu")
@@ -96,7 +96,7 @@ def sdxl_on_paper(size: tuple[int, int] = (4096, 4096)) -> str:
     from diffusers import UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from anysize.tiling import TilingConfig
+    from anysize.core.tiling import TilingConfig
     from tiling import UNETS
 
     with torch.device("meta"):

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from anysize.tiling import TilingConfig
+from anysize.core.tiling import TilingConfig
 
 H, W, T = 160, 256, 64  # latent canvas and tile, in latent px
 SCALE = 1.5

@@ -55,7 +55,7 @@ def tiny_vae():
 
 
 def case_decode(side: int, mode: str) -> dict:
-    from anysize.vae import tiled_decode
+    from anysize.core.vae import tiled_decode
 
     vae = tiny_vae()
     lat = torch.randn(1, 4, side // VAE_FACTOR, side // VAE_FACTOR)
@@ -72,8 +72,8 @@ def case_decode(side: int, mode: str) -> dict:
 def case_sample(side: int) -> dict:
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
-    from anysize.sampler import TiledModel, UNetTileDenoiser, sample
-    from anysize.tiling import TilingConfig
+    from anysize.core.sampler import TiledModel, UNetTileDenoiser, sample
+    from anysize.core.tiling import TilingConfig
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**UNETS["tiny"]).eval()

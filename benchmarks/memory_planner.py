@@ -151,7 +151,7 @@ def case_sd_unet(tile_batch: int) -> dict:
     from diffusers import UNet2DConditionModel
 
     from anysize.memory import _RUNTIME_BYTES, unet_activation_bytes
-    from anysize.sampler import UNetTileDenoiser
+    from anysize.core.sampler import UNetTileDenoiser
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     unet = _random_init(UNet2DConditionModel, SD15_UNET, device)
@@ -174,7 +174,7 @@ def case_sd_vae(side: int) -> dict:
     from diffusers import AutoencoderKL
 
     from anysize.memory import _RUNTIME_BYTES, tiled_decode_bytes
-    from anysize.vae import tiled_decode
+    from anysize.core.vae import tiled_decode
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vae = _random_init(AutoencoderKL, SD_VAE, device)
@@ -194,8 +194,8 @@ def case_state(side: int) -> dict:
     from diffusers import DPMSolverMultistepScheduler
 
     from anysize.memory import _RUNTIME_BYTES, _STATE_FLOATS
-    from anysize.sampler import sample_tiled
-    from anysize.tiling import TilingConfig
+    from anysize.core.sampler import sample_tiled
+    from anysize.core.tiling import TilingConfig
 
     scheduler = DPMSolverMultistepScheduler(prediction_type="v_prediction")
     scheduler.set_timesteps(2)

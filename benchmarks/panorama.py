@@ -13,7 +13,7 @@ the request's ratio):
 - ``area``: untiled at the request's ratio but at the buckets' area (``arad_buckets`` for that one
   ratio: a shorter side below the buckets'), resized up to the stage-1 size.
 
-Each image is scored by ``anysize.evaluate`` against the scene laid out for the request's ratio. A
+Each image is scored by ``anysize.train.evaluate`` against the scene laid out for the request's ratio. A
 ``round_trip`` row (the true scene through the VAE) is the reference, as in ``composition.py``. The
 figures hold for the default model on the scene domain; a Stable Diffusion base is not measured here.
 
@@ -39,8 +39,8 @@ from PIL import Image  # noqa: E402
 
 from anysize import AnySizePipeline  # noqa: E402
 from anysize.buckets import arad_buckets, nearest_bucket  # noqa: E402
-from anysize.evaluate import aggregate, evaluate_image  # noqa: E402
-from anysize.scenes import render, sample_scene  # noqa: E402
+from anysize.train.evaluate import aggregate, evaluate_image  # noqa: E402
+from anysize.train.scenes import render, sample_scene  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from composition import vae_round_trip, write_json  # noqa: E402

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from upscale_quality import crop_sheet, psnr_ssim  # noqa: E402
 
 from anysize import AnySizePipeline, pipeline  # noqa: E402
-from anysize.scenes import render, sample_scene  # noqa: E402
+from anysize.train.scenes import render, sample_scene  # noqa: E402
 
 SOURCE = 64
 

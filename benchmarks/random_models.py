@@ -46,7 +46,7 @@ OPENCLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers
 def _tokenizer(directory: Path):
     from transformers import PreTrainedTokenizerFast
 
-    from anysize.train import scene_vocabulary, word_tokenizer
+    from anysize.train.trainer import scene_vocabulary, word_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         tok = word_tokenizer(scene_vocabulary(), Path(tmp))

@@ -1,5 +1,5 @@
 """What the batch-invariant linears cost: the default base UNet's per-sample linears computed plainly
-against one distinct row at a time (``anysize.sampler.batch_invariant_linears``), beside one whole
+against one distinct row at a time (``anysize.core.sampler.batch_invariant_linears``), beside one whole
 guided UNet call of 16 tiles (CPU, float32).
 
     .venv/bin/python benchmarks/row_hooks.py
@@ -15,7 +15,7 @@ os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")
 import torch  # noqa: E402
 
 from anysize import AnySizePipeline  # noqa: E402
-from anysize.sampler import UNetTileDenoiser, _per_sample_linears, _row_by_row, batch_invariant_linears  # noqa: E402
+from anysize.core.sampler import UNetTileDenoiser, _per_sample_linears, _row_by_row, batch_invariant_linears  # noqa: E402
 
 
 def per_call_ms(fn, repeats: int) -> float:

@@ -38,7 +38,7 @@ from upscale_quality import psnr_ssim  # noqa: E402
 
 from anysize import AnySizePipeline  # noqa: E402
 from anysize.pipeline import upscale_passes  # noqa: E402
-from anysize.scenes import render, sample_scene  # noqa: E402
+from anysize.train.scenes import render, sample_scene  # noqa: E402
 
 METHODS = ("pass", "resize", "over")
 

@@ -75,8 +75,8 @@ def sync(device):
 
 
 def run_ours(args, unet, scheduler, pos, neg):
-    from anysize.sampler import TiledModel, UNetTileDenoiser, sample
-    from anysize.tiling import TilingConfig
+    from anysize.core.sampler import TiledModel, UNetTileDenoiser, sample
+    from anysize.core.tiling import TilingConfig
 
     method = args.method
     cfg = TilingConfig(

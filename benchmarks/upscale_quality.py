@@ -1,6 +1,6 @@
 """Super-resolution quality on procedural scenes: FSTD vs explicit overlap vs naive tiling vs bicubic.
 
-Each of N fixed scenes (``anysize.scenes.sample_scene(seed, aspect)``) is rendered at a base size
+Each of N fixed scenes (``anysize.train.scenes.sample_scene(seed, aspect)``) is rendered at a base size
 (the low-res input) and at 4x and 16x that size (the ground truth: the scene renderer is
 resolution independent, so a larger render is the exact image an upscaler should produce). The
 input is enlarged by ``AnySizePipeline(upscaler=...).upscale`` with each tiling method, the same
@@ -39,8 +39,8 @@ import PIL.ImageDraw  # noqa: E402
 import torch  # noqa: E402
 
 from anysize.cli import parse_size  # noqa: E402
-from anysize.scenes import render, sample_scene  # noqa: E402
-from anysize.tiling import naive_tiles  # noqa: E402
+from anysize.train.scenes import render, sample_scene  # noqa: E402
+from anysize.core.tiling import naive_tiles  # noqa: E402
 
 TILINGS = ("fstd", "naive", "overlap")
 CROP_ORDER = ("ground truth", "bicubic", "naive", "overlap", "fstd")
@@ -50,7 +50,7 @@ CROP_ORDER = ("ground truth", "bicubic", "naive", "overlap", "fstd")
 def grid_lines(length: int, tile: int, vae_factor: int) -> np.ndarray:
     """Output-pixel positions of the naive grid's interior tile edges along one axis of ``length`` px.
 
-    The last pass samples a latent of ``ceil(length / vae_factor)`` px on :func:`anysize.tiling.naive_tiles`
+    The last pass samples a latent of ``ceil(length / vae_factor)`` px on :func:`anysize.core.tiling.naive_tiles`
     (``tile`` latent px, the last tile clamped inward so it overlaps its neighbour); every tile edge
     strictly inside the latent, times ``vae_factor``, is a line where the set of tiles covering a
     pixel changes. A position ``p`` means the edge between pixel ``p - 1`` and pixel ``p``.
@@ -176,7 +176,7 @@ def sync(device: torch.device) -> None:
 
 
 def run(args) -> dict:
-    from anysize.vae import vae_scale_factor
+    from anysize.core.vae import vae_scale_factor
 
     pipe, model = load_pipeline(args)
     vae_factor = vae_scale_factor(pipe.upscaler.vae)

@@ -2,7 +2,7 @@
 
 For each VAE and size, the same N scenes (seeds 10000.., laid out for the size's ratio, as
 ``benchmarks/composition.py`` draws them) are rendered exactly, passed through the VAE and scored by
-``anysize.evaluate`` (exact match of the object multiset) and by PSNR against the render. The clean
+``anysize.train.evaluate`` (exact match of the object multiset) and by PSNR against the render. The clean
 render scores 1.00 exact at every size here, so whatever is lost is the VAE's. This is the ceiling the
 base model's composition is read against: at the ARAD buckets' 48-px shorter side a small object is
 about 12 px, 3 latent pixels.
@@ -21,8 +21,8 @@ os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")
 
 import numpy as np  # noqa: E402
 
-from anysize.evaluate import aggregate, evaluate_image  # noqa: E402
-from anysize.scenes import render, sample_scene  # noqa: E402
+from anysize.train.evaluate import aggregate, evaluate_image  # noqa: E402
+from anysize.train.scenes import render, sample_scene  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from composition import load_vae, vae_round_trip, write_json  # noqa: E402

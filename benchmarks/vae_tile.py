@@ -35,7 +35,7 @@ def case(side: int, tile: int, vae_dir: str) -> dict:
     from diffusers import AutoencoderKL
 
     from anysize import memory
-    from anysize.vae import _plan_tiles, decoder_margin, tiled_decode, vae_scale_factor
+    from anysize.core.vae import _plan_tiles, decoder_margin, tiled_decode, vae_scale_factor
 
     vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32).eval()
     factor = vae_scale_factor(vae)

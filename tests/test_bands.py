@@ -6,9 +6,9 @@ import signal
 import pytest
 import torch
 
-from anysize.bands import BandWork, DiskTensor, NoiseStream, fill_planes
-from anysize.sampler import BandMerger, TileMerger, UNetTileDenoiser, sample_banded, sample_tiled
-from anysize.tiling import TilingConfig
+from anysize.core.bands import BandWork, DiskTensor, NoiseStream, fill_planes
+from anysize.core.sampler import BandMerger, TileMerger, UNetTileDenoiser, sample_banded, sample_tiled
+from anysize.core.tiling import TilingConfig
 from test_sampler import SCHEDULERS, make_scheduler, noise
 
 DETERMINISTIC = ["ddim", "euler", "dpmpp", "unipc"]
@@ -208,7 +208,7 @@ def test_pipeline_on_disk_upscale_and_img2img(pipe, model_dirs):
 def test_pipeline_on_disk_resumes_after_a_crash(pipe, tmp_path):
     import numpy as np
 
-    from anysize.resume import RunInterrupted
+    from anysize.core.checkpoint import RunInterrupted
 
     expected = pipe("grass", generator=_gen(4), **KW).images[0]
 

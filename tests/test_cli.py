@@ -11,7 +11,7 @@ import pytest
 
 import anysize
 from anysize import cli
-from anysize.output import read_metadata
+from anysize.io.output import read_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--steps", "2", "--upscale-steps", "2", "--seed", "7"]
@@ -148,7 +148,7 @@ def test_parse_size(text, size):
 
 
 def test_tiling_choices_match_the_library():
-    from anysize.tiling import METHODS
+    from anysize.core.tiling import METHODS
 
     assert cli.TILING == METHODS
 

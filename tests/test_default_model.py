@@ -69,7 +69,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_default_upscaler_enlarges_a_scene_about_as_well_as_bicubic(default_pipe):
-    from anysize.scenes import render, sample_scene
+    from anysize.train.scenes import render, sample_scene
 
     scene = sample_scene(0, 0.75)
     low, truth = Image.fromarray(render(scene, 64, 48)), render(scene, 256, 192)

@@ -21,11 +21,12 @@ import torch.multiprocessing as mp
 from conftest import EMBED_DIM, make_unet
 from diffusers import DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
 
-from anysize import cli, distributed
-from anysize.distributed import assign_batches
-from anysize.output import read_metadata
-from anysize.sampler import UNetTileDenoiser, sample_tiled
-from anysize.tiling import TilingConfig
+from anysize import cli
+from anysize.core import distributed
+from anysize.core.distributed import assign_batches
+from anysize.io.output import read_metadata
+from anysize.core.sampler import UNetTileDenoiser, sample_tiled
+from anysize.core.tiling import TilingConfig
 
 WORLD = 2
 SCHEDULERS = {"dpmpp": DPMSolverMultistepScheduler, "euler_a": EulerAncestralDiscreteScheduler}

@@ -24,7 +24,7 @@ from anysize.memory import (
     tiles_per_step,
 )
 from anysize.pipeline import upscale_passes
-from anysize.tiling import TilingConfig
+from anysize.core.tiling import TilingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 BIG = 2**40  # a budget everything fits in

@@ -1,4 +1,4 @@
-"""anysize.output: formats, metadata, tiled TIFF, atomic writes, path checks."""
+"""anysize.io.output: formats, metadata, tiled TIFF, atomic writes, path checks."""
 
 import os
 import stat
@@ -8,8 +8,8 @@ import PIL.Image
 import pytest
 import tifffile
 
-from anysize import output
-from anysize.output import check_output_path, read_metadata, save_image
+from anysize.io import output
+from anysize.io.output import check_output_path, read_metadata, save_image
 
 META = {"prompt": "a fox, déjà vu ✓", "seed": 7, "width": 90, "height": 70, "steps": 2, "tiling": "fstd",
         "base": "tiny (StableDiffusionPipeline)", "version": "0.1.0"}

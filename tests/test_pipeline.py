@@ -9,7 +9,7 @@ from anysize import AnySizePipeline
 from anysize.memory import MemoryPreflightError
 from anysize.models import ModelLoadError
 from anysize.pipeline import adain_color_fix, upscale_passes
-from anysize.vae import tiled_decode
+from anysize.core.vae import tiled_decode
 
 FAST = dict(num_inference_steps=2, upscale_inference_steps=2)
 
@@ -329,7 +329,7 @@ def test_upscaler_alone_serves_upscale_only(model_dirs):
 def test_output_path_streams_the_same_pixels_to_a_file(pipe, tmp_path, suffix):
     import tifffile
 
-    from anysize.output import read_metadata
+    from anysize.io.output import read_metadata
 
     kw = dict(width=300, height=140, generator=gen(5), tile_size=8, tile_batch_size=3, **FAST)
     expected = np.asarray(pipe("a red circle", **kw).images[0])

@@ -16,7 +16,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        HeunDiscreteScheduler, UniPCMultistepScheduler)
 
 from anysize import cli
-from anysize.resume import RunDir, RunDirError, RunInterrupted, load_scheduler_state, scheduler_state
+from anysize.core.checkpoint import RunDir, RunDirError, RunInterrupted, load_scheduler_state, scheduler_state
 
 ROOT = Path(__file__).resolve().parents[1]
 KW = dict(width=200, height=120, num_inference_steps=3, upscale_inference_steps=4, tile_size=8, tile_batch_size=3)

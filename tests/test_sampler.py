@@ -10,8 +10,8 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from anysize.sampler import TiledModel, TileMerger, UNetTileDenoiser, batch_invariant_linears, sample, sample_tiled
-from anysize.tiling import TilingConfig
+from anysize.core.sampler import TiledModel, TileMerger, UNetTileDenoiser, batch_invariant_linears, sample, sample_tiled
+from anysize.core.tiling import TilingConfig
 
 SCHEDULERS = {
     "ddim": DDIMScheduler,

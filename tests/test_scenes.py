@@ -1,4 +1,4 @@
-"""The procedural scene domain (anysize.scenes) and its evaluator (anysize.evaluate)."""
+"""The procedural scene domain (anysize.train.scenes) and its evaluator (anysize.train.evaluate)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from anysize import scenes
-from anysize.evaluate import (
+from anysize.train import scenes
+from anysize.train.evaluate import (
     Detection,
     aggregate,
     detect_objects,
@@ -17,7 +17,7 @@ from anysize.evaluate import (
     label_components,
     score,
 )
-from anysize.scenes import (
+from anysize.train.scenes import (
     BACKGROUNDS,
     COLORS,
     GAP,
@@ -170,7 +170,7 @@ def test_objects_inside_frame_and_apart():
 
 
 def test_palette_separates_objects_from_backgrounds():
-    from anysize.evaluate import _hsv
+    from anysize.train.evaluate import _hsv
 
     for bg in BACKGROUNDS:
         for seed in range(3):

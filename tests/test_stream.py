@@ -9,9 +9,9 @@ import pytest
 import tifffile
 import torch
 
-from anysize import stream
-from anysize.output import read_metadata, save_image
-from anysize.vae import tiled_decode
+from anysize.io import stream
+from anysize.io.output import read_metadata, save_image
+from anysize.core.vae import tiled_decode
 from test_vae import make_vae
 
 META = {"prompt": "a wide meadow", "seed": 7}

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from anysize.tiling import TilingConfig, coverage, fstd_tiles, naive_tiles, overlap_tiles, tile_weights
+from anysize.core.tiling import TilingConfig, coverage, fstd_tiles, naive_tiles, overlap_tiles, tile_weights
 
 sizes = st.integers(min_value=1, max_value=300) | st.sampled_from([1, 2, 63, 64, 65, 128, 4096])
 tiles = st.integers(min_value=1, max_value=96) | st.sampled_from([64, 128])

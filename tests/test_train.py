@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from anysize import AnySizePipeline
-from anysize.scenes import sample_scene
-from anysize.train import FolderData, TrainConfig, Trainer, scene_vocabulary, train, word_tokenizer
+from anysize.train.scenes import sample_scene
+from anysize.train.trainer import FolderData, TrainConfig, Trainer, scene_vocabulary, train, word_tokenizer
 
 QUICK = dict(batch_size=2, checkpoint_every=2, progress=False, lr=1e-3)
 
@@ -169,7 +169,7 @@ def test_bad_config_names_the_argument(tmp_path):
 def test_render_workers_give_the_same_stream(tmp_path):
     import concurrent.futures
 
-    from anysize.train import SceneData
+    from anysize.train.trainer import SceneData
 
     with concurrent.futures.ProcessPoolExecutor(2) as pool:
         a, b = SceneData(7), SceneData(7, pool)

@@ -1,4 +1,4 @@
-"""Tiled VAE with whole-image GroupNorm statistics (anysize.vae) against the untiled VAE.
+"""Tiled VAE with whole-image GroupNorm statistics (anysize.core.vae) against the untiled VAE.
 
 Tiny random-weight AutoencoderKL (block_out_channels (16, 32): scale factor 2, decoder margin 12,
 encoder margin 9 latent px) with randomly perturbed GroupNorm affines, so that statistics matter.
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from anysize.vae import (
+from anysize.core.vae import (
     _GNState,
     _patched_group_norms,
     decoder_margin,

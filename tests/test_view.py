@@ -19,7 +19,8 @@ import PIL.Image
 import pytest
 import tifffile
 
-from anysize import cli, view
+from anysize import cli
+from anysize.io import view
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDTH, HEIGHT = 1500, 700

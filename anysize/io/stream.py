@@ -26,6 +26,8 @@ from typing import BinaryIO, Protocol, Union
 
 import numpy as np
 
+from .atomic import atomic_write
+
 TILE = 256  # TIFF and Deep Zoom tile side, px
 GIB = 2**30
 
@@ -79,7 +81,7 @@ def pwrite_all(fd: int, data, offset: int) -> None:
 
 class Raster:
     """An ``(height, width, channels)`` uint8 image in a raw scratch file, written and read with
-    positional I/O. A :class:`anysize.vae.TileWriter`: ``write(top, left, tile)`` clips ``tile`` to the
+    positional I/O. A :class:`anysize.core.vae.TileWriter`: ``write(top, left, tile)`` clips ``tile`` to the
     image, so a decode of a padded latent lands cropped. The file is deleted by :meth:`close`."""
 
     def __init__(self, path: str | os.PathLike, height: int, width: int, channels: int = 3):
@@ -278,12 +280,11 @@ def write_dzi(path: Path, source: Source, metadata_json: str, *, scratch: Path,
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
-    from .output import _atomic_write
 
     xml = (f'<?xml version="1.0" encoding="UTF-8"?>\n'
            f'<Image xmlns="http://schemas.microsoft.com/deepzoom/2008" TileSize="{TILE}" Overlap="0" Format="png">'
            f'<Size Width="{rows.width}" Height="{rows.height}"/></Image>\n')
-    _atomic_write(path, lambda f: f.write(xml.encode()))
+    atomic_write(path, lambda f: f.write(xml.encode()))
 
 
 def _replace_dir(new: Path, target: Path) -> None:

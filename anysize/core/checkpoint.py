@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .output import _atomic_write
+from ..io.atomic import atomic_write
 
 _SKIP = ("config", "_internal_dict")  # the scheduler's configuration: set by the pipeline, not by step()
 
@@ -134,7 +134,7 @@ class RunDir:
                                   f"{', '.join(diff)}); use a new directory")
         else:
             data = json.dumps(request, indent=1).encode()
-            _atomic_write(file, lambda f: f.write(data))
+            atomic_write(file, lambda f: f.write(data))
 
     def next_phase(self) -> str:
         self.phase += 1

@@ -32,7 +32,7 @@ in a lazily made float32 copy, with a ``RuntimeWarning`` counting such tiles; wi
 The patch replaces GroupNorm ``forward`` methods, so hooks that offloading libraries put on the
 GroupNorm modules themselves are bypassed while a call runs.
 
-Boxes are ``(top, left, bottom, right)``, half-open, in latent pixels, as in :mod:`anysize.tiling`.
+Boxes are ``(top, left, bottom, right)``, half-open, in latent pixels, as in :mod:`anysize.core.tiling`.
 """
 
 from __future__ import annotations
@@ -488,7 +488,7 @@ def tiled_decode(
         latents: ``(1, C, h, w)`` in the VAE's latent space: the caller has already undone
             ``scaling_factor`` (and ``shift_factor``), exactly as before ``vae.decode``; or latents on
             disk (anything with ``shape`` and ``box((top, left, bottom, right))``, such as
-            :class:`anysize.bands.DiskTensor`), read one tile's rows at a time.
+            :class:`anysize.core.bands.DiskTensor`), read one tile's rows at a time.
         tile_size: core tile side in latent px; cores partition the latent.
         margin: latent px read around each core (clamped to the canvas); default
             :func:`decoder_margin` (18 for SD's VAE), which makes tiles exact.

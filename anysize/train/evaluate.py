@@ -1,4 +1,4 @@
-"""Recover the objects of an image of the :mod:`anysize.scenes` domain, and score them.
+"""Recover the objects of an image of the :mod:`anysize.train.scenes` domain, and score them.
 
 ``detect_objects`` finds the saturated objects on the muted background and names their colour and
 shape; ``score`` compares them with the scene's (or the caption's) objects: whether the multiset of

@@ -1,6 +1,6 @@
 """Writing images: PNG, JPEG, WebP (Pillow), pyramid TIFF (tifffile) and Deep Zoom, atomically, with metadata.
 
-An image is a PIL image, a uint8 array, or a :class:`anysize.stream.Raster` (a decode streamed to a
+An image is a PIL image, a uint8 array, or a :class:`anysize.io.stream.Raster` (a decode streamed to a
 scratch file, for images larger than memory): TIFF and Deep Zoom (``.dzi``) are written from it one
 band of rows at a time; PNG, JPEG and WebP need the whole image in memory and so suit sizes that fit.
 
@@ -31,6 +31,7 @@ import PIL.Image
 from PIL import ExifTags, PngImagePlugin
 
 from . import stream
+from .atomic import atomic_write
 
 FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp", ".tif": "tiff", ".tiff": "tiff",
            ".dzi": "dzi"}
@@ -75,7 +76,7 @@ def check_output_path(path: str | os.PathLike, size: Size | None = None) -> Path
 
 
 def save_image(image: ImageLike, path: str | os.PathLike, metadata: dict | None = None) -> Path:
-    """Write ``image`` (PIL, a uint8 HW / HWC array, or a :class:`anysize.stream.Raster`) to ``path``
+    """Write ``image`` (PIL, a uint8 HW / HWC array, or a :class:`anysize.io.stream.Raster`) to ``path``
     atomically, in the format of its extension, with ``metadata`` embedded as JSON; returns the path.
     ``.tif``: tiled, with a pyramid of reduced levels; ``.dzi``: Deep Zoom tiles beside it."""
     target = check_output_path(path, _size(image))
@@ -91,12 +92,12 @@ def save_image(image: ImageLike, path: str | os.PathLike, metadata: dict | None 
                 w, h = _size(image)
                 limit = PIL.Image.MAX_IMAGE_PIXELS
                 big = w * h * 3 > 2 * stream.GIB or (limit is not None and w * h > limit)
-                _atomic_write(target, lambda f: stream.write_pyramid_tiff(f, source, text, scratch=Path(scratch),
+                atomic_write(target, lambda f: stream.write_pyramid_tiff(f, source, text, scratch=Path(scratch),
                                                                           bigtiff=big))
     else:
         if isinstance(image, (stream.Raster, stream.ArrayRows)):
             image = image.read(0, image.height)
-        _atomic_write(target, lambda f: _write_pillow(f, _as_pil(image, fmt), fmt, text))
+        atomic_write(target, lambda f: _write_pillow(f, _as_pil(image, fmt), fmt, text))
     return target
 
 
@@ -159,47 +160,6 @@ def _as_pil(image: ImageLike, fmt: str) -> PIL.Image.Image:
 
 
 # ---------------------------------------------------------------------- writers
-def _atomic_write(target: Path, write: Callable[[BinaryIO], None]) -> None:
-    """``write`` into a temporary file beside ``target``, fsync, then rename it onto ``target``."""
-    tmp = tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.stem}.", suffix=target.suffix,
-                                      delete=False)
-    try:
-        with tmp:
-            write(tmp)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.chmod(tmp.name, 0o666 & ~_umask())
-        os.replace(tmp.name, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp.name)
-        raise
-    _fsync_dir(target.parent)
-
-
-def _umask() -> int:
-    """The process umask (NamedTemporaryFile creates files 0600; the result should get the usual mode)."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename durable where the platform allows opening a directory."""
-    if not hasattr(os, "O_DIRECTORY"):
-        return
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _write_pillow(f: BinaryIO, image: PIL.Image.Image, fmt: str, text: str) -> None:
     if fmt == "png":
         info = PngImagePlugin.PngInfo()

@@ -2,7 +2,7 @@
 
 Under ``torchrun --nproc_per_node N``, :func:`init` joins the process group that torchrun describes
 (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``): NCCL with one GPU per
-process (``cuda:LOCAL_RANK``) on CUDA, gloo on the CPU. :class:`anysize.sampler.TiledModel` then asks
+process (``cuda:LOCAL_RANK``) on CUDA, gloo on the CPU. :class:`anysize.core.sampler.TiledModel` then asks
 :func:`current` and, inside a group, hands its tile batches to :func:`share_batches`: each WHOLE batch
 (the exact chunk the single-process loop would make) is evaluated by one rank and broadcast to all,
 and every rank merges every output in the original order. Each rank thus holds the same merged model
@@ -82,7 +82,7 @@ def init(device: str | torch.device | None = None) -> Group | None:
     world_size, rank, local_rank = _env_int("WORLD_SIZE"), _env_int("RANK"), _env_int("LOCAL_RANK")
     if not os.environ.get("MASTER_ADDR") or not os.environ.get("MASTER_PORT"):
         raise RuntimeError("MASTER_ADDR and MASTER_PORT: not set; start the processes with torchrun")
-    from .models import default_device
+    from .devices import default_device
 
     wanted = torch.device(device) if device is not None else default_device()
     if wanted.type == "cuda":

@@ -4,7 +4,7 @@ anysize's own small text-to-image model is trained on these scenes: one to four 
 objects (shape x colour x size, optionally striped or dotted) in front of a muted, textured
 background, with a caption generated from the scene ("two large red circles and a small striped
 blue triangle on grass"). Because every object is known, a generated image can be scored exactly
-(:mod:`anysize.evaluate`): which objects came out, how many times, and whether the frame cut them.
+(:mod:`anysize.train.evaluate`): which objects came out, how many times, and whether the frame cut them.
 
 Geometry
 --------

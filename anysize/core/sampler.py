@@ -36,7 +36,7 @@ class TileDenoiser(Protocol):
 
 def crop_tiles(x: torch.Tensor, boxes: Sequence[Box]) -> torch.Tensor:
     """Stack the crops of ``x`` (B, C, H, W) at ``boxes`` into (len(boxes) * B, C, h, w), box-major.
-    ``x`` may also be an :class:`anysize.bands.DiskTensor` (its own ``crop``)."""
+    ``x`` may also be an :class:`anysize.core.bands.DiskTensor` (its own ``crop``)."""
     if not torch.is_tensor(x):
         return x.crop(boxes)
     return torch.cat([x[:, :, t:b, l:r] for t, l, b, r in boxes])
@@ -114,7 +114,7 @@ class TiledModel:
 
     All tile plans are drawn up front from ``generator`` (so a progress bar knows the total and a
     seed reproduces every plan); tile batching never changes which boxes are drawn or how they merge.
-    Under torchrun each whole tile batch runs on one process (:mod:`anysize.distributed`), every
+    Under torchrun each whole tile batch runs on one process (:mod:`anysize.core.distributed`), every
     process merges all of them in order, so the output is the single-process one bit for bit.
     """
 
@@ -159,7 +159,7 @@ class TiledModel:
     def _outputs(self, crop: Callable[[list[Box]], torch.Tensor], batch: int, device: torch.device,
                  t: torch.Tensor, chunks: list[list[Box]]) -> Iterable[torch.Tensor]:
         """The denoiser's output for each chunk (its input tiles from ``crop(chunk)``), in order: one at
-        a time here, or, under torchrun (:mod:`anysize.distributed`), each whole chunk on one rank and
+        a time here, or, under torchrun (:mod:`anysize.core.distributed`), each whole chunk on one rank and
         all of them on every rank."""
         if distributed.current() is None:
             return (self.denoiser(crop(chunk), t, chunk) for chunk in chunks)
@@ -190,7 +190,7 @@ def sample(
     anything else); ``scheduler`` is any diffusers scheduler whose ``set_timesteps`` was called.
     ``callback_on_step_end(step, t, latents)`` may return a replacement latent.
     ``start``: resume at this step index, with ``latents``, the scheduler's state and the generator's
-    as they were after step ``start - 1`` (see :mod:`anysize.resume`).
+    as they were after step ``start - 1`` (see :mod:`anysize.core.checkpoint`).
     """
     extra = _step_kwargs(scheduler, generator)
     for i, t in enumerate(scheduler.timesteps if timesteps is None else timesteps):
@@ -260,8 +260,8 @@ def sample_banded(
     on_commit: Callable[[int], None] | None = None,
 ):
     """:func:`sample_tiled` with the latents and the scheduler's state kept out of memory, in ``work``
-    (an :class:`anysize.bands.BandWork`, whose ``init`` holds the starting latents); returns the
-    :class:`~anysize.bands.DiskTensor` holding the result.
+    (an :class:`anysize.core.bands.BandWork`, whose ``init`` holds the starting latents); returns the
+    :class:`~anysize.core.bands.DiskTensor` holding the result.
 
     Each step evaluates the tile batches in plan order (row-major) into a :class:`BandMerger`; as soon
     as no later batch reaches a band of rows, that band is stepped by its own copy of ``scheduler``
@@ -278,7 +278,7 @@ def sample_banded(
     A step's results go to the other of two buffers and are committed (``work.commit``) when every band
     is done, so ``work`` always holds a whole step; called on a ``work`` with a commit, sampling
     continues from it (the generator's state restored). ``callback_on_step_end(step, t, latents)``
-    gets the committed :class:`~anysize.bands.DiskTensor` and may return a tensor to replace it;
+    gets the committed :class:`~anysize.core.bands.DiskTensor` and may return a tensor to replace it;
     ``on_commit(steps_done)`` runs after each step is committed (it may raise to stop the run there).
     """
     ts = list(scheduler.timesteps if timesteps is None else timesteps)

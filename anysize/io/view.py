@@ -39,7 +39,7 @@ import PIL.Image
 import psutil
 
 TILE = 256  # Deep Zoom tile side of the tiles cut here, px
-STATIC = Path(__file__).parent / "static"
+STATIC = Path(__file__).parent.parent / "static"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 TIFF_SUFFIXES = (".tif", ".tiff")
 MEMORY_FRACTION = 0.5  # an image loaded whole may take at most this share of the available memory

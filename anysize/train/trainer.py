@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .buckets import Bucket, arad_buckets, model_granularity, native_side, nearest_bucket
-from .models import component_dir
+from ..buckets import Bucket, arad_buckets, model_granularity, native_side, nearest_bucket
+from ..models import component_dir
 from .scenes import BACKGROUND_PHRASES, COLORS, NUMBER_WORDS, PATTERNS, PLURALS, SHAPES, SIZES, render, render_crop, sample_scene
-from .vae import vae_scale_factor
+from ..core.vae import vae_scale_factor
 
 TASKS = ("vae", "base", "upscaler")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

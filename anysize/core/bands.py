@@ -5,11 +5,11 @@ about nine latent-sized tensors at once (latents, the scaled input, the merged o
 the multistep history, the conditioning image and its noise, step temporaries): 2.4 GB, the whole
 growth of the process's memory with the image size. Above a RAM budget
 (:func:`anysize.memory.banded_sampling`) the pipeline keeps these tensors in files instead and
-:func:`anysize.sampler.sample_banded` works through them one band of rows at a time, so RAM holds a
+:func:`anysize.core.sampler.sample_banded` works through them one band of rows at a time, so RAM holds a
 band and a tile batch, whatever the image size.
 
 Files are read and written with positional I/O (``pread``/``pwrite``), not memory-mapped, for the reason
-given in :mod:`anysize.stream`: pages of a mapping count in the process's resident set once touched,
+given in :mod:`anysize.io.stream`: pages of a mapping count in the process's resident set once touched,
 while the page cache that positional I/O goes through is the kernel's to drop.
 
 numpy's ``memmap`` and safetensors' lazy loading were the library options; both map the file, which is
@@ -27,9 +27,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .output import _atomic_write, _fsync_dir
-from .resume import load_scheduler_state, scheduler_state
-from .stream import pread_into, pwrite_all
+from ..io.atomic import atomic_write, fsync_dir
+from .checkpoint import load_scheduler_state, scheduler_state
+from ..io.stream import pread_into, pwrite_all
 
 Box = tuple[int, int, int, int]
 
@@ -42,7 +42,7 @@ class DiskTensor:
 
     ``read(top, bottom)`` returns rows ``top:bottom`` of every plane as a new CPU tensor; the last read
     is cached, so the tiles of one row of a tile grid (which share their rows) read the file once.
-    ``crop(boxes)`` stacks tiles like :func:`anysize.sampler.crop_tiles`. A new file starts all zeros.
+    ``crop(boxes)`` stacks tiles like :func:`anysize.core.sampler.crop_tiles`. A new file starts all zeros.
     """
 
     def __init__(self, path: str | os.PathLike, shape: Sequence[int], dtype: torch.dtype = torch.float32, *,
@@ -135,7 +135,7 @@ class DiskTensor:
 
 
 class Mapped:
-    """A read-only elementwise view of a :class:`DiskTensor` for :func:`anysize.vae.tiled_decode`: ``box`` applies ``fn``."""
+    """A read-only elementwise view of a :class:`DiskTensor` for :func:`anysize.core.vae.tiled_decode`: ``box`` applies ``fn``."""
 
     def __init__(self, base: DiskTensor, fn: Callable[[torch.Tensor], torch.Tensor]):
         self.base, self.fn, self.shape, self.dtype, self.ndim = base, fn, base.shape, base.dtype, 4
@@ -225,7 +225,7 @@ class BandWork:
         self.latents = [DiskTensor(self.dir / f"latents{p}.raw", shape, dtype, create=not resume) for p in (0, 1)]
         if not resume:
             data = json.dumps(meta).encode()
-            _atomic_write(meta_file, lambda f: f.write(data))
+            atomic_write(meta_file, lambda f: f.write(data))
         height = self.shape[2]
         self.bands = [(top, min(height, top + rows)) for top in range(0, height, rows)]
 
@@ -269,11 +269,11 @@ class BandWork:
             for k in range(len(self.bands)):
                 with open(self._band_file(k, step % 2), "rb") as f:
                     os.fsync(f.fileno())
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
         state = {"step": step, "generator": None if generator is None else generator.get_state().tolist()}
         data = json.dumps(state).encode()
         if self.durable:
-            _atomic_write(self.dir / "state.json", lambda f: f.write(data))
+            atomic_write(self.dir / "state.json", lambda f: f.write(data))
         else:
             (self.dir / "state.json").write_bytes(data)
 

@@ -1,0 +1,242 @@
+"""Tile geometry for tiled diffusion: pure integers in, boxes out.
+
+A box is ``(top, left, bottom, right)`` in latent pixels, half-open, always inside the canvas.
+Nothing here knows about models; randomness comes only from the caller's ``torch.Generator``.
+
+Three plans:
+
+- :func:`fstd_tiles` -- Fast Seamless Tiled Diffusion (Zheng et al. 2023, "Any-Size-Diffusion",
+  sec. 3.3): a non-overlapping grid shifted by a random offset at every denoising step, so tile
+  borders never stay in one place and one step costs about one full-latent evaluation.
+- :func:`overlap_tiles` -- the explicit-overlap grid of MultiDiffusion / Mixture of Diffusers / StableSR.
+- :func:`naive_tiles` -- a fixed non-overlapping grid: the seam baseline.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Box = tuple[int, int, int, int]
+
+METHODS = ("fstd", "overlap", "naive", "none")
+WEIGHTINGS = ("uniform", "linear", "gaussian")
+SHIFTS = ("auto", "both", "alternate")
+AREA_BUDGET = 1.15  # "auto" shifts both axes only while that costs at most this much evaluated area
+
+
+def _check_size(name: str, value: int, minimum: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name}={value!r}: must be an integer >= {minimum}")
+
+
+def _axis_starts(length: int, tile: int, offset: int) -> list[int]:
+    """Starts of the tiles along one axis for a grid whose cuts lie at ``offset + k * tile``.
+
+    Each band between two cuts (and the canvas edges) gets one tile of size ``tile`` placed at the
+    band's start, clamped inward so it ends inside the canvas; together they cover ``[0, length)``.
+    """
+    band_starts = [0] + list(range(offset or tile, length, tile))
+    starts = sorted({min(s, length - tile) for s in band_starts})
+    return starts
+
+
+def _grid(height: int, width: int, tile_h: int, tile_w: int, ys: list[int], xs: list[int]) -> list[Box]:
+    return [(y, x, y + tile_h, x + tile_w) for y in ys for x in xs]
+
+
+def naive_tiles(height: int, width: int, tile: int) -> list[Box]:
+    """Fixed non-overlapping grid (the seam baseline); the last row/column is clamped inward.
+
+    Tiles are ``min(tile, height) x min(tile, width)`` latent pixels.
+    """
+    for name, v in (("height", height), ("width", width), ("tile", tile)):
+        _check_size(name, v)
+    th, tw = min(tile, height), min(tile, width)
+    return _grid(height, width, th, tw, _axis_starts(height, th, 0), _axis_starts(width, tw, 0))
+
+
+def _overlap_starts(length: int, tile: int, stride: int) -> list[int]:
+    if tile >= length:
+        return [0]
+    starts = list(range(0, length - tile + 1, stride))
+    if starts[-1] != length - tile:
+        starts.append(length - tile)  # snap the last tile to the far edge: full coverage
+    return starts
+
+
+def overlap_tiles(height: int, width: int, tile: int, stride: int) -> list[Box]:
+    """Explicit-overlap grid (MultiDiffusion, Mixture of Diffusers, StableSR).
+
+    Windows of ``min(tile, side)`` latent px every ``stride`` px; the last one snaps to the edge.
+    """
+    for name, v in (("height", height), ("width", width), ("tile", tile), ("stride", stride)):
+        _check_size(name, v)
+    if stride > tile:
+        raise ValueError(f"stride={stride}: must be <= tile={tile}, or the grid leaves gaps")
+    th, tw = min(tile, height), min(tile, width)
+    return _grid(height, width, th, tw, _overlap_starts(height, th, stride), _overlap_starts(width, tw, stride))
+
+
+def _draw_offset(bound: int, generator: torch.Generator) -> int:
+    """Uniform integer in ``[0, bound]`` from the caller's generator; no draw when ``bound == 0``."""
+    if bound <= 0:
+        return 0
+    return int(torch.randint(0, bound + 1, (1,), generator=generator, device=generator.device).item())
+
+
+def fstd_tiles(
+    height: int,
+    width: int,
+    tile: int,
+    *,
+    generator: torch.Generator,
+    max_offset: int | None = None,
+    axes: Literal["both", "y", "x", "none"] = "both",
+) -> list[Box]:
+    """FSTD tile plan for one step: a non-overlapping grid shifted by a random offset (ASD sec. 3.3).
+
+    The grid's cuts lie at ``(dy + k * tile, dx + k * tile)`` with ``dy, dx`` drawn uniformly in
+    ``[0, max_offset]`` (default ``tile - 1``: every border position is reachable) from ``generator``.
+    Unlike the official code, which leaves the strip ``[0, offset)`` unevaluated, every latent pixel is
+    covered: the tile of a partial band at a canvas edge is clamped inward and overlaps its neighbour
+    (nothing wraps around, nothing is padded). All tiles are ``min(tile, height) x min(tile, width)``
+    so they batch, and there are at most ``(ceil(H/t) + 1) * (ceil(W/t) + 1)`` of them.
+    ``axes`` limits the shift to one axis ("y" or "x") or none for this step. An axis that holds a
+    single tile draws nothing from the generator, so a one-tile canvas is plain untiled sampling.
+    """
+    for name, v in (("height", height), ("width", width), ("tile", tile)):
+        _check_size(name, v)
+    if axes not in ("both", "y", "x", "none"):
+        raise ValueError(f"axes={axes!r}: must be one of 'both', 'y', 'x', 'none'")
+    if max_offset is not None:
+        _check_size("max_offset", max_offset, minimum=0)
+    th, tw = min(tile, height), min(tile, width)
+
+    def offset(length: int, t: int, shifted: bool) -> int:
+        if not shifted or t >= length:
+            return 0
+        bound = t - 1 if max_offset is None else min(max_offset, t - 1)
+        return _draw_offset(bound, generator)
+
+    dy = offset(height, th, axes in ("both", "y"))
+    dx = offset(width, tw, axes in ("both", "x"))
+    return _grid(height, width, th, tw, _axis_starts(height, th, dy), _axis_starts(width, tw, dx))
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    """How the sampler splits the latent at each step.
+
+    method: "fstd" (shifted grid, default), "overlap" (explicit overlap), "naive" (fixed grid),
+        "none" (one tile covering the whole latent).
+    tile_size: tile side in latent pixels (the denoiser's native ``sample_size`` is usual).
+    stride: overlap grid step in latent px (default ``tile_size // 2``, as StableSR / Tiled Diffusion).
+    max_offset: FSTD offset bound in latent px (default ``tile_size - 1``; the official code used tile/2).
+    reset_every: FSTD: every k-th step (k > 0, counting from step 0) uses the unshifted grid
+        (the official code used 4; 0 never resets).
+    shift: FSTD: "both" shifts both axes every step, which costs ``(n + 1)^2`` tiles on an ``n x n``
+        grid; "alternate" shifts y on even steps and x on odd ones, ``n (n + 1)`` tiles; "auto"
+        (default) shifts both while that costs at most ``AREA_BUDGET`` (1.15) times the latent area
+        (grids of about 14 x 14 tiles and up) and alternates below, where a shift of both axes would
+        cost up to 27% (8 x 8) or more, except on the last step (when ``plan`` is told the number of
+        steps), which shifts both: no later step blurs its update, and alternating left that step's
+        unshifted axis on the base grid, a faint grid at the tile pitch in flat areas (measured on the
+        default model at 768x384, seeds 3 and 4, ``benchmarks/tile_grid.py``: gradient across the
+        horizontal tile boundaries 1.66x / 1.55x the median row's with the last step alternating,
+        1.20x / 1.17x with it shifting both). An axis holding a single tile never shifts.
+    weighting: how overlapping tile outputs blend: "uniform", "linear" or "gaussian"
+        (None: uniform for fstd/naive/none, gaussian for overlap).
+    tile_batch_size: tiles per denoiser call (classifier-free guidance doubles the model batch).
+    """
+
+    method: str = "fstd"
+    tile_size: int = 64
+    stride: int | None = None
+    max_offset: int | None = None
+    reset_every: int = 0
+    shift: str = "auto"
+    weighting: str | None = None
+    tile_batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"tiling={self.method!r}: must be one of {', '.join(METHODS)}")
+        _check_size("tile_size", self.tile_size)
+        _check_size("tile_batch_size", self.tile_batch_size)
+        _check_size("reset_every", self.reset_every, minimum=0)
+        if self.stride is not None:
+            _check_size("stride", self.stride)
+            if self.stride > self.tile_size:
+                raise ValueError(f"stride={self.stride}: must be <= tile_size={self.tile_size}, or the grid leaves gaps")
+        if self.shift not in SHIFTS:
+            raise ValueError(f"shift={self.shift!r}: must be one of {', '.join(SHIFTS)}")
+        if self.weighting is not None and self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting={self.weighting!r}: must be one of {', '.join(WEIGHTINGS)}")
+
+    @property
+    def blend(self) -> str:
+        if self.weighting is not None:
+            return self.weighting
+        return "gaussian" if self.method == "overlap" else "uniform"
+
+    def _axes(self, height: int, width: int, step: int, num_steps: int | None = None) -> str:
+        """Which axes FSTD shifts at ``step`` of ``num_steps`` (see ``shift``)."""
+        t = self.tile_size
+        ny, nx = math.ceil(height / t), math.ceil(width / t)
+        if self.shift == "both" or ny == 1 or nx == 1:
+            return "both"  # with one axis fixed by the canvas, "both" shifts the other every step
+        last = num_steps is not None and step == num_steps - 1
+        if self.shift == "auto" and (last or (ny + 1) * (nx + 1) <= AREA_BUDGET * ny * nx):
+            return "both"
+        return "y" if step % 2 == 0 else "x"
+
+    def plan(self, height: int, width: int, step: int, generator: torch.Generator,
+             num_steps: int | None = None) -> list[Box]:
+        """The boxes to evaluate at denoising step ``step`` (of ``num_steps``, when known) of a
+        ``height x width`` latent."""
+        if self.method == "none":
+            return [(0, 0, height, width)]
+        if self.method == "naive":
+            return naive_tiles(height, width, self.tile_size)
+        if self.method == "overlap":
+            return overlap_tiles(height, width, self.tile_size, self.stride or max(1, self.tile_size // 2))
+        axes = self._axes(height, width, step, num_steps)
+        if self.reset_every and step % self.reset_every == 0:
+            axes = "none"
+        return fstd_tiles(height, width, self.tile_size, generator=generator, max_offset=self.max_offset, axes=axes)
+
+
+def tile_weights(
+    height: int, width: int, kind: str = "uniform", *, dtype=torch.float32, device=None
+) -> torch.Tensor:
+    """Blend weights of one ``height x width`` tile, strictly positive everywhere.
+
+    uniform: all ones (a pixel covered once keeps its tile's output exactly).
+    linear: a tent rising from the tile's edges to its centre.
+    gaussian: ``exp(-d^2 / 2 sigma^2)`` with sigma a quarter of the side (Mixture of Diffusers, StableSR).
+    """
+    if kind not in WEIGHTINGS:
+        raise ValueError(f"weighting={kind!r}: must be one of {', '.join(WEIGHTINGS)}")
+    if kind == "uniform":
+        return torch.ones(height, width, dtype=dtype, device=device)
+
+    def profile(n: int) -> torch.Tensor:
+        i = torch.arange(n, dtype=torch.float64)
+        if kind == "linear":
+            return torch.minimum(i + 1, n - i) / math.ceil(n / 2)
+        centre, sigma = (n - 1) / 2, max(n / 4, 0.5)
+        return torch.exp(-((i - centre) ** 2) / (2 * sigma**2))
+
+    return torch.outer(profile(height), profile(width)).to(dtype=dtype, device=device)
+
+
+def coverage(height: int, width: int, boxes: list[Box]) -> torch.Tensor:
+    """How many boxes cover each latent pixel (an int32 ``height x width`` map)."""
+    count = torch.zeros(height, width, dtype=torch.int32)
+    for top, left, bottom, right in boxes:
+        count[top:bottom, left:right] += 1
+    return count
