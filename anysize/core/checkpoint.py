@@ -21,17 +21,18 @@ import hashlib
 import json
 import os
 import signal
-import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from ..io.atomic import atomic_write
+from .sampler import make_plan_generator, sample_tiled
+from .tiling import TilingConfig
 
 _SKIP = ("config", "_internal_dict")  # the scheduler's configuration: set by the pipeline, not by step()
 
@@ -155,18 +156,8 @@ class RunDir:
         return load_file(file), meta
 
     def save(self, phase: str, kind: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        file = self._file(phase, kind)
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{file.name}.")
-        os.close(fd)
-        try:
-            save_file({k: _tensor(v) for k, v in tensors.items()}, tmp, metadata={"anysize": json.dumps(meta)})
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, file)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        data = save({k: _tensor(v) for k, v in tensors.items()}, metadata={"anysize": json.dumps(meta)})
+        atomic_write(self._file(phase, kind), lambda f: f.write(data))
 
     def save_step(self, phase: str, step: int, latents: torch.Tensor, scheduler, generator: torch.Generator) -> None:
         tensors, plain = scheduler_state(scheduler)
@@ -196,3 +187,43 @@ class RunDir:
             yield
         finally:
             signal.signal(signal.SIGINT, previous)
+
+
+# ---------------------------------------------------------------------- a resumable phase
+def sample_resumable(run: RunDir | None, denoiser, latents: torch.Tensor, scheduler, tiles: TilingConfig, *,
+                     generator: torch.Generator, callback_on_step_end: Callable | None = None,
+                     progress: bool = False, desc: str | None = None,
+                     timesteps: Sequence | None = None) -> torch.Tensor:
+    """:func:`anysize.core.sampler.sample_tiled` as one phase of ``run``: skipped when the directory
+    holds the phase as done, continued from its last step checkpoint, checkpointed every ``run.every``
+    steps, and stopped after a checkpoint when Ctrl-C asked for it. Without a run directory, plain
+    :func:`sample_tiled`."""
+    kw = dict(generator=generator, progress=progress, desc=desc, timesteps=timesteps)
+    if run is None:
+        return sample_tiled(denoiser, latents, scheduler, tiles, callback_on_step_end=callback_on_step_end, **kw)
+    phase = run.next_phase()
+    done = run.load(phase, "done")
+    if done is not None:  # the set-up before this call drew its noise as before; jump to the phase's end
+        generator.set_state(done[0]["generator"])
+        return done[0]["latents"].to(latents)
+    plans, start = make_plan_generator(generator), 0  # the plans as first drawn, before any restore
+    saved = run.load(phase, "step")
+    if saved is not None:
+        tensors, meta = saved
+        load_scheduler_state(scheduler, tensors, meta["scheduler"], latents.device)
+        generator.set_state(tensors["generator"])
+        latents, start = tensors["latents"].to(latents), meta["step"]
+
+    def checkpointing(i, t, x):
+        replaced = callback_on_step_end(i, t, x) if callback_on_step_end is not None else None
+        x = x if replaced is None else replaced
+        if run.stop_requested or (i + 1) % run.every == 0:
+            run.save_step(phase, i + 1, x, scheduler, generator)
+        if run.stop_requested:
+            raise RunInterrupted(f"interrupted at step {i + 1} of {phase}; the run continues from there")
+        return replaced
+
+    latents = sample_tiled(denoiser, latents, scheduler, tiles, callback_on_step_end=checkpointing, start=start,
+                           plan_generator=plans, **kw)
+    run.save_done(phase, latents, generator)
+    return latents

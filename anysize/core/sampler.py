@@ -128,7 +128,13 @@ class TiledModel:
         num_steps: int,
         generator: torch.Generator | None = None,
     ):
-        self.denoiser, self.config = denoiser, config
+        if config.tile_size is None and config.method != "none":
+            native = getattr(denoiser, "native_tile_size", None)
+            if native is None:
+                raise ValueError("tile_size=None: this denoiser has no native size (native_tile_size); "
+                                 "give TilingConfig a tile_size")
+            config = config.resolved(native)
+        self.denoiser, self.config = denoiser, config.resolved(config.tile_size)
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.plans = [config.plan(height, width, i, generator, num_steps) for i in range(num_steps)]
         self.progress: Callable[[int], Any] | None = None
@@ -444,6 +450,12 @@ class UNetTileDenoiser:
         self.negative_prompt_embeds = negative_prompt_embeds
         self.negative_added_cond_kwargs = negative_added_cond_kwargs or added_cond_kwargs
         self._row_linears = _per_sample_linears(unet)
+
+    @property
+    def native_tile_size(self) -> int:
+        """The UNet's native latent side (``sample_size``): the tile side when the config leaves it open."""
+        size = self.unet.config.sample_size
+        return int(size if isinstance(size, int) else max(size))
 
     def _per_box(self, value: torch.Tensor | None, n_boxes: int) -> torch.Tensor | None:
         return None if value is None else value.repeat(n_boxes, *([1] * (value.dim() - 1)))

@@ -15,7 +15,7 @@ Three plans:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -25,6 +25,7 @@ Box = tuple[int, int, int, int]
 METHODS = ("fstd", "overlap", "naive", "none")
 WEIGHTINGS = ("uniform", "linear", "gaussian")
 SHIFTS = ("auto", "both", "alternate")
+DEFAULT_TILE_BATCH = 8  # tiles per denoiser call when neither the caller nor a planner chose
 AREA_BUDGET = 1.15  # "auto" shifts both axes only while that costs at most this much evaluated area
 
 
@@ -133,7 +134,8 @@ class TilingConfig:
 
     method: "fstd" (shifted grid, default), "overlap" (explicit overlap), "naive" (fixed grid),
         "none" (one tile covering the whole latent).
-    tile_size: tile side in latent pixels (the denoiser's native ``sample_size`` is usual).
+    tile_size: tile side in latent pixels; None (default): the denoiser's native ``sample_size``, filled
+        in by :class:`anysize.core.sampler.TiledModel` (or :meth:`resolved`) before any plan is made.
     stride: overlap grid step in latent px (default ``tile_size // 2``, as StableSR / Tiled Diffusion).
     max_offset: FSTD offset bound in latent px (default ``tile_size - 1``; the official code used tile/2).
     reset_every: FSTD: every k-th step (k > 0, counting from step 0) uses the unshifted grid
@@ -150,32 +152,40 @@ class TilingConfig:
         1.20x / 1.17x with it shifting both). An axis holding a single tile never shifts.
     weighting: how overlapping tile outputs blend: "uniform", "linear" or "gaussian"
         (None: uniform for fstd/naive/none, gaussian for overlap).
-    tile_batch_size: tiles per denoiser call (classifier-free guidance doubles the model batch).
+    tile_batch_size: tiles per denoiser call (classifier-free guidance doubles the model batch); None
+        (default): :data:`DEFAULT_TILE_BATCH` in the sampler, the memory planner's choice in the pipeline.
     """
 
     method: str = "fstd"
-    tile_size: int = 64
+    tile_size: int | None = None
     stride: int | None = None
     max_offset: int | None = None
     reset_every: int = 0
     shift: str = "auto"
     weighting: str | None = None
-    tile_batch_size: int = 8
+    tile_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"tiling={self.method!r}: must be one of {', '.join(METHODS)}")
-        _check_size("tile_size", self.tile_size)
-        _check_size("tile_batch_size", self.tile_batch_size)
+        if self.tile_size is not None:
+            _check_size("tile_size", self.tile_size)
+        if self.tile_batch_size is not None:
+            _check_size("tile_batch_size", self.tile_batch_size)
         _check_size("reset_every", self.reset_every, minimum=0)
         if self.stride is not None:
             _check_size("stride", self.stride)
-            if self.stride > self.tile_size:
+            if self.tile_size is not None and self.stride > self.tile_size:
                 raise ValueError(f"stride={self.stride}: must be <= tile_size={self.tile_size}, or the grid leaves gaps")
         if self.shift not in SHIFTS:
             raise ValueError(f"shift={self.shift!r}: must be one of {', '.join(SHIFTS)}")
         if self.weighting is not None and self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting={self.weighting!r}: must be one of {', '.join(WEIGHTINGS)}")
+
+    def resolved(self, tile_size: int, tile_batch_size: int = DEFAULT_TILE_BATCH) -> TilingConfig:
+        """This config with an unset ``tile_size`` / ``tile_batch_size`` given these values."""
+        return replace(self, tile_size=self.tile_size or tile_size,
+                       tile_batch_size=self.tile_batch_size or tile_batch_size)
 
     @property
     def blend(self) -> str:
@@ -200,6 +210,9 @@ class TilingConfig:
         ``height x width`` latent."""
         if self.method == "none":
             return [(0, 0, height, width)]
+        if self.tile_size is None:
+            raise ValueError("tile_size=None: resolve it first (TilingConfig.resolved(tile_size), or let "
+                             "TiledModel take the denoiser's native size)")
         if self.method == "naive":
             return naive_tiles(height, width, self.tile_size)
         if self.method == "overlap":
