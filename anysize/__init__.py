@@ -10,6 +10,9 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "AnySizePipeline": "pipeline",
     "AnySizeOutput": "pipeline",
+    "Request": "request",
+    "RunPlan": "plan",
+    "Phase": "plan",
     "TiledModel": "core.sampler",
     "TileMerger": "core.sampler",
     "UNetTileDenoiser": "core.sampler",

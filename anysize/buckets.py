@@ -117,6 +117,12 @@ def stretch_factor(size: Bucket, width: int, height: int) -> float:
     return math.exp(abs(math.log(size[1] / size[0]) - math.log(height / width)))
 
 
+def stretch_note(factor: float) -> str:
+    """A note when stage 1's image is resized to another ratio by 0.5% or more (inside the buckets'
+    range too: 1920x1080 from 704x384 is 1.03x); empty otherwise."""
+    return f" (stretched {factor:.2f}x to the ratio)" if factor >= 1.005 else ""
+
+
 def choose_base_size(width: int, height: int, buckets: list[Bucket], *, granularity: int = 64,
                      tolerance: float = 0.15, beyond: str = "stretch") -> BucketChoice:
     """Stage 1's size: the nearest bucket. When the requested ratio lies more than ``tolerance`` (in

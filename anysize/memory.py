@@ -294,28 +294,6 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-@dataclass(frozen=True)
-class _Request:
-    """What the stage estimates need, read once from the pipeline."""
-
-    pipe: Any
-    width: int
-    height: int
-    base: tuple[int, int] | None  # stage 1's size; None for stage 2 alone (upscale)
-    panorama: bool  # stage 1 at the request's ratio, not a bucket
-    base_tiled: bool  # stage 1 samples by tiles
-    source: tuple[int, int]  # the image stage 2 starts from
-    passes: tuple[tuple[int, int], ...]
-    tiling: str
-    tile_size: int | None
-    output_type: str
-    color_fix: bool
-    streaming: bool
-    cfg: bool  # stage 1 classifier-free guidance
-    upscale_cfg: bool
-    latent_memory: int | None  # stage 2's in-memory sampling state limit (banded_sampling)
-
-
 def _px(size: tuple[int, int]) -> int:
     return size[0] * size[1]
 
@@ -350,14 +328,14 @@ def banded_sampling(lat_h: int, lat_w: int, latent_memory: int | None = None, ti
 
 
 def _sampling(unet: Any, lat_h: int, lat_w: int, tiling: str, tile: int, batch: int, cfg: bool,
-              latent_memory: int | None = None, channels: int = 4) -> tuple[int, str]:
-    """(device bytes, description) of tiled sampling on a ``lat_h x lat_w`` latent; above
-    ``latent_memory`` the state held is a band (and the tiles reaching past it) instead of the latent."""
+              banded: bool = False, channels: int = 4) -> tuple[int, str]:
+    """(device bytes, description) of tiled sampling on a ``lat_h x lat_w`` latent; ``banded``: the
+    state held is a band (and the tiles reaching past it) instead of the latent."""
     th, tw = (lat_h, lat_w) if tiling == "none" else (min(tile, lat_h), min(tile, lat_w))
     n = min(batch, tiles_per_step(tiling, lat_h, lat_w, tile))
     state = sampler_state_bytes(lat_h, lat_w)
     detail = f"{n} tile{'s' if n > 1 else ''} of {th}x{tw} latent px per call" + (", CFG" if cfg else "")
-    if banded_sampling(lat_h, lat_w, latent_memory, tiling):
+    if banded:
         from .core.bands import band_rows
 
         rows = band_rows((1, channels, lat_h, lat_w), minimum=th)
@@ -376,69 +354,68 @@ def _decode(vae: Any, size: tuple[int, int], vae_tile: int, on_disk: bool = Fals
     return _RUNTIME_BYTES + held * lat_w * _DECODE_FLOATS * 4 + tiled_decode_bytes(vae, lat_h, lat_w, vae_tile)
 
 
-def _stages(req: _Request, batch: int, vae_tile: int) -> tuple[StagePeak, ...]:
-    """Every stage's peak for tile batch ``batch`` and VAE tile ``vae_tile`` (the pipeline's order)."""
-    pipe, stages = req.pipe, []
-    if req.base is not None:
-        base, f = pipe.base, pipe.base_factor
-        (bw, bh) = req.base
-        tiling = req.tiling if req.base_tiled else "none"
-        device, detail = _sampling(base.unet, bh // f, bw // f, tiling, req.tile_size or pipe.base_tile, batch,
-                                   req.cfg)
-        where = "panorama" if req.panorama else "bucket"
-        stages.append(StagePeak("stage 1", "sample", f"{where} {bw}x{bh}: {detail}", device, 0))
-        stages.append(StagePeak("stage 1 decode", "decode", f"{bw}x{bh}, VAE tile {vae_tile}",
-                                _decode(base.vae, req.base, vae_tile), _px(req.base) * (3 + 4)))
-    reference = _px(req.source) * 4  # the stage-2 input (a PIL image), kept for the colour fix
+def _stages(run: Any, batch: int, vae_tile: int) -> tuple[StagePeak, ...]:
+    """Every phase's peak of the :class:`~anysize.plan.RunPlan` ``run`` for tile batch ``batch`` and
+    VAE tile ``vae_tile``, in the order the pipeline runs them."""
+    stages: list[StagePeak] = []
+    reference = _px(run.source) * 4  # the stage-2 input (a PIL image), kept for the colour fix
     previous = 0  # pixels of the previous pass, whose uint8 array and PIL image stay alive
-    up = pipe.upscaler
-    for k, (w, h) in enumerate(req.passes, 1):
-        last = k == len(req.passes)
-        if up is not None:
-            f, vae = _factor(up.vae), up.vae
-            lat_h, lat_w = math.ceil(h / f), math.ceil(w / f)
-            device, detail = _sampling(up.unet, lat_h, lat_w, req.tiling, req.tile_size or up.unet.config.sample_size,
-                                       batch, req.upscale_cfg, req.latent_memory, up.vae.config.latent_channels)
-            host = lat_h * lat_w * 4  # the conditioning image, resized
+    for phase in run.phases:
+        (w, h), kind = phase.size, phase.kind
+        if kind == "base":
+            lat_h, lat_w = phase.latent
+            device, detail = _sampling(phase.unet, lat_h, lat_w, phase.tiling.method, phase.tiling.tile_size, batch,
+                                       phase.cfg)
+            where = "panorama" if run.panorama else "bucket"
+            stages.append(StagePeak(phase.name, "sample", f"{where} {w}x{h}: {detail}", device, 0))
+        elif kind in ("sr", "img2img"):
+            lat_h, lat_w = phase.latent
+            vae = phase.vae
+            device, detail = _sampling(phase.unet, lat_h, lat_w, phase.tiling.method, phase.tiling.tile_size, batch,
+                                       phase.cfg, phase.banded, vae.config.latent_channels)
+            if kind == "sr":
+                host = lat_h * lat_w * 4  # the conditioning image, resized
+            else:
+                f = _factor(vae)
+                px_h, px_w = lat_h * f, lat_w * f
+                encode = vae_encode_bytes(vae, min(_ENCODE_TILE_PX, px_h), min(_ENCODE_TILE_PX, px_w))
+                stats = vae_encode_bytes(vae, min(_ENCODE_STATS_PX, px_h), min(_ENCODE_STATS_PX, px_w))
+                device += lat_h * lat_w * _ENCODE_FLOATS * 4 + max(encode, stats)
+                host = px_h * px_w * (3 + 4)  # the resized input as a PIL image and a uint8 array
+            stages.append(StagePeak(phase.name, "sample", f"{w}x{h}: {detail}", device,
+                                    reference + previous * (3 + 4) + host))
+        elif kind == "decode" and run.base is not None and phase.name == "stage 1 decode":
+            stages.append(StagePeak(phase.name, "decode", f"{w}x{h}, VAE tile {vae_tile}",
+                                    _decode(phase.vae, phase.size, vae_tile), _px(phase.size) * (3 + 4)))
+        elif kind == "decode":
+            # the decoded image: uint8 (and PIL for the next pass); streamed, one row of VAE tiles at a time
+            result = w * h * (3 if phase.last else 3 + 4)
+            if phase.streaming:
+                result = min(h, vae_tile * _factor(phase.vae)) * w * 3
+            stages.append(StagePeak(phase.name, "decode", f"{w}x{h}, VAE tile {vae_tile}",
+                                    _decode(phase.vae, (w, h), vae_tile, phase.banded),
+                                    reference + previous * (3 + 4) + result))
+            previous = w * h
         else:
-            f, vae = pipe.base_factor, pipe.base.vae
-            lat_h, lat_w = math.ceil(h / f), math.ceil(w / f)
-            device, detail = _sampling(pipe.base.unet, lat_h, lat_w, req.tiling, req.tile_size or pipe.base_tile,
-                                       batch, req.upscale_cfg, req.latent_memory, vae.config.latent_channels)
-            px_h, px_w = lat_h * f, lat_w * f
-            encode = vae_encode_bytes(vae, min(_ENCODE_TILE_PX, px_h), min(_ENCODE_TILE_PX, px_w))
-            stats = vae_encode_bytes(vae, min(_ENCODE_STATS_PX, px_h), min(_ENCODE_STATS_PX, px_w))
-            device += lat_h * lat_w * _ENCODE_FLOATS * 4 + max(encode, stats)
-            host = px_h * px_w * (3 + 4)  # the resized input as a PIL image and a uint8 array
-        held = reference + previous * (3 + 4)
-        stages.append(StagePeak(f"pass {k}", "sample", f"{w}x{h}: {detail}", device, held + host))
-        if last and req.output_type == "latent":
-            return tuple(stages)
-        # the decoded image: uint8 (and PIL for the next pass); streamed, one row of VAE tiles at a time
-        result = w * h * (3 if last else 3 + 4)
-        if last and req.streaming:
-            result = min(h, vae_tile * _factor(vae)) * w * 3
-        stages.append(StagePeak(f"pass {k} decode", "decode", f"{w}x{h}, VAE tile {vae_tile}",
-                                _decode(vae, (w, h), vae_tile, banded_sampling(lat_h, lat_w, req.latent_memory,
-                                                                               req.tiling)), held + result))
-        previous = w * h
-    stages.append(_output(req, reference))
+            stages.append(_output(run, reference))
     return tuple(stages)
 
 
-def _output(req: _Request, reference: int) -> StagePeak:
+def _output(run: Any, reference: int) -> StagePeak:
     """Colour fix and conversion to the output type (a plain resize when there is no pass); the last
     pass's input image (a PIL image) is still alive."""
-    size = (req.width, req.height)
-    if not req.passes:
+    req = run.request
+    size = req.size
+    if not run.passes:
         held = reference + _px(size) * 4  # the resized image
     else:
-        held = reference + (_px(req.passes[-2]) * 4 if len(req.passes) > 1 else 0)
-    if req.streaming:
+        held = reference + (_px(run.passes[-2]) * 4 if len(run.passes) > 1 else 0)
+    streaming = run.phases[-1].streaming
+    if streaming:
         return StagePeak("output", "output", f"{req.width}x{req.height} written by bands", 0,
                          held + max(_band(*size), _band(*size, rows=STREAM_ROWS // 4)))
     extra = _OUTPUT_EXTRA[req.output_type] * _px(size)
-    band = _band(*size) if req.color_fix and req.passes else 0
+    band = _band(*size) if req.color_fixed and run.passes else 0
     return StagePeak("output", "output", f"{req.width}x{req.height} {req.output_type}", 0,
                      held + _px(size) * 3 + max(band, extra))
 
@@ -454,57 +431,28 @@ def _budget(device: Any, max_memory: int | None) -> tuple[int, str, int | None]:
     return host_free, "host available", None
 
 
-def _request(pipe: Any, width: int, height: int, source: tuple[int, int] | None, *, tiling: str,
-             tile_size: int | None, output_type: str, color_fix: bool, streaming: bool, guidance_scale: float,
-             upscale_guidance_scale: float | None, latent_memory: int | None = None,
-             panorama: str = "stretch") -> _Request:
-    upscale_guidance = guidance_scale if upscale_guidance_scale is None else upscale_guidance_scale
-    common = dict(pipe=pipe, width=width, height=height, tiling=tiling, tile_size=tile_size,
-                  output_type=output_type, color_fix=color_fix, streaming=streaming, cfg=guidance_scale > 1,
-                  upscale_cfg=upscale_guidance > 1, latent_memory=latent_memory)
-    if source is not None:
-        passes = pipe.stage2_passes(tuple(source), (width, height))
-        return _Request(base=None, panorama=False, base_tiled=False, source=tuple(source), passes=passes, **common)
-    plan = pipe.plan(width, height, panorama)
-    return _Request(base=plan.base, panorama=plan.panorama, base_tiled=plan.tiled, source=plan.base,
-                    passes=plan.passes, **common)
-
-
-def plan_memory(pipe: Any, width: int, height: int, *, source: tuple[int, int] | None = None,
-                max_memory: int | None = None, tile_batch_size: int | None = None,
-                vae_tile_size: int | None = None, tile_size: int | None = None, tiling: str = "fstd",
-                output_type: str = "pil", color_fix: bool = True, streaming: bool = False,
-                guidance_scale: float = 7.5, upscale_guidance_scale: float | None = None,
-                latent_memory: int | None = None, margin: float = SAFETY_MARGIN,
-                panorama: str = "stretch") -> MemoryPlan:
-    """Plan a ``width x height`` request of :class:`anysize.AnySizePipeline` ``pipe`` before any compute.
-
-    ``tile_batch_size`` (tiles per UNet call) and ``vae_tile_size`` (VAE decode core tile, latent px):
-    None chooses the largest of :data:`TILE_BATCH_CHOICES` (no more than a step's tiles) and of
-    :data:`VAE_TILE_CHOICES` whose stages fit in the budget less ``margin``; a given value is kept.
-    ``source``: the input image's (width, height) for stage 2 alone (``pipe.upscale``). ``max_memory``:
-    the budget in bytes instead of the free memory. ``streaming``: the output is written to a file by
-    bands, so the full image is never held. ``tiling``, ``tile_size``, ``output_type``,
-    ``guidance_scale`` and ``upscale_guidance_scale`` as in the pipeline's call (guidance > 1 doubles
-    the UNet batch); ``color_fix``: the AdaIN colour fix runs. ``latent_memory``: stage-2 sampling
-    state above this many bytes is kept on disk by bands (:func:`banded_sampling`). ``panorama``: stage
-    1 for a ratio outside the buckets, as in the pipeline's call.
+def plan_memory(run: Any, *, margin: float = SAFETY_MARGIN) -> MemoryPlan:
+    """The memory plan of the :class:`~anysize.plan.RunPlan` ``run`` before any compute: every phase's
+    estimated peak, and the tile batch and VAE tile (the request's, or where it leaves them open
+    (None) the largest of :data:`TILE_BATCH_CHOICES`, no more than a step's tiles, and of
+    :data:`VAE_TILE_CHOICES` whose phases fit in the budget less ``margin``). The budget is the
+    request's ``max_memory`` or what is free where ``run.device`` is. Guidance above 1 doubles a
+    phase's UNet batch; a banded phase holds a band of its state (:func:`banded_sampling`); a
+    streamed output never holds the full image.
 
     Raises :class:`MemoryPreflightError` with the estimate and the budget when the request does not
     fit at the given choices, or at tile batch 1 and the smallest VAE tile.
     """
-    req = _request(pipe, width, height, source, tiling=tiling, tile_size=tile_size, output_type=output_type,
-                   color_fix=color_fix, streaming=streaming, guidance_scale=guidance_scale,
-                   upscale_guidance_scale=upscale_guidance_scale, latent_memory=latent_memory,
-                   panorama=panorama)
-    budget, where, host_budget = _budget(pipe.device, max_memory)
+    req = run.request
+    tile_batch_size, vae_tile_size = req.tiling_config().tile_batch_size, req.vae_tile_size
+    budget, where, host_budget = _budget(run.device, req.max_memory)
 
     def plan(batch: int, vae_tile: int) -> MemoryPlan:
-        return MemoryPlan(width, height, batch, vae_tile, _stages(req, batch, vae_tile), budget, where,
+        return MemoryPlan(req.width, req.height, batch, vae_tile, _stages(run, batch, vae_tile), budget, where,
                           host_budget, margin)
 
     fixed_batch, fixed_tile = tile_batch_size or 1, vae_tile_size or VAE_TILE_CHOICES[-1]
-    batch = tile_batch_size or _largest(plan, "sample", _batch_choices(req, pipe), lambda b: (b, fixed_tile))
+    batch = tile_batch_size or _largest(plan, "sample", _batch_choices(run), lambda b: (b, fixed_tile))
     vae_tile = vae_tile_size or _largest(plan, "decode", VAE_TILE_CHOICES, lambda t: (fixed_batch, t))
     chosen = plan(batch, vae_tile)
     if not chosen.fits:
@@ -512,16 +460,9 @@ def plan_memory(pipe: Any, width: int, height: int, *, source: tuple[int, int] |
     return chosen
 
 
-def _batch_choices(req: _Request, pipe: Any) -> tuple[int, ...]:
+def _batch_choices(run: Any) -> tuple[int, ...]:
     """Tile batch sizes worth trying: :data:`TILE_BATCH_CHOICES` up to the most tiles any step evaluates."""
-    sizes = []  # (latent height, latent width, tile) of every tiled sampling stage
-    if req.base is not None and req.base_tiled:
-        sizes.append((req.base[1] // pipe.base_factor, req.base[0] // pipe.base_factor, pipe.base_tile))
-    model = pipe.upscaler if pipe.upscaler is not None else pipe.base
-    f = _factor(model.vae)
-    for w, h in req.passes:
-        sizes.append((math.ceil(h / f), math.ceil(w / f), int(model.unet.config.sample_size)))
-    most = max((tiles_per_step(req.tiling, lat_h, lat_w, req.tile_size or tile) for lat_h, lat_w, tile in sizes),
+    most = max((tiles_per_step(p.tiling.method, *p.latent, p.tiling.tile_size) for p in run.phases if p.sampling),
                default=1)
     return tuple(sorted({min(b, most) for b in TILE_BATCH_CHOICES}, reverse=True))
 

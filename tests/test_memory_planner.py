@@ -20,7 +20,6 @@ from anysize.memory import (
     MemoryPreflightError,
     decode_kwargs,
     parse_bytes,
-    plan_memory,
     tiles_per_step,
 )
 from anysize.pipeline import upscale_passes
@@ -37,7 +36,7 @@ def budget_for(need: int, margin: float = memory.SAFETY_MARGIN) -> int:
 
 def sample_peak(pipe, size, batch: int, **kwargs) -> int:
     """The costliest sampling stage of ``size`` at tile batch ``batch``."""
-    plan = plan_memory(pipe, *size, tile_batch_size=batch, vae_tile_size=VAE_TILE_CHOICES[-1], max_memory=BIG,
+    plan = pipe.plan_memory(*size, tile_batch_size=batch, vae_tile_size=VAE_TILE_CHOICES[-1], max_memory=BIG,
                        **kwargs)
     return max(plan.cost(s) for s in plan.stages if s.kind == "sample")
 
@@ -45,7 +44,7 @@ def sample_peak(pipe, size, batch: int, **kwargs) -> int:
 # ---------------------------------------------------------------------- stages
 def test_describe_names_every_stage_and_the_choices(pipe):
     width, height = 1024, 768
-    plan = plan_memory(pipe, width, height, max_memory=BIG)
+    plan = pipe.plan_memory(width, height, max_memory=BIG)
     passes = pipe.plan(width, height).passes
     assert len(passes) >= 2
     expected = ["stage 1", "stage 1 decode"]
@@ -65,48 +64,48 @@ def test_describe_names_every_stage_and_the_choices(pipe):
 
 def test_stages_follow_the_request(pipe):
     # stage 2 alone: no stage 1, the passes of upscale()
-    plan = plan_memory(pipe, 400, 300, source=(50, 40), max_memory=BIG)
+    plan = pipe.plan_memory(400, 300, source=(50, 40), max_memory=BIG)
     passes = upscale_passes((50, 40), (400, 300), pipe.stage2_factor)
     assert [s.name for s in plan.stages if s.kind == "sample"] == [f"pass {k}" for k in range(1, len(passes) + 1)]
     # latents out: no last decode and no output image
-    names = [s.name for s in plan_memory(pipe, 256, 256, output_type="latent", max_memory=BIG).stages]
+    names = [s.name for s in pipe.plan_memory(256, 256, output_type="latent", max_memory=BIG).stages]
     assert names[-1] == "pass 1" and "output" not in names
     # tiled panorama: stage 1 samples tiles, so the tile batch counts there too; not when untiled
     assert pipe.plan(2048, 64, "tiled").tiled
-    small, large = (plan_memory(pipe, 2048, 64, tile_batch_size=b, max_memory=BIG, panorama="tiled").stages[0]
+    small, large = (pipe.plan_memory(2048, 64, tile_batch_size=b, max_memory=BIG, panorama="tiled").stages[0]
                     for b in (1, 8))
     assert small.name == "stage 1" and "panorama" in small.detail and large.device > small.device
-    one, eight = (plan_memory(pipe, 2048, 64, tile_batch_size=b, max_memory=BIG, panorama="direct").stages[0]
+    one, eight = (pipe.plan_memory(2048, 64, tile_batch_size=b, max_memory=BIG, panorama="direct").stages[0]
                   for b in (1, 8))
     assert "panorama" in one.detail and one.device == eight.device
 
 
 def test_output_type_and_streaming(pipe):
     size = (8192, 8192)
-    out = {t: plan_memory(pipe, *size, output_type=t, color_fix=False, max_memory=BIG).stages[-1]
+    out = {t: pipe.plan_memory(*size, output_type=t, color_fix=None, max_memory=BIG).stages[-1]
            for t in ("pil", "np", "pt")}
     assert out["pil"].host >= 8192 * 8192 * (3 + 4)  # the uint8 result and its PIL copy
     assert out["pil"].host < out["np"].host < out["pt"].host
-    fixed, plain = (plan_memory(pipe, 4096, 64, color_fix=c, max_memory=BIG).stages[-1].host for c in (True, False))
+    fixed, plain = (pipe.plan_memory(4096, 64, color_fix=c, max_memory=BIG).stages[-1].host for c in ("adain", None))
     assert fixed > plain + 64 * 4096 * 24  # the colour fix's float64 band
     # the colour fix's band is a fixed number of bytes, whatever the width
     from anysize.memory import COLOR_FIX_BYTES, color_fix_rows
 
     for width in (2048, 16384, 100_000):
         assert COLOR_FIX_BYTES / 2 < color_fix_rows(width) * width * 48 <= COLOR_FIX_BYTES
-    streamed = plan_memory(pipe, *size, streaming=True, max_memory=BIG)
+    streamed = pipe.plan_memory(*size, output_path="out.tif", max_memory=BIG)
     assert streamed.stages[-1].host < out["pil"].host / 4
-    held = plan_memory(pipe, *size, max_memory=BIG).stages[-2]
+    held = pipe.plan_memory(*size, max_memory=BIG).stages[-2]
     assert held.name == streamed.stages[-2].name == f"pass {len(pipe.plan(*size).passes)} decode"
     assert held.host - streamed.stages[-2].host > 0.9 * 8192 * 8192 * 3  # decoded pixels go to the file
 
 
 def test_estimates_grow_with_size_and_batch(pipe):
     # sampling state in memory (latent_memory=BIG), it grows with the latent; on disk (the default) it stays flat
-    peaks = [plan_memory(pipe, s, s, max_memory=BIG, tile_batch_size=8, latent_memory=BIG).peak
+    peaks = [pipe.plan_memory(s, s, max_memory=BIG, tile_batch_size=8, latent_memory=BIG).peak
              for s in (64, 256, 1024, 4096)]
     assert peaks == sorted(peaks) and peaks[-1] > 3 * peaks[1]
-    last_pass = [[s for s in plan_memory(pipe, 4096, 4096, max_memory=BIG, tile_batch_size=8, latent_memory=m).stages
+    last_pass = [[s for s in pipe.plan_memory(4096, 4096, max_memory=BIG, tile_batch_size=8, latent_memory=m).stages
                   if s.kind == "sample"][-1] for m in (BIG, 0)]
     assert last_pass[1].device < last_pass[0].device and "on disk in bands of 512 rows" in last_pass[1].detail
     by_batch = [sample_peak(pipe, (2048, 2048), b) for b in sorted(TILE_BATCH_CHOICES)]
@@ -116,18 +115,18 @@ def test_estimates_grow_with_size_and_batch(pipe):
 
 
 def sample_peak_cfg(pipe, guidance: float) -> int:
-    plan = plan_memory(pipe, 1024, 1024, tile_batch_size=8, max_memory=BIG, guidance_scale=guidance)
+    plan = pipe.plan_memory(1024, 1024, tile_batch_size=8, max_memory=BIG, guidance_scale=guidance)
     return plan.stages[2].device
 
 
 # ---------------------------------------------------------------------- choices
 def test_tile_batch_shrinks_with_the_budget(pipe):
     size, latent = (2048, 2048), dict(output_type="latent")  # no output image: sampling is the peak
-    roomy = plan_memory(pipe, *size, max_memory=BIG, **latent)
+    roomy = pipe.plan_memory(*size, max_memory=BIG, **latent)
     assert roomy.tile_batch_size == 64 and roomy.vae_tile_size == 64
     for batch in (32, 8, 2, 1):
         # just enough for `batch`, not for the next choice up
-        plan = plan_memory(pipe, *size, max_memory=budget_for(sample_peak(pipe, size, batch, **latent)), **latent)
+        plan = pipe.plan_memory(*size, max_memory=budget_for(sample_peak(pipe, size, batch, **latent)), **latent)
         assert plan.tile_batch_size == batch
         assert plan.peak <= plan.usable
 
@@ -136,7 +135,7 @@ def test_choices_are_monotonic_in_the_budget(pipe):
     size, choices, budget = (1536, 1024), [], 8 * GIB
     while True:
         try:
-            plan = plan_memory(pipe, *size, max_memory=budget, streaming=True)
+            plan = pipe.plan_memory(*size, max_memory=budget, output_path="out.tif")
         except MemoryPreflightError:
             break
         choices.append((budget, plan.tile_batch_size, plan.vae_tile_size))
@@ -148,8 +147,8 @@ def test_choices_are_monotonic_in_the_budget(pipe):
 
 
 def test_vae_tile_shrinks_when_the_decode_does_not_fit(pipe):
-    size, kw = (2048, 2048), dict(tile_batch_size=1, streaming=True)  # streamed: the decode is the peak
-    plans = {t: plan_memory(pipe, *size, vae_tile_size=t, max_memory=BIG, **kw) for t in VAE_TILE_CHOICES}
+    size, kw = (2048, 2048), dict(tile_batch_size=1, output_path="out.tif")  # streamed: the decode is the peak
+    plans = {t: pipe.plan_memory(*size, vae_tile_size=t, max_memory=BIG, **kw) for t in VAE_TILE_CHOICES}
     decode = {t: max(p.cost(s) for s in p.stages if s.kind == "decode") for t, p in plans.items()}
     assert decode[16] < decode[32] < decode[48] < decode[64]
     others = max(plans[16].cost(s) for s in plans[16].stages if s.kind != "decode")
@@ -157,16 +156,16 @@ def test_vae_tile_shrinks_when_the_decode_does_not_fit(pipe):
     for tile, larger in zip(VAE_TILE_CHOICES[1:], VAE_TILE_CHOICES):
         need = max(decode[tile], others)
         if need < decode[larger]:
-            assert plan_memory(pipe, *size, max_memory=budget_for(need), **kw).vae_tile_size == tile
+            assert pipe.plan_memory(*size, max_memory=budget_for(need), **kw).vae_tile_size == tile
             checked += 1
     assert checked >= 2
 
 
 def test_refuses_with_the_numbers_when_batch_1_does_not_fit(pipe):
-    smallest = plan_memory(pipe, 2048, 2048, tile_batch_size=1, vae_tile_size=16, max_memory=BIG)
+    smallest = pipe.plan_memory(2048, 2048, tile_batch_size=1, vae_tile_size=16, max_memory=BIG)
     budget = budget_for(smallest.peak) - 2**16
     with pytest.raises(MemoryPreflightError) as info:
-        plan_memory(pipe, 2048, 2048, max_memory=budget)
+        pipe.plan_memory(2048, 2048, max_memory=budget)
     message = str(info.value)
     assert message.startswith(f"size 2048x2048 needs about {memory.format_bytes(smallest.peak)} at tile batch 1 "
                               "and VAE tile 16")
@@ -178,30 +177,30 @@ def test_refuses_with_the_numbers_when_batch_1_does_not_fit(pipe):
 def test_a_given_tile_batch_is_kept_or_refused(pipe):
     size, latent = (2048, 2048), dict(output_type="latent")
     budget = budget_for(sample_peak(pipe, size, 4, **latent))
-    assert plan_memory(pipe, *size, tile_batch_size=3, max_memory=budget, **latent).tile_batch_size == 3
+    assert pipe.plan_memory(*size, tile_batch_size=3, max_memory=budget, **latent).tile_batch_size == 3
     with pytest.raises(MemoryPreflightError, match=r"at tile batch 64 .* lower tile_batch_size=64"):
-        plan_memory(pipe, *size, tile_batch_size=64, max_memory=budget, **latent)
+        pipe.plan_memory(*size, tile_batch_size=64, max_memory=budget, **latent)
 
 
 def test_budget_is_the_free_memory(pipe, monkeypatch):
     monkeypatch.setattr(memory, "available_bytes", lambda device: (0, 3 * GIB))
-    plan = plan_memory(pipe, 256, 256)
+    plan = pipe.plan_memory(256, 256)
     assert plan.budget == 3 * GIB and plan.budget_source == "host available" and plan.shared
     assert plan.usable == int(3 * GIB * (1 - memory.SAFETY_MARGIN))
     monkeypatch.setattr(memory, "available_bytes", lambda device: (0, 10 * MIB))
     with pytest.raises(MemoryPreflightError, match=r"size 256x256 needs about .* \(host available, 15% kept free\)"):
-        plan_memory(pipe, 256, 256)
+        pipe.plan_memory(256, 256)
 
 
 def test_accelerator_budget_keeps_images_on_the_host(pipe, monkeypatch):
     monkeypatch.setattr(memory, "available_bytes", lambda device: (4 * GIB, 8 * GIB))
-    plan = plan_memory(pipe, 2048, 2048)
+    plan = pipe.plan_memory(2048, 2048)
     assert not plan.shared and plan.budget == 4 * GIB and plan.host_budget == 8 * GIB
     assert plan.peak == max(s.device for s in plan.stages)
     assert "device +" in plan.describe()
     monkeypatch.setattr(memory, "available_bytes", lambda device: (64 * GIB, 20 * MIB))
     with pytest.raises(MemoryPreflightError, match="of host memory"):
-        plan_memory(pipe, 2048, 2048)
+        pipe.plan_memory(2048, 2048)
 
 
 # ---------------------------------------------------------------------- pieces

@@ -244,7 +244,7 @@ def _stage(plan, name):
 def test_the_call_decodes_and_batches_as_planned(pipe, monkeypatch):
     """Left open, tile_batch_size and vae_tile_size are the planner's choices; given, they are kept. Either
     way they reach the sampler (info, memory_plan) and the tiled decode."""
-    from anysize import pipeline as module
+    from anysize import stages as module
 
     seen = []
     monkeypatch.setattr(module, "tiled_decode", lambda *a, tile_size, **k: seen.append(tile_size) or

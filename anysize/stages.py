@@ -1,0 +1,390 @@
+"""The phases of a :class:`~anysize.plan.RunPlan`, run: stage 1, stage-2 passes, decodes, the output.
+
+:func:`run_image` walks a plan's phases for one prompt. Everything one call needs while it runs (the
+generator, the run directory, the scratch files of banded passes, hooks, progress) lives in a
+:class:`Context` made per call, never on the pipeline object, so calls are re-entrant.
+
+Stage 1 (ARAD, Zheng et al. 2023, sec. 3.2) samples the base model at the bucket, untiled, or at
+the request's ratio (panorama, tiled or not). Each stage-2 pass (FSTD, sec. 3.3) is an x4
+super-resolution pass conditioned on the previous image resized to the pass's latent size, or an
+img2img pass with the base model; both sample through the tiled sampler, in memory or by bands on
+disk (:mod:`anysize.core.bands`), and decode through the tiled VAE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+
+from . import memory, models
+from .core import bands
+from .core.checkpoint import RunDir, RunInterrupted, sample_resumable
+from .core.sampler import UNetTileDenoiser, sample_banded
+from .core.vae import tiled_decode, tiled_encode, vae_scale_factor
+from .io import stream
+from .io.output import save_image
+from .plan import Phase, RunPlan, Size
+
+
+def _resize(image: PIL.Image.Image, size: Size) -> PIL.Image.Image:
+    return image if image.size == tuple(size) else image.resize(tuple(size), PIL.Image.Resampling.LANCZOS)
+
+
+class _Resized:
+    """``image`` resized to ``size`` (as :func:`_resize`), made one crop at a time for
+    :func:`anysize.core.vae.tiled_encode`, so a large img2img pass never holds its whole resized input
+    (3 bytes per output pixel, 768 MiB at 16384^2, twice over as PIL image and array). Each crop is
+    resampled from the source with PIL's ``box`` argument. PIL rounds to 8 bits between its two
+    passes within each call, so a crop can differ from the same pixels of one whole resize: by at
+    most 2 levels of 255 on smooth images (``tests/test_pipeline.py``), by more on pixel noise."""
+
+    def __init__(self, image: PIL.Image.Image, size: Size):
+        self.image, self.size = image.convert("RGB"), tuple(size)
+        self.shape = (size[1], size[0], 3)
+
+    def box(self, box) -> np.ndarray:
+        t, l, b, r = box
+        if self.image.size == self.size:
+            return np.asarray(self.image.crop((l, t, r, b)))
+        sx, sy = self.image.width / self.size[0], self.image.height / self.size[1]
+        return np.asarray(self.image.resize((r - l, b - t), PIL.Image.Resampling.LANCZOS,
+                                            box=(l * sx, t * sy, r * sx, b * sy)))
+
+
+def to_pil(image) -> PIL.Image.Image:
+    """A PIL RGB image from PIL, a uint8 / float [0, 1] HWC array, or a [0, 1] (C, H, W) tensor."""
+    if isinstance(image, PIL.Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        arr = image if image.dtype == np.uint8 else (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+        return PIL.Image.fromarray(arr).convert("RGB")
+    if torch.is_tensor(image):
+        t = image[0] if image.ndim == 4 else image
+        return to_pil(t.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy())
+    raise ValueError(f"image of type {type(image).__name__}: must be a PIL image, a numpy array or a tensor")
+
+
+def _image_tensor(image: PIL.Image.Image, device) -> torch.Tensor:
+    """(1, 3, h, w) float32 in [-1, 1]."""
+    arr = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0)
+    return arr.permute(2, 0, 1)[None].to(device)
+
+
+def adain_color_fix(image: np.ndarray | stream.Rows, reference: PIL.Image.Image, rows: int | None = None):
+    """Match each channel's mean and std to ``reference`` (the AdaIN colour fix of StableSR), in place,
+    a band of rows at a time (default :func:`anysize.memory.color_fix_rows`: a fixed number of bytes)
+    so a huge uint8 image (an array or a :class:`anysize.io.stream.Raster` on disk) never becomes float
+    all at once. Returns ``image``."""
+    ref = np.asarray(reference.convert("RGB"), dtype=np.float64).reshape(-1, 3)
+    target = stream.as_rows(image)
+    rows = memory.color_fix_rows(target.width) if rows is None else rows
+    mean, std = stream.channel_moments(target, rows)
+    scale = ref.std(0) / std
+    stream.apply_affine(target, scale, ref.mean(0) - mean * scale, rows)
+    return image
+
+
+# ---------------------------------------------------------------------- one call's state
+class Hooks:
+    """What ``hooks=`` may be: any object with either method (both optional), or a list of them.
+    ``on_phase_start(phase)`` runs before a phase of the plan and ``on_phase_end(phase)`` after it
+    (also when it raised), with the :class:`~anysize.plan.Phase`; e.g. to time or measure each phase."""
+
+    def on_phase_start(self, phase: Phase) -> None:  # pragma: no cover - documentation of the protocol
+        pass
+
+    def on_phase_end(self, phase: Phase) -> None:  # pragma: no cover
+        pass
+
+
+@dataclass
+class Context:
+    """Everything one call needs while it runs. ``owner``: what ``callback_on_step_end`` gets as its
+    first argument (the pipeline, as in diffusers); ``run``: the run directory, if any; ``scratch_dir``:
+    where banded work goes without one (None: the system's temp dir)."""
+
+    plan: RunPlan
+    generator: torch.Generator
+    device: torch.device
+    owner: Any = None
+    callback: Callable | None = None
+    hooks: list = field(default_factory=list)
+    progress: bool = True
+    run: RunDir | None = None
+    scratch_dir: Path | None = None
+    scratch: contextlib.ExitStack | None = None
+
+    @contextlib.contextmanager
+    def phase(self, phase: Phase) -> Iterator[None]:
+        for hook in self.hooks:
+            getattr(hook, "on_phase_start", _nothing)(phase)
+        try:
+            yield
+        finally:
+            for hook in self.hooks:
+                getattr(hook, "on_phase_end", _nothing)(phase)
+
+    def step_end(self, stage: str):
+        """A diffusers-style ``callback_on_step_end(owner, step, timestep, kwargs)`` as the sampler's
+        ``(step, t, latents)``; it gets ``{"latents", "stage"}`` and may return ``{"latents": tensor}``."""
+        callback = self.callback
+        if callback is None:
+            return None
+
+        def step_end(i, t, latents):
+            out = callback(self.owner, i, t, {"latents": latents, "stage": stage})
+            return out.get("latents") if out else None
+
+        return step_end
+
+    def noise(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        """Gaussian noise from the call's generator (drawn on the generator's device, in float32)."""
+        g = self.generator
+        return torch.randn(shape, generator=g, device=g.device, dtype=torch.float32).to(self.device, dtype)
+
+
+def _nothing(phase: Phase) -> None:
+    return None
+
+
+def hook_list(hooks) -> list:
+    """``hooks=`` as a list of hook objects (None: none)."""
+    if hooks is None:
+        return []
+    return list(hooks) if isinstance(hooks, (list, tuple)) else [hooks]
+
+
+# ---------------------------------------------------------------------- the phases of one image
+def run_image(ctx: Context, prompt: str, source: PIL.Image.Image | None = None, file=None):
+    """Run every phase of ``ctx.plan`` for ``prompt``: from noise (generate) or from ``source``
+    (upscale). Returns the output type's image, the latents (``output_type="latent"``) or, with
+    ``file`` (an object with ``path`` and ``metadata``), the path written. Banded passes' files and a
+    streamed decode's scratch raster live until this returns."""
+    with contextlib.ExitStack() as ctx.scratch:
+        return _run_phases(ctx, prompt, source, file)
+
+
+def _run_phases(ctx: Context, prompt: str, source, file):
+    image = reference = source
+    latents = array = None
+    for phase in ctx.plan.phases:
+        with ctx.phase(phase):
+            if phase.kind == "base":
+                latents = stage1(ctx, phase, prompt)
+            elif phase.kind == "sr":
+                latents = sr_pass(ctx, phase, image, prompt)
+            elif phase.kind == "img2img":
+                latents = img2img_pass(ctx, phase, image, prompt)
+            elif phase.kind == "decode" and phase.streaming:
+                array = _decode_to_raster(ctx, phase, latents, Path(file.path))
+            elif phase.kind == "decode":
+                array = decode(ctx, phase, latents)
+                if not phase.last:  # the next pass (or the resize) reads the PIL image
+                    image, array = PIL.Image.fromarray(array), None
+                    reference = image if reference is None else reference  # stage 1's: the colour reference
+            else:
+                return _output(ctx, array, image, reference, file)
+    return latents if torch.is_tensor(latents) else latents.to_tensor()  # output_type="latent"
+
+
+def _output(ctx: Context, array, image, reference, file):
+    """Colour fix and the output type (or the file); with no pass a plain resize of the image."""
+    req = ctx.plan.request
+    if array is None:
+        array = np.array(_resize(image, req.size))
+    elif req.color_fixed and ctx.plan.passes:
+        array = adain_color_fix(array, reference)
+    if file is not None:
+        return save_image(array, file.path, file.metadata)
+    if req.output_type == "pil":
+        return PIL.Image.fromarray(array)
+    if req.output_type == "np":
+        return array.astype(np.float32) / 255.0
+    if req.output_type == "pt":
+        return torch.from_numpy(array).permute(2, 0, 1).float().div(255.0)
+    return array  # "latent" with no pass: nothing to enlarge
+
+
+def _decode_to_raster(ctx: Context, phase: Phase, latents, path: Path) -> stream.Raster:
+    """Decode tile by tile into a scratch Raster on disk beside the target (removed when the image is
+    done), so the whole image is never in memory for .tif and .dzi."""
+    scratch = ctx.scratch.enter_context(tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.decode."))
+    raster = ctx.scratch.enter_context(stream.Raster(Path(scratch) / "image.raw", phase.size[1], phase.size[0]))
+    return decode(ctx, phase, latents, out=raster)
+
+
+def decode(ctx: Context, phase: Phase, latents, out: stream.Raster | None = None):
+    """Latents -> uint8 (H, W, 3) cropped to the phase's size through the tiled VAE, or tile by tile
+    into ``out`` (a Raster of that size, which crops), with the plan's VAE tile. Up to 128 latent px
+    a side the GroupNorm statistics come from one untiled run over the whole latent (exact, about two
+    decodes); above, from a downsampled copy (fast mode); :func:`anysize.memory.decode_kwargs`."""
+    vae, size = phase.vae, phase.size
+    scale, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None)
+
+    def unscale(x: torch.Tensor) -> torch.Tensor:
+        x = x / scale
+        return x + shift if shift else x
+
+    scaled = unscale(latents) if torch.is_tensor(latents) else bands.Mapped(latents, unscale)
+    height, width = scaled.shape[-2:]
+    tile = phase.vae_tile_size or memory.VAE_TILE_CHOICES[0]
+    array = tiled_decode(vae, scaled, mode="fast", progress=ctx.progress and max(height, width) > 128, out=out,
+                         **memory.decode_kwargs(vae, height, width, tile))
+    return out if out is not None else array[: size[1], : size[0]]
+
+
+def denoiser(model, prompt: str, negative_prompt: str | None, guidance_scale: float, size: Size,
+             **extra) -> UNetTileDenoiser:
+    """Prompt embeddings through diffusers' own ``encode_prompt`` (SD or SDXL), wrapped for tiles."""
+    do_cfg = guidance_scale > 1.0
+    device = model.unet.device
+    added = negative_added = None
+    if models.model_kind(model).is_sdxl:
+        pos, neg, pooled, neg_pooled = model.encode_prompt(
+            prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=do_cfg,
+            negative_prompt=negative_prompt)
+        w, h = size
+        ids = torch.tensor([[h, w, 0, 0, h, w]], device=device, dtype=pos.dtype)
+        added = {"text_embeds": pooled, "time_ids": ids}
+        negative_added = {"text_embeds": neg_pooled, "time_ids": ids} if do_cfg else None
+    else:
+        pos, neg = model.encode_prompt(prompt, device, 1, do_cfg, negative_prompt)
+    return UNetTileDenoiser(model.unet, pos, negative_prompt_embeds=neg, guidance_scale=guidance_scale,
+                            added_cond_kwargs=added, negative_added_cond_kwargs=negative_added, **extra)
+
+
+def _desc(ctx: Context, phase: Phase) -> str:
+    w, h = phase.size
+    if phase.kind == "base":
+        return f"stage 1 ({'panorama' if ctx.plan.panorama else 'bucket'} {w}x{h})"
+    return f"stage 2 {phase.name}/{len(ctx.plan.passes)} ({w}x{h})"
+
+
+def _sample(ctx: Context, phase: Phase, den, latents: torch.Tensor, stage: str, timesteps=None) -> torch.Tensor:
+    return sample_resumable(ctx.run, den, latents, phase.model.scheduler, phase.tiling, generator=ctx.generator,
+                            callback_on_step_end=ctx.step_end(stage), progress=ctx.progress,
+                            desc=_desc(ctx, phase), timesteps=timesteps)
+
+
+def stage1(ctx: Context, phase: Phase, prompt: str) -> torch.Tensor:
+    """Base model at the bucket (untiled), or at the request's ratio (panorama), tiled or not."""
+    model, req = phase.model, ctx.plan.request
+    den = denoiser(model, prompt, req.negative_prompt, phase.guidance_scale, phase.size)
+    model.scheduler.set_timesteps(phase.steps)
+    shape = (1, model.unet.config.in_channels, *phase.latent)
+    latents = ctx.noise(shape, model.unet.dtype) * model.scheduler.init_noise_sigma
+    return _sample(ctx, phase, den, latents, "base")
+
+
+def sr_pass(ctx: Context, phase: Phase, image: PIL.Image.Image, prompt: str):
+    """One pass of an x4 super-resolution model landing on the phase's size: the conditioning image is
+    the input resized to size / 4 (rounded up), noised to ``noise_level``; the latent has its size."""
+    model, req = phase.model, ctx.plan.request
+    lat_h, lat_w = phase.latent
+    level = torch.tensor([req.noise_level], device=ctx.device, dtype=torch.long)
+    dtype = model.unet.dtype
+    shape = (1, model.vae.config.latent_channels, lat_h, lat_w)
+    if phase.banded:
+        return _sr_pass_banded(ctx, phase, image, prompt, shape, level)
+    low = _image_tensor(_resize(image, (lat_w, lat_h)), ctx.device)
+    low = model.low_res_scheduler.add_noise(low, ctx.noise(low.shape, torch.float32), level)
+    den = denoiser(model, prompt, req.negative_prompt, phase.guidance_scale, phase.size, cond=low.to(dtype),
+                   class_labels=level)
+    model.scheduler.set_timesteps(phase.steps)
+    latents = ctx.noise(shape, dtype)
+    return _sample(ctx, phase, den, latents * model.scheduler.init_noise_sigma, "upscale")
+
+
+def _sr_pass_banded(ctx: Context, phase: Phase, image: PIL.Image.Image, prompt: str, shape,
+                    level: torch.Tensor) -> bands.DiskTensor:
+    """:func:`sr_pass` with the conditioning image and the latents on disk, written band by band from
+    the same noise draws in the same order (so the same values as in memory)."""
+    model, req, (_, _, lat_h, lat_w) = phase.model, ctx.plan.request, shape
+    dtype, device = model.unet.dtype, ctx.device
+    work = _band_work(ctx, shape, phase.tiling.tile_size, dtype)
+    cond = ctx.scratch.enter_context(bands.DiskTensor(work.dir / "cond.raw", (1, 3, lat_h, lat_w), dtype))
+    pixels = np.asarray(_resize(image, (lat_w, lat_h)).convert("RGB"))
+    noise = bands.NoiseStream(3 * lat_h * lat_w, ctx.generator)
+
+    def low_rows(b: int, c: int, top: int, bottom: int) -> torch.Tensor:  # as _image_tensor, then add_noise
+        x = torch.from_numpy(pixels[top:bottom, :, c].astype(np.float32) / 127.5 - 1.0).to(device)
+        return model.low_res_scheduler.add_noise(x, noise.take(x.numel()).view_as(x).to(device), level)
+
+    bands.fill_planes(cond, low_rows)
+    del pixels, low_rows  # on disk now
+    den = denoiser(model, prompt, req.negative_prompt, phase.guidance_scale, phase.size, cond=cond,
+                   class_labels=level)
+    model.scheduler.set_timesteps(phase.steps)
+    sigma, noise = model.scheduler.init_noise_sigma, bands.NoiseStream(math.prod(shape), ctx.generator)
+    bands.fill_planes(work.init, lambda b, c, top, bottom: noise.take((bottom - top) * lat_w)
+                      .view(bottom - top, lat_w).to(device, dtype) * sigma)
+    return _sample_banded(ctx, phase, den, work)
+
+
+def img2img_pass(ctx: Context, phase: Phase, image: PIL.Image.Image, prompt: str):
+    """One img2img pass with the base model: resize to the phase's size, encode with the tiled VAE,
+    noise to ``strength``, denoise tiled (Tiled Diffusion / Ultimate SD Upscale style)."""
+    model, req = phase.model, ctx.plan.request
+    f = vae_scale_factor(model.vae)
+    lat_h, lat_w = phase.latent
+    dtype = model.unet.dtype
+    pixels = _Resized(image, (lat_w * f, lat_h * f))
+    init = tiled_encode(model.vae, pixels, mode="fast").to(ctx.device, dtype) * model.vae.config.scaling_factor
+    scheduler, steps = model.scheduler, phase.steps
+    scheduler.set_timesteps(steps)
+    start = min(steps - 1, int(round(steps * (1 - req.strength))))
+    timesteps = scheduler.timesteps[start * scheduler.order :]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start * scheduler.order)
+    den = denoiser(model, prompt, req.negative_prompt, phase.guidance_scale, phase.size)
+    if phase.banded:
+        work = _band_work(ctx, init.shape, phase.tiling.tile_size, dtype)
+        noise, first = bands.NoiseStream(init.numel(), ctx.generator), timesteps[:1]
+
+        def noisy_rows(b: int, c: int, top: int, bottom: int) -> torch.Tensor:
+            rows = init[b : b + 1, c : c + 1, top:bottom]
+            fresh = noise.take(rows.numel()).view_as(rows).to(ctx.device, dtype)
+            return scheduler.add_noise(rows, fresh, first)[0, 0]
+
+        bands.fill_planes(work.init, noisy_rows)
+        del init
+        return _sample_banded(ctx, phase, den, work, timesteps)
+    noisy = scheduler.add_noise(init, ctx.noise(init.shape, dtype), timesteps[:1])
+    return _sample(ctx, phase, den, noisy, "upscale", timesteps=timesteps)
+
+
+def _band_work(ctx: Context, shape, tile: int, dtype: torch.dtype) -> bands.BandWork:
+    """The files of a banded phase: in the run directory (a phase of it, durable, resumable), or in a
+    scratch directory (beside the output file, else in the temp directory) removed after the image."""
+    run, stack = ctx.run, ctx.scratch
+    if run is not None:
+        directory = run.path / f"{run.next_phase()}.bands"
+    else:
+        directory = Path(tempfile.mkdtemp(prefix=".anysize-bands.", dir=ctx.scratch_dir))
+        stack.callback(shutil.rmtree, directory, ignore_errors=True)
+    rows = bands.band_rows(shape, minimum=tile)
+    return stack.enter_context(bands.BandWork(directory, shape, rows=rows, durable=run is not None, dtype=dtype))
+
+
+def _sample_banded(ctx: Context, phase: Phase, den, work: bands.BandWork, timesteps=None) -> bands.DiskTensor:
+    """:func:`anysize.core.sampler.sample_banded` for one pass; with a run directory, continued from its
+    last commit, and Ctrl-C stops after the next one."""
+    run = ctx.run
+
+    def stop(step: int) -> None:
+        if run is not None and run.stop_requested:
+            raise RunInterrupted(f"interrupted at step {step} of {work.dir.name}; the run continues from there")
+
+    return sample_banded(den, work, phase.model.scheduler, phase.tiling, generator=ctx.generator,
+                         callback_on_step_end=ctx.step_end("upscale"), on_commit=stop, progress=ctx.progress,
+                         desc=_desc(ctx, phase), timesteps=timesteps, device=ctx.device)
