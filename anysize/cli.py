@@ -15,6 +15,7 @@ import os
 os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
 import secrets  # noqa: E402
@@ -186,6 +187,15 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latent-memory", type=_bytes_or_zero, default=None, metavar="SIZE",
                    help="a pass whose sampling state needs more than this keeps it on disk and works by bands "
                         "of rows, so memory stays flat at any size (default 256MiB on the CPU, no limit on CUDA; 0: always)")
+    p.add_argument("--tile-stride", type=_int_at_least(1), default=None, metavar="N",
+                   help="--tiling overlap: the grid's step in latent pixels (default: half the tile)")
+    p.add_argument("--tile-shift", choices=("auto", "both", "alternate"), default=None,
+                   help="--tiling fstd: shift both axes every step, alternate them, or auto (default: both while "
+                        "it costs <= 1.15x the latent area)")
+    p.add_argument("--tile-weighting", choices=("uniform", "linear", "gaussian"), default=None,
+                   help="how overlapping tiles blend (default: gaussian for overlap, uniform otherwise)")
+    p.add_argument("--color-fix", choices=("adain", "none"), default="adain",
+                   help="match stage 2's colour statistics to its input's (default adain)")
     p.add_argument("--strength", type=_float_in(0, 1, low_open=True), default=0.3, metavar="X",
                    help="img2img upscaling: how much each pass may change (default 0.3)")
     models = p.add_argument_group("models")
@@ -212,47 +222,63 @@ def _add_buckets(sub) -> None:
 
 # ---------------------------------------------------------------------- commands
 def _generate(args: argparse.Namespace) -> int:
-    width, height = args.size
-    out = check_output_path(args.output, args.size)
-    pipe = _load(args)
-    pipe.check_inputs(args.prompt, width, height, args.steps, args.upscale_steps, args.guidance, args.tiling,
-                      args.tile_size, args.tile_batch, "pil", args.strength, upscale_guidance_scale=args.upscale_guidance,
-                      max_memory=args.max_memory, vae_tile_size=args.vae_tile, panorama=args.panorama)
-    _preflight(pipe, args, guidance_scale=args.guidance, upscale_guidance_scale=args.upscale_guidance,
-               panorama=args.panorama)
-    seed = _pick_seed(args)
-    _say(args, f"{_plan_line(pipe.plan(width, height, args.panorama), args.size)}; seed {seed}")
     extra = {"steps": args.steps, "upscale_steps": args.upscale_steps, "guidance": args.guidance,
              "upscale_guidance": args.guidance if args.upscale_guidance is None else args.upscale_guidance}
-    result = pipe(args.prompt, width, height, generator=_generator(seed), num_inference_steps=args.steps,
-                  upscale_inference_steps=args.upscale_steps, guidance_scale=args.guidance,
-                  upscale_guidance_scale=args.upscale_guidance, negative_prompt=args.negative,
-                  strength=args.strength, panorama=args.panorama, **_tile_kwargs(args),
-                  **_file_kwargs(args, pipe, seed, out, extra),
-                  **_run_kwargs(args, seed))
-    return _done(result)
+    return _run(args, None, extra, call="generate", prompt=args.prompt, num_inference_steps=args.steps,
+                upscale_inference_steps=args.upscale_steps, guidance_scale=args.guidance,
+                upscale_guidance_scale=args.upscale_guidance, negative_prompt=args.negative, panorama=args.panorama)
 
 
 def _upscale(args: argparse.Namespace) -> int:
-    width, height = args.size
-    out = check_output_path(args.output, args.size)
     source = _read_image(args.image)
-    pipe = _load(args)
-    pipe.check_inputs(args.prompt, width, height, None, args.steps, 1.0, args.tiling, args.tile_size,
-                      args.tile_batch, "pil", args.strength, max_memory=args.max_memory, vae_tile_size=args.vae_tile)
-    _preflight(pipe, args, source=source.size, guidance_scale=1.0)
-    seed = _pick_seed(args)
-    passes = pipe.stage2_passes(source.size, args.size)
-    _say(args, f"upscale: {source.size[0]}x{source.size[1]} -> {_passes(passes)} -> {width}x{height}; seed {seed}")
     extra = {"steps": args.steps, "source": str(args.image), "source_size": list(source.size)}
-    result = pipe.upscale(source, width, height, args.prompt, num_inference_steps=args.steps,
-                          generator=_generator(seed), strength=args.strength, **_tile_kwargs(args),
-                          **_file_kwargs(args, pipe, seed, out, extra), **_run_kwargs(args, seed))
-    return _done(result)
+    return _run(args, source, extra, call="upscale", prompt=args.prompt, num_inference_steps=None,
+                upscale_inference_steps=args.steps, guidance_scale=1.0, source_size=source.size,
+                source_digest=_digest(source))
+
+
+def _run(args: argparse.Namespace, source, extra: dict, **request) -> int:
+    """One Request from the options, planned once (the memory plan and the stage plan printed before
+    anything runs: a request that cannot fit stops here with the numbers), then run once."""
+    out = check_output_path(args.output, args.size)
+    pipe = _load(args)
+    from .request import Request
+
+    seed = _pick_seed(args)
+    request = Request(width=args.size[0], height=args.size[1], strength=args.strength, tiling=_tiling(args),
+                      tile_size=args.tile_size, tile_batch_size=args.tile_batch, vae_tile_size=args.vae_tile,
+                      max_memory=args.max_memory, latent_memory=args.latent_memory, color_fix=args.color_fix,
+                      **_file_kwargs(args, pipe, seed, out, extra), **request)
+    plan = pipe.plan_run(request)
+    _say(args, plan.memory.describe())
+    _say(args, f"{plan.describe()}; seed {seed}")
+    if args.run_dir is not None:
+        plan = dataclasses.replace(plan, request=dataclasses.replace(plan.request, **_run_kwargs(args, seed)))
+    return _done(pipe.run(plan, image=source, generator=_generator(seed)))
+
+
+def _digest(image) -> str:
+    import hashlib
+
+    return hashlib.blake2b(image.tobytes(), digest_size=8).hexdigest()
+
+
+def _tiling(args: argparse.Namespace):
+    """``--tiling`` alone as its name; with ``--tile-stride``, ``--tile-shift`` or ``--tile-weighting`` a TilingConfig."""
+    if args.tile_stride is None and args.tile_shift is None and args.tile_weighting is None:
+        return args.tiling
+    from .core.tiling import TilingConfig
+
+    if args.tile_stride is not None and args.tiling != "overlap":
+        raise UsageError(f"--tile-stride: sets the overlap grid's step; it needs --tiling overlap, not {args.tiling}")
+    if args.tile_shift is not None and args.tiling != "fstd":
+        raise UsageError(f"--tile-shift: sets how FSTD shifts its grid; it needs --tiling fstd, not {args.tiling}")
+    return TilingConfig(method=args.tiling, stride=args.tile_stride, shift=args.tile_shift or "auto",
+                        weighting=args.tile_weighting)
 
 
 def _buckets(args: argparse.Namespace) -> int:
-    from .buckets import arad_buckets, choose_base_size, stretch_factor
+    from .buckets import arad_buckets, choose_base_size, stretch_factor, stretch_note
 
     buckets = arad_buckets(args.area, args.granularity)
     choice = (choose_base_size(*args.size, buckets, granularity=args.granularity, beyond=args.panorama)
@@ -265,7 +291,7 @@ def _buckets(args: argparse.Namespace) -> int:
         w, h = args.size
         where = (f"panorama {choice.width}x{choice.height} (ratio outside the buckets: stage 1 samples "
                  f"{'tiled' if choice.tiled else 'untiled'} at it)" if choice.panorama
-                 else f"bucket {choice.width}x{choice.height}{_stretch(stretch_factor(choice.size, w, h))}")
+                 else f"bucket {choice.width}x{choice.height}{stretch_note(stretch_factor(choice.size, w, h))}")
         print(f"{w}x{h} (ratio {h / w:.3f}) -> {where}")
     return 0
 
@@ -443,15 +469,6 @@ def _check_device(device: str | None) -> None:
         raise UsageError(f"--device '{device}': {kind} is not available on this machine")
 
 
-def _preflight(pipe, args: argparse.Namespace, **request) -> None:
-    """The memory plan, printed before anything runs (the pipeline plans again, the same way): a request
-    that cannot fit stops here with the numbers."""
-    plan = pipe.plan_memory(*args.size, max_memory=args.max_memory, tile_batch_size=args.tile_batch,
-                            vae_tile_size=args.vae_tile, tile_size=args.tile_size, tiling=args.tiling,
-                            output_path=args.output, latent_memory=args.latent_memory, **request)
-    _say(args, plan.describe())
-
-
 def _read_image(path: str):
     """The input image as RGB; a one-line ValueError when it cannot be read."""
     import PIL.Image
@@ -467,11 +484,6 @@ def _read_image(path: str):
         raise ValueError(f"IMAGE '{path}': cannot be read ({_one_line(str(exc))})") from None
 
 
-def _tile_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {"tiling": args.tiling, "tile_size": args.tile_size, "tile_batch_size": args.tile_batch,
-            "vae_tile_size": args.vae_tile, "max_memory": args.max_memory, "latent_memory": args.latent_memory}
-
-
 def _pick_seed(args: argparse.Namespace) -> int:
     return args.seed if args.seed is not None else secrets.randbelow(2**32)
 
@@ -480,25 +492,6 @@ def _generator(seed: int):
     import torch
 
     return torch.Generator().manual_seed(seed)  # on the CPU, so a seed gives the same noise on any device
-
-
-def _passes(passes: Sequence[tuple[int, int]]) -> str:
-    if not passes:
-        return "no pass (resize)"
-    return f"{len(passes)} pass{'es' if len(passes) > 1 else ''} ({', '.join(f'{w}x{h}' for w, h in passes)})"
-
-
-def _plan_line(plan, size: tuple[int, int]) -> str:
-    """e.g. ``stage 1: bucket 832x1216 -> stage 2: 2 passes (...) -> 3000x4500``."""
-    where = ("tiled " if plan.tiled else "") + ("panorama" if plan.panorama else "bucket")
-    return (f"stage 1: {where} {plan.base[0]}x{plan.base[1]}{_stretch(plan.stretch)} -> stage 2: "
-            f"{_passes(plan.passes)} -> {size[0]}x{size[1]}")
-
-
-def _stretch(factor: float) -> str:
-    """A note when stage 1's image is resized to another ratio by 0.5% or more (inside the buckets'
-    range too: 1920x1080 from 704x384 is 1.03x)."""
-    return f" (stretched {factor:.2f}x to the ratio)" if factor >= 1.005 else ""
 
 
 def _file_kwargs(args: argparse.Namespace, pipe, seed: int, out: Path, extra: dict) -> dict[str, Any]:

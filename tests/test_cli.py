@@ -277,7 +277,7 @@ def test_interrupt_exits_130_without_a_file(capsys, tmp_path, monkeypatch, model
     def interrupted(self, *args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(AnySizePipeline, "__call__", interrupted)
+    monkeypatch.setattr(AnySizePipeline, "run", interrupted)  # the CLI plans, then runs the plan
     code, _, err = run(capsys, "generate", "x", "--size", "96x64", "-o", tmp_path / "o.png", "--quiet", *FAST, *models)
     assert_one_error(code, err, 130, "interrupted")
     assert list(tmp_path.iterdir()) == []
@@ -300,7 +300,7 @@ def test_unexpected_error_is_one_line_with_its_type(capsys, tmp_path, monkeypatc
     def broken(self, *args, **kwargs):
         raise KeyError("boom\nsecond line")
 
-    monkeypatch.setattr(AnySizePipeline, "__call__", broken)
+    monkeypatch.setattr(AnySizePipeline, "run", broken)
     monkeypatch.delenv("ANYSIZE_DEBUG", raising=False)
     code, _, err = run(capsys, "generate", "x", "--size", "96x64", "-o", tmp_path / "o.png", "--quiet", *FAST, *models)
     assert_one_error(code, err, 1, "KeyError", "boom")
