@@ -3,9 +3,9 @@
 Every case runs in its own child process so peaks do not mix. Measured: on the CPU, the process's
 peak resident memory (VmHWM, reset between stages through /proc/self/clear_refs) less the resident
 memory right after the models loaded; on CUDA, ``torch.cuda.max_memory_allocated`` less the memory
-allocated after loading (host memory is not measured there). Stages are told apart by wrapping the
-pipeline's stage methods (``_stage1``, ``_sr_pass`` / ``_img2img_pass``, ``_decode``): a stage's
-window runs from the end of the previous one to its own end; "output" is what follows the last decode.
+allocated after loading (host memory is not measured there). Stages are the phases of the request's
+plan (``pipe.plan_run``), told apart by a ``hooks=`` object: a phase's window runs from the end of the
+previous one to its own end, and the plan's phases are the memory planner's stages, name for name.
 
 Cases: full requests of the shipped default model (``AnySizePipeline.from_pretrained()``, ~15M
 parameters, 2 + 2 steps, guidance 7.5, the planner's tile batch, VAE tile 64), and components at
@@ -97,8 +97,7 @@ def _random_init(cls, config: dict, device: torch.device):
 # ---------------------------------------------------------------------- child cases
 def case_request(size: str, img2img: bool) -> dict:
     """One default-model request, stage by stage."""
-    from anysize import AnySizePipeline
-    from anysize.memory import plan_memory
+    from anysize import AnySizePipeline, Request
     from anysize.models import default_model_paths
 
     width, height = map(int, size.split("x"))
@@ -109,36 +108,17 @@ def case_request(size: str, img2img: bool) -> dict:
     pipe.set_progress_bar_config(disable=True)
     # the default model's upscaler was trained without captions: guidance 1 in stage 2 (the README's advice)
     # panorama="tiled": the 1024x256 case measures stage 1 sampled by tiles (README's "(panorama)" row)
-    guidance = dict(guidance_scale=7.5, upscale_guidance_scale=1.0, panorama="tiled")
-    plan = plan_memory(pipe, width, height, vae_tile_size=64, **guidance)  # the pipeline decodes 64 px tiles
-    meter, measured, counts = Meter(pipe.device), {}, {"pass": 0, "decode": 0}
+    request = Request("a red fox in the snow", width, height, num_inference_steps=2, upscale_inference_steps=2,
+                      guidance_scale=7.5, upscale_guidance_scale=1.0, panorama="tiled", vae_tile_size=64)
+    run = pipe.plan_run(request)  # the same plan the call runs; the pipeline decodes 64 px tiles
+    plan, meter, measured = run.memory, Meter(pipe.device), {}
 
-    def wrap(name: str, kind: str):
-        method = getattr(pipe, name)
+    class PhasePeaks:  # a phase's window runs from the end of the previous one to its own end
+        def on_phase_end(self, phase):
+            measured[phase.name] = meter.mark()
 
-        def run(*args, **kwargs):
-            out = method(*args, **kwargs)
-            if kind == "pass":
-                counts["pass"] += 1
-                stage = f"pass {counts['pass']}"
-            elif kind == "decode":
-                counts["decode"] += 1
-                stage = f"pass {counts['pass']} decode" if counts["pass"] else "stage 1 decode"
-            else:
-                stage = "stage 1"
-            measured[stage] = meter.mark()
-            return out
-
-        setattr(pipe, name, run)
-
-    wrap("_stage1", "stage 1")
-    wrap("_decode", "decode")
-    wrap("_sr_pass", "pass")
-    wrap("_img2img_pass", "pass")
     start = time.perf_counter()
-    pipe("a red fox in the snow", width, height, generator=torch.Generator().manual_seed(0), num_inference_steps=2,
-         upscale_inference_steps=2, tile_batch_size=plan.tile_batch_size, **guidance)
-    measured["output"] = meter.mark()
+    pipe.run(run, generator=torch.Generator().manual_seed(0), hooks=PhasePeaks())
     return {"case": f"{'img2img ' if img2img else ''}{size}", "seconds": time.perf_counter() - start,
             "tile_batch_size": plan.tile_batch_size, "vae_tile_size": plan.vae_tile_size,
             "stages": [{"stage": s.name, "estimate": plan.cost(s), "measured": measured.get(s.name)}

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from upscale_quality import crop_sheet, psnr_ssim  # noqa: E402
 
-from anysize import AnySizePipeline, pipeline  # noqa: E402
+from anysize import AnySizePipeline, Request, pipeline  # noqa: E402
 from anysize.train.scenes import render, sample_scene  # noqa: E402
 
 SOURCE = 64
@@ -53,14 +53,16 @@ def last_pass_plan(source, target, factor, *, stretch=1.5):
 PLANS = {"first": pipeline.upscale_passes, "last": last_pass_plan}
 
 
-def upscale_with_plan(pipe: AnySizePipeline, plan, image, width: int, height: int, prompt: str, **kwargs):
+def upscale_with_plan(pipe: AnySizePipeline, plan, image, width: int, height: int, prompt: str, *,
+                      num_inference_steps: int, generator: torch.Generator):
     """``pipe.upscale`` with its pass sizes from ``plan(source, target, factor)`` instead of
-    :meth:`AnySizePipeline.stage2_passes` (which also leaves enlargements of 2x or less to a resize)."""
-    pipe.stage2_passes = lambda source, target: plan(tuple(source), tuple(target), pipe.stage2_factor)
-    try:
-        return pipe.upscale(image, width, height, prompt, **kwargs)
-    finally:
-        del pipe.stage2_passes  # the instance attribute; the method shows through again
+    :func:`anysize.plan.stage2_passes` (which also leaves enlargements of 2x or less to a resize):
+    the request is planned with those passes (``plan_run(..., passes=)``), then run."""
+    source = pipeline.to_pil(image)
+    request = Request(prompt, width, height, "upscale", num_inference_steps=None,
+                      upscale_inference_steps=num_inference_steps, guidance_scale=1.0, source_size=source.size)
+    passes = plan(source.size, (width, height), pipe.stage2_factor)
+    return pipe.run(pipe.plan_run(request, passes=passes), image=source, generator=generator)
 
 
 def sheet_row(target: int, scene: int, images: list[tuple[str, np.ndarray]], side: int = 256):

@@ -47,15 +47,20 @@ def main() -> int:
 
     record("imports", time.perf_counter() - START)
     _wrap(pipeline.AnySizePipeline, "from_pretrained", lambda *a, **k: "load models", record, classmethod)
-    _wrap(pipeline.AnySizePipeline, "_stage1", lambda self, prompt, neg, plan, *a, **k:
-          f"stage 1 ({plan.base[0]}x{plan.base[1]})", record)
-    for name in ("_sr_pass", "_img2img_pass"):
-        _wrap(pipeline.AnySizePipeline, name, lambda self, image, size, *a, **k:
-              f"stage 2 pass {size[0]}x{size[1]}", record)
-    _wrap(pipeline.AnySizePipeline, "_decode", lambda self, vae, latents, size, *a, **k:
-          f"VAE decode {size[0]}x{size[1]}", record)
-    _wrap(pipeline, "adain_color_fix", lambda *a, **k: "colour fix", record)
-    _wrap(pipeline, "save_image", lambda *a, **k: "write file", record)
+    class PhaseTimes:  # every phase of the plan the command runs: stage 1, each pass, each decode, the output
+        def on_phase_start(self, phase):
+            self.start = time.perf_counter()
+
+        def on_phase_end(self, phase):
+            w, h = phase.size
+            record(f"{phase.name} ({w}x{h})", time.perf_counter() - self.start)
+
+    run = pipeline.AnySizePipeline.run  # the CLI plans once, then runs the plan: hand it the hooks there
+
+    def run_with_hooks(self, plan, **kwargs):
+        return run(self, plan, **kwargs, hooks=PhaseTimes())
+
+    pipeline.AnySizePipeline.run = run_with_hooks
     try:
         code = cli.main(command)
     finally:
