@@ -281,10 +281,15 @@ def write_dzi(path: Path, source: Source, metadata_json: str, *, scratch: Path,
         shutil.rmtree(building, ignore_errors=True)
         raise
 
-    xml = (f'<?xml version="1.0" encoding="UTF-8"?>\n'
-           f'<Image xmlns="http://schemas.microsoft.com/deepzoom/2008" TileSize="{TILE}" Overlap="0" Format="png">'
-           f'<Size Width="{rows.width}" Height="{rows.height}"/></Image>\n')
-    atomic_write(path, lambda f: f.write(xml.encode()))
+    xml = dzi_descriptor(rows.width, rows.height)
+    atomic_write(path, lambda f: f.write(xml))
+
+
+def dzi_descriptor(width: int, height: int, fmt: str = "png") -> bytes:
+    """The Deep Zoom XML descriptor of a ``width x height`` image in tiles of :data:`TILE` px, no overlap."""
+    return (f'<?xml version="1.0" encoding="UTF-8"?>\n'
+            f'<Image xmlns="http://schemas.microsoft.com/deepzoom/2008" TileSize="{TILE}" Overlap="0" '
+            f'Format="{fmt}"><Size Width="{width}" Height="{height}"/></Image>\n').encode()
 
 
 def _replace_dir(new: Path, target: Path) -> None:

@@ -38,7 +38,8 @@ import numpy as np
 import PIL.Image
 import psutil
 
-TILE = 256  # Deep Zoom tile side of the tiles cut here, px
+from .stream import TILE, dzi_descriptor  # the Deep Zoom layout anysize writes, served the same way
+
 STATIC = Path(__file__).parent.parent / "static"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -53,13 +54,6 @@ Served = tuple[bytes, str]  # body, content type
 def max_level(width: int, height: int) -> int:
     """The Deep Zoom level of the full-size image, ``ceil(log2(max(width, height)))``; level 0 is 1 x 1."""
     return (max(width, height) - 1).bit_length()
-
-
-def dzi_descriptor(width: int, height: int, fmt: str = "png") -> bytes:
-    """The Deep Zoom XML descriptor of a ``width x height`` image in tiles of :data:`TILE` px, no overlap."""
-    return (f'<?xml version="1.0" encoding="UTF-8"?>\n'
-            f'<Image xmlns="http://schemas.microsoft.com/deepzoom/2008" TileSize="{TILE}" Overlap="0" '
-            f'Format="{fmt}"><Size Width="{width}" Height="{height}"/></Image>\n').encode()
 
 
 # ---------------------------------------------------------------------- tile sources

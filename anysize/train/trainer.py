@@ -30,6 +30,7 @@ from ..buckets import Bucket, arad_buckets, model_granularity, native_side, near
 from ..models import component_dir
 from .scenes import BACKGROUND_PHRASES, COLORS, NUMBER_WORDS, PATTERNS, PLURALS, SHAPES, SIZES, render, render_crop, sample_scene
 from ..core.vae import vae_scale_factor
+from ..io.atomic import atomic_write
 
 TASKS = ("vae", "base", "upscaler")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -501,12 +502,8 @@ class Trainer:
             "config": json.dumps({k: str(v) for k, v in asdict(self.config).items()}),
         }
         self.config.output_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoint_path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename: a crash leaves the old or the new checkpoint
-        os.replace(tmp, self.checkpoint_path)
+        # a crash leaves the old or the new checkpoint, never half of one
+        atomic_write(self.checkpoint_path, lambda f: torch.save(state, f))
         log = {"step": self.step, "loss": loss, "time": time.time(), **self._time_split()}
         with open(self.config.output_dir / "log.jsonl", "a") as f:
             f.write(json.dumps(log) + "\n")
