@@ -129,6 +129,22 @@ def test_same_seed_same_pixels(capsys, tmp_path, models):
     np.testing.assert_array_equal(a, b)
 
 
+def test_tiling_options_reach_the_tiling_config(capsys, tmp_path, models, monkeypatch):
+    from anysize.pipeline import AnySizePipeline
+
+    seen, run_plan = [], AnySizePipeline.run
+    monkeypatch.setattr(AnySizePipeline, "run", lambda self, plan, **kw: seen.append(plan) or run_plan(self, plan, **kw))
+    out = tmp_path / "o.png"
+    code, _, stderr = run(capsys, "generate", "a fox", "--size", "300x77", "-o", out, *FAST, "--quiet",
+                          "--tiling", "overlap", "--tile-size", "16", "--tile-stride", "12", "--tile-weighting", "linear",
+                          "--color-fix", "none", *models)
+    assert code == 0, stderr
+    (plan,) = seen
+    tiling = [p.tiling for p in plan.phases if p.kind == "sr"][0]
+    assert (tiling.method, tiling.tile_size, tiling.stride, tiling.weighting) == ("overlap", 16, 12, "linear")
+    assert plan.request.color_fix == "none" and not plan.request.color_fixed
+
+
 def test_buckets_lists_and_maps(capsys):
     code, out, _ = run(capsys, "buckets", "--size", "1920x1080")
     assert code == 0
@@ -186,6 +202,11 @@ def _bad_cases(tmp: Path, base: str, upscaler: str) -> dict[str, tuple[list[str]
         "negative guidance": ([*gen, "--guidance", "-1", "-o", out, *models], 2, ("--guidance",)),
         "strength 0": ([*gen, "--strength", "0", "-o", out, *models], 2, ("--strength",)),
         "tiling spiral": ([*gen, "--tiling", "spiral", "-o", out, *models], 2, ("--tiling", "spiral")),
+        "stride without overlap": ([*gen, "--tile-stride", "8", "-o", out, *models], 2, ("--tile-stride", "overlap")),
+        "shift without fstd": ([*gen, "--tiling", "naive", "--tile-shift", "both", "-o", out, *models], 2,
+                               ("--tile-shift", "fstd")),
+        "stride above the tile": ([*gen, "--tiling", "overlap", "--tile-size", "8", "--tile-stride", "9", "-o", out,
+                                   *models], 2, ("stride=9",)),
         "missing model path": ([*gen, "-o", out, "--base", str(tmp / "nope")], 1, ("nope", "no such file")),
         "ckpt without --allow-pickle": ([*gen, "-o", out, "--base", str(tmp / "dummy.ckpt")], 1,
                                         ("dummy.ckpt", "--allow-pickle")),
@@ -207,6 +228,7 @@ def _bad_cases(tmp: Path, base: str, upscaler: str) -> dict[str, tuple[list[str]
 
 BAD_NAMES = [
     "steps 0", "upscale steps 0", "tile size 4", "negative guidance", "strength 0", "tiling spiral",
+    "stride without overlap", "shift without fstd", "stride above the tile",
     "missing model path", "ckpt without --allow-pickle", "output .gif", "output dir missing",
     "output is a directory", "default model not shipped", "img2img without base", "upscaler without base",
     "bad device", "unknown option", "missing -o", "upscale a text file", "upscale a missing file",
