@@ -17,14 +17,13 @@ an existing file at the target is left as it was.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import struct
 import tempfile
 import warnings
 from pathlib import Path
-from typing import BinaryIO, Callable, Union
+from typing import BinaryIO, Union
 
 import numpy as np
 import PIL.Image

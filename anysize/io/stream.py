@@ -26,7 +26,7 @@ from typing import BinaryIO, Protocol, Union
 
 import numpy as np
 
-from .atomic import atomic_write
+from .atomic import atomic_write, replace_dir
 
 TILE = 256  # TIFF and Deep Zoom tile side, px
 GIB = 2**30
@@ -276,7 +276,7 @@ def write_dzi(path: Path, source: Source, metadata_json: str, *, scratch: Path,
                 if progress is not None:
                     progress(1)
         (building / "anysize.json").write_text(metadata_json)
-        _replace_dir(building, final)
+        replace_dir(building, final)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
@@ -290,14 +290,3 @@ def dzi_descriptor(width: int, height: int, fmt: str = "png") -> bytes:
     return (f'<?xml version="1.0" encoding="UTF-8"?>\n'
             f'<Image xmlns="http://schemas.microsoft.com/deepzoom/2008" TileSize="{TILE}" Overlap="0" '
             f'Format="{fmt}"><Size Width="{width}" Height="{height}"/></Image>\n').encode()
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Rename ``new`` onto ``target``, deleting an old ``target`` folder only after the rename."""
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old."))
-        os.replace(target, old / target.name)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,7 +29,7 @@ from ..buckets import Bucket, arad_buckets, model_granularity, native_side, near
 from ..models import component_dir
 from .scenes import BACKGROUND_PHRASES, COLORS, NUMBER_WORDS, PATTERNS, PLURALS, SHAPES, SIZES, render, render_crop, sample_scene
 from ..core.vae import vae_scale_factor
-from ..io.atomic import atomic_write
+from ..io.atomic import atomic_write, replace_dir
 
 TASKS = ("vae", "base", "upscaler")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -534,8 +533,7 @@ class Trainer:
             tmp = self.config.output_dir / "model.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             self._pipeline().save_pretrained(tmp, safe_serialization=True)
-            shutil.rmtree(out, ignore_errors=True)
-            os.replace(tmp, out)
+            replace_dir(tmp, out)  # the old export stays whole until the new one is in place
             return out
         finally:
             self.ema.restore(params)
