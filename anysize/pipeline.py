@@ -259,8 +259,9 @@ class AnySizePipeline:
             for text in req.prompts:
                 negative = {"negative_prompt": req.negative_prompt} if req.call == "generate" else {}
                 infos.append({"prompt": text, **negative, **plan.info(), **self.model_ids})
+                stored = {**infos[-1], "request": dataclasses.replace(req, output_metadata=None).to_json()}
                 images.append(run_image(ctx, text, image, file and dataclasses.replace(
-                    file, metadata={**infos[-1], **file.metadata})))
+                    file, metadata={**stored, **file.metadata})))
         if file is None:
             return AnySizeOutput(images=images, info=infos, memory_plan=plan.memory)
         return AnySizeOutput(images=[], info=infos, files=images, memory_plan=plan.memory)

@@ -130,3 +130,14 @@ def test_calls_are_reentrant_and_leave_no_state_on_the_pipeline(pipe):
     assert inner and inner[0].shape == (64, 64, 3)
     np.testing.assert_array_equal(outer, alone)
     assert vars(pipe).keys() == before.keys() and all(vars(pipe)[k] is v for k, v in before.items())
+
+
+def test_the_file_stores_its_request(pipe, tmp_path):
+    from anysize.io.output import read_metadata
+
+    path = tmp_path / "o.png"
+    pipe("two red circles", 150, 70, generator=gen(2), output_path=path, output_metadata={"seed": 2}, **FAST)
+    meta = read_metadata(path)
+    request = Request.from_json(meta["request"])
+    assert meta["seed"] == 2 and request.output_metadata is None
+    assert request == Request("two red circles", 150, 70, output_path=str(path), **FAST)
