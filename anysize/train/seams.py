@@ -1,0 +1,134 @@
+"""A seam metric that sees bands: regular steps of brightness at a tile pitch, across a whole image.
+
+A tiled sampler that cuts at the same columns step after step leaves a step in the image's column
+means there (a band edge), even where the gradient at the boundary is small: two smooth bands of
+slightly different brightness. The statistic, per axis (columns or rows):
+
+1. the profile: the mean of each column (over rows and channels) of the image, or of the error image
+   (output minus the true render) when the truth is known; lightly blurred along the axis (Gaussian,
+   ``sigma`` px) so a step spread over a pixel or two still counts once;
+2. its steps: the derivative ``p[x + 1] - p[x]`` less its own local mean (a Gaussian of ``trend``
+   px, default an eighth of the pitch, at least 4), in absolute value, so smooth content (a sky's
+   gradient, a vignette, a colour shift) does not drown a step of a level or two;
+3. ``S(phase)``: the median step at the positions ``phase + k * pitch`` (k >= 1, inside the image),
+   the boundaries of a grid of that pitch: a band steps at every boundary, an object's edge at one,
+   so the median keeps the first and drops the second (a mean let one edge error dominate on an image
+   of three or four boundaries);
+4. with the truth: ``S(0) / S(pitch / 2)`` (boundaries against the half-pitch offsets); without it:
+   ``S(0)`` over the median of ``S`` at every offset away from the boundaries, so any image can be
+   scored, a user's Stable Diffusion output included.
+
+1.0 is no band; a grid that shows scores well above (a synthetic step of 1/255 every 128 px on a
+smooth image scores > 3, ``tests/test_seams.py``). The pitch may be fractional: stage 1's grid
+enlarged by a non-integer factor lands between pixels, and positions are rounded.
+
+numpy only; used by ``benchmarks/seams.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+AXES = ("columns", "rows")
+
+
+def profile(image: np.ndarray, axis: str = "columns", reference: np.ndarray | None = None,
+            sigma: float = 1.0) -> np.ndarray:
+    """The blurred mean of each column (``axis="columns"``) or row of ``image`` (H x W or H x W x C, any
+    dtype, taken as float), or of ``image - reference`` when ``reference`` (the same shape) is given."""
+    if axis not in AXES:
+        raise ValueError(f"axis={axis!r}: must be one of {', '.join(AXES)}")
+    x = np.asarray(image, dtype=np.float64)
+    if reference is not None:
+        ref = np.asarray(reference, dtype=np.float64)
+        if ref.shape != x.shape:
+            raise ValueError(f"reference: shape {ref.shape} differs from the image's {x.shape}")
+        x = x - ref
+    if x.ndim == 3:
+        x = x.mean(axis=2)
+    if x.ndim != 2:
+        raise ValueError(f"image: shape {x.shape}; must be H x W or H x W x C")
+    line = x.mean(axis=0 if axis == "columns" else 1)
+    return _blur(line, sigma)
+
+
+def _blur(line: np.ndarray, sigma: float) -> np.ndarray:
+    """A 1-D Gaussian blur with the ends mirrored (numpy has no filter of its own; scipy is not a dependency)."""
+    if sigma <= 0:
+        return line
+    radius = max(1, math.ceil(3 * sigma))
+    t = np.arange(-radius, radius + 1)
+    kernel = np.exp(-(t**2) / (2 * sigma**2))
+    kernel /= kernel.sum()
+    padded = np.pad(line, radius, mode="reflect" if len(line) > radius else "edge")
+    return np.convolve(padded, kernel, mode="valid")
+
+
+def grid_step(steps: np.ndarray, pitch: float, phase: float = 0.0) -> float:
+    """The median of ``steps`` (``steps[i]``: the step between pixels ``i`` and ``i + 1``) at the
+    boundaries ``b = phase + k * pitch``, k >= 1 (the step between pixels ``b - 1`` and ``b``). NaN when
+    none fits."""
+    n = len(steps) + 1  # pixels along the axis
+    ks = np.arange(1, int((n - 1 - phase) // pitch) + 1)
+    positions = np.rint(phase + ks * pitch).astype(int) - 1
+    positions = positions[(positions >= 0) & (positions < len(steps))]
+    return float(np.median(steps[positions])) if len(positions) else math.nan
+
+
+@dataclass(frozen=True)
+class BandScore:
+    """Band ratios of one image at one pitch: per axis, boundaries over half-pitch offsets (``half``)
+    and over the median offset (``offsets``)."""
+
+    pitch: float
+    columns_half: float
+    rows_half: float
+    columns_offsets: float
+    rows_offsets: float
+
+    def ratio(self, axis: str, against: str = "half") -> float:
+        return getattr(self, f"{axis}_{against}")
+
+
+def _steps(line: np.ndarray, trend: float) -> np.ndarray:
+    """``|d - blur(d, trend)|`` with ``d`` the derivative of ``line``: the steps above the local slope."""
+    d = np.diff(line)
+    return np.abs(d - _blur(d, trend))
+
+
+def band_ratio(image: np.ndarray, pitch: float, axis: str = "columns", *, reference: np.ndarray | None = None,
+               against: str = "half", sigma: float = 1.0, trend: float | None = None) -> float:
+    """How much more the profile steps at multiples of ``pitch`` than elsewhere (1.0: no band).
+
+    ``against="half"``: over the step at the half-pitch offsets (the statistic with ground truth);
+    ``"offsets"``: over the median step at every whole-pixel offset farther than ``2 sigma + 1`` px
+    from the boundaries (works on any image). ``sigma``: the profile's blur; ``trend``: the scale of
+    the local slope taken off the steps (default ``max(4, pitch / 8)`` px). NaN when the axis holds
+    no boundary."""
+    if not pitch > 1:
+        raise ValueError(f"pitch={pitch!r}: must be a number > 1 (px)")
+    steps = _steps(profile(image, axis, reference, sigma), trend or max(4.0, pitch / 8))
+    at = grid_step(steps, pitch)
+    if against == "half":
+        base = grid_step(steps, pitch, pitch / 2)
+    elif against == "offsets":
+        guard = 2 * sigma + 1
+        phases = [p for p in range(1, int(pitch)) if min(p, pitch - p) > guard]
+        base = float(np.median([grid_step(steps, pitch, p) for p in phases])) if phases else math.nan
+    else:
+        raise ValueError(f"against={against!r}: must be 'half' or 'offsets'")
+    if math.isnan(at) or math.isnan(base):
+        return math.nan
+    return at / base if base > 0 else (1.0 if at == 0 else math.inf)
+
+
+def band_score(image: np.ndarray, pitch: float, *, reference: np.ndarray | None = None,
+               sigma: float = 1.0, trend: float | None = None) -> BandScore:
+    """:func:`band_ratio` on both axes, both ways."""
+    values = {f"{axis}_{against}": band_ratio(image, pitch, axis, reference=reference, against=against, sigma=sigma,
+                                             trend=trend)
+              for axis in AXES for against in ("half", "offsets")}
+    return BandScore(pitch, **values)

@@ -1,0 +1,174 @@
+"""Bands at the tile pitch through the whole pipeline, per size and tiling method (anysize.train.seams).
+
+Two measurements per scene (``anysize.train.scenes``, fixed seeds; each at the request's aspect ratio):
+
+- ``upscale`` (ground truth): the scene rendered at stage 1's size for the request (the bucket
+  ``pipe.plan(W, H)`` picks) is enlarged by ``pipe.upscale`` to W x H with each tiling method, and by a
+  bicubic resize (the reference); each output's error against the scene rendered at W x H is scored.
+- ``generate`` (no ground truth): ``pipe(caption, W, H)`` with each method, scored on the output itself
+  (``against="offsets"``), and the stage-1 image alone.
+
+Pitches, in output px: ``last``, the last pass's tile (the upscaler's native tile x its VAE factor);
+``stage1``, stage 1's coarsest UNet grid (16 bucket px for the default base) times the enlargement.
+Every result row is appended to ``--jsonl`` as it comes, and a rerun skips the rows there (so a long
+run can stop and continue); ``--table`` writes the markdown table of medians over scenes.
+
+    .venv/bin/python benchmarks/seams.py --jsonl benchmarks/results/seams.jsonl \\
+        --table benchmarks/results/seams.md --profiles docs/seams.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import PIL.Image  # noqa: E402
+import torch  # noqa: E402
+
+from anysize import AnySizePipeline, TilingConfig  # noqa: E402
+from anysize.train.scenes import render, sample_scene  # noqa: E402
+from anysize.train.seams import band_score, profile  # noqa: E402
+
+SIZES = ["1024x768", "1280x720", "720x1280", "1600x400", "768x384", "512x1024", "2048x512", "4096x1024"]
+METHODS = {
+    "fstd auto": TilingConfig(method="fstd", shift="auto"),
+    "fstd both": TilingConfig(method="fstd", shift="both"),
+    "fstd alternate": TilingConfig(method="fstd", shift="alternate"),
+    "naive": TilingConfig(method="naive"),
+    "overlap": TilingConfig(method="overlap"),
+}
+STAGE1_GRID = 16  # bucket px of the default base's coarsest UNet level (latent 4 px x VAE factor 4)
+
+
+def pitches(pipe: AnySizePipeline, width: int, height: int) -> dict[str, tuple[float, float]]:
+    """(column pitch, row pitch) in output px of the last pass's tiles and of stage 1's grid."""
+    model = pipe.upscaler if pipe.upscaler is not None else pipe.base
+    tile = int(model.unet.config.sample_size) * 2 ** (len(model.vae.config.block_out_channels) - 1)
+    bw, bh = pipe.plan(width, height).base
+    return {"last": (tile, tile), "stage1": (STAGE1_GRID * width / bw, STAGE1_GRID * height / bh)}
+
+
+def score_row(image: np.ndarray, pitch: dict, reference: np.ndarray | None, against: str) -> dict:
+    out = {}
+    for name, (pc, pr) in pitch.items():
+        cols = band_score(image, pc, reference=reference)
+        rows = band_score(image, pr, reference=reference)
+        out[f"{name} cols"] = round(cols.ratio("columns", against), 3)
+        out[f"{name} rows"] = round(rows.ratio("rows", against), 3)
+    return out
+
+
+def run(args) -> None:
+    pipe = AnySizePipeline.from_pretrained()
+    pipe.set_progress_bar_config(disable=True)
+    done = set()
+    if args.jsonl.exists():
+        for line in args.jsonl.read_text().splitlines():
+            row = json.loads(line)
+            done.add((row["kind"], row["size"], row["scene"], row["method"]))
+    for size in args.sizes:
+        width, height = map(int, size.split("x"))
+        pitch = pitches(pipe, width, height)
+        base = pipe.plan(width, height).base
+        for i in range(args.scenes):
+            scene = sample_scene(args.scene_seed + i, height / width)
+            truth = render(scene, width, height).astype(np.float64)
+            source = PIL.Image.fromarray(render(scene, *base))
+            jobs = [("upscale", m) for m in ["bicubic", *args.methods]]
+            if args.generate:
+                jobs += [("generate", m) for m in ["stage 1", *args.methods]]
+            for kind, method in jobs:
+                if (kind, size, i, method) in done:
+                    continue
+                start = time.perf_counter()
+                if kind == "upscale" and method == "bicubic":
+                    image = np.asarray(source.resize((width, height), PIL.Image.Resampling.BICUBIC))
+                elif kind == "upscale":
+                    image = pipe.upscale(source, width, height, scene.caption, num_inference_steps=args.upscale_steps,
+                                         tiling=METHODS[method], generator=torch.Generator().manual_seed(i)).images[0]
+                elif method == "stage 1":
+                    image = pipe(scene.caption, *base, num_inference_steps=args.steps, guidance_scale=4,
+                                 generator=torch.Generator().manual_seed(i)).images[0]
+                else:
+                    image = pipe(scene.caption, width, height, num_inference_steps=args.steps,
+                                 upscale_inference_steps=args.upscale_steps, guidance_scale=4,
+                                 upscale_guidance_scale=1, tiling=METHODS[method],
+                                 generator=torch.Generator().manual_seed(i)).images[0]
+                image = np.asarray(image, dtype=np.float64)
+                if kind == "upscale":
+                    scores = score_row(image, pitch, truth, "half") | {
+                        f"{k} (offsets)": v for k, v in score_row(image, pitch, truth, "offsets").items()}
+                elif method == "stage 1":
+                    scores = score_row(image, {"stage1": (STAGE1_GRID, STAGE1_GRID)}, None, "offsets")
+                else:
+                    scores = score_row(image, pitch, None, "offsets")
+                row = {"kind": kind, "size": size, "scene": i, "method": method,
+                       "seconds": round(time.perf_counter() - start, 2), **scores}
+                print(json.dumps(row), flush=True)
+                with open(args.jsonl, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                if args.profiles_dir is not None and kind == "upscale" and i == 0:
+                    np.save(args.profiles_dir / f"{size}_{method.replace(' ', '_')}.npy",
+                            profile(image, "columns", truth))
+
+
+def table(jsonl: Path) -> str:
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    keys = sorted({(r["kind"], r["size"], r["method"]) for r in rows},
+                  key=lambda k: (k[0], SIZES.index(k[1]) if k[1] in SIZES else 99, k[2]))
+    lines = []
+    for kind in ("upscale", "generate"):
+        cols = ["last cols", "last rows", "stage1 cols", "stage1 rows"]
+        if kind == "upscale":
+            cols = [f"{c} (offsets)" for c in cols] + cols
+        lines += [f"\n{kind}: median band ratio over scenes (1.0: no band)\n",
+                  "| size | method | scenes | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 3)]
+        for k, size, method in keys:
+            if k != kind:
+                continue
+            group = [r for r in rows if (r["kind"], r["size"], r["method"]) == (k, size, method)]
+            vals = []
+            for c in cols:
+                xs = [r[c] for r in group if c in r and r[c] == r[c]]
+                vals.append(f"{statistics.median(xs):.2f}" if xs else "")
+            lines.append(f"| {size} | {method} | {len(group)} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", nargs="+", default=SIZES)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--scenes", type=int, default=8)
+    p.add_argument("--scene-seed", type=int, default=500)
+    p.add_argument("--steps", type=int, default=30, help="stage-1 steps (generate)")
+    p.add_argument("--upscale-steps", type=int, default=20)
+    p.add_argument("--no-generate", dest="generate", action="store_false", help="the ground-truth rows only")
+    p.add_argument("--jsonl", type=Path, required=True)
+    p.add_argument("--table", type=Path, default=None)
+    p.add_argument("--profiles-dir", type=Path, default=None, help="save scene 0's column error profiles here")
+    p.add_argument("--table-only", action="store_true", help="write the table from --jsonl and stop")
+    args = p.parse_args()
+    if args.profiles_dir is not None:
+        args.profiles_dir.mkdir(parents=True, exist_ok=True)
+    if not args.table_only:
+        args.jsonl.parent.mkdir(parents=True, exist_ok=True)
+        run(args)
+    text = table(args.jsonl)
+    print(text)
+    if args.table is not None:
+        args.table.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

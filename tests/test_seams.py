@@ -1,0 +1,81 @@
+"""The band metric (anysize.train.seams): a synthetic band at a pitch is found, a seam-free image is not."""
+
+import math
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from anysize.train.scenes import render, sample_scene
+from anysize.train.seams import band_ratio, band_score, grid_step, profile
+
+
+def smooth_field(height: int, width: int, seed: int) -> np.ndarray:
+    """A smooth random image in [0, 255] (low-frequency sinusoids): content without any grid."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    field = np.zeros((height, width))
+    for _ in range(8):
+        fx, fy = rng.uniform(0.5, 6, 2)
+        field += np.sin(2 * np.pi * (fx * x + fy * y) + rng.uniform(0, 2 * np.pi))
+    field = (field - field.min()) / (field.max() - field.min()) * 200 + 20
+    return np.repeat(field[..., None], 3, axis=2)
+
+
+def with_bands(image: np.ndarray, pitch: int, step: float, axis: str = "columns") -> np.ndarray:
+    """Alternate tiles shifted by ``step`` levels: a brightness step at every multiple of ``pitch``."""
+    out = image.copy()
+    n = out.shape[1] if axis == "columns" else out.shape[0]
+    offsets = np.where((np.arange(n) // pitch) % 2 == 1, step, 0.0)
+    return out + (offsets[None, :, None] if axis == "columns" else offsets[:, None, None])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_band_at_the_pitch_is_found_and_a_smooth_image_scores_about_one(seed):
+    clean = smooth_field(384, 1024, seed)
+    banded = with_bands(clean, 128, 1.0)
+    for against in ("half", "offsets"):
+        assert band_ratio(banded, 128, "columns", against=against) > 3
+        assert 0.3 < band_ratio(clean, 128, "columns", against=against) < 3
+    # the other axis carries no band; the rows axis sees one only when it is there
+    assert band_ratio(banded, 128, "rows", against="offsets") < 3
+    assert band_ratio(with_bands(clean, 96, 1.0, axis="rows"), 96, "rows", against="offsets") > 3
+
+
+def test_with_the_truth_content_cancels():
+    """The error image of a banded copy has only the bands: a high score however busy the content;
+    an unbanded copy with noise scores about 1."""
+    scene = sample_scene(np.random.default_rng(3), aspect=0.5)
+    truth = render(scene, 1024, 512).astype(np.float64)
+    rng = np.random.default_rng(0)
+    noisy = truth + rng.normal(0, 2, truth.shape)
+    assert band_ratio(with_bands(noisy, 128, 1.0), 128, reference=truth) > 3
+    assert 0.3 < band_ratio(noisy, 128, reference=truth) < 3
+    # bicubic from a quarter: errors at edges, none periodic at 128 px
+    small = PIL.Image.fromarray(truth.astype(np.uint8)).resize((256, 128), PIL.Image.Resampling.BICUBIC)
+    bicubic = np.asarray(small.resize((1024, 512), PIL.Image.Resampling.BICUBIC), dtype=np.float64)
+    score = band_score(bicubic, 128, reference=truth)
+    assert 0.2 < score.columns_half < 5 and 0.2 < score.rows_half < 5
+
+
+def test_a_fractional_pitch_lands_between_pixels():
+    clean = smooth_field(200, 1000, 1)
+    banded = clean.copy()
+    pitch = 83.3  # e.g. a 16 px grid enlarged 5.2x
+    for k in range(1, 12):
+        banded[:, int(round(k * pitch)):] += 0.5 if k % 2 else -0.5
+    assert band_ratio(banded, pitch, against="offsets") > 3
+    assert band_ratio(banded, 100, against="offsets") < band_ratio(banded, pitch, against="offsets") / 2
+
+
+def test_pieces_and_errors():
+    steps = np.array([0.0, 5.0, 0.0, 0.0, 7.0, 0.0, 0.0])  # pixels 0..7; steps at boundaries 2 and 5
+    assert grid_step(steps, 3, 2 - 3 + 0) == pytest.approx(6.0)  # boundaries -1+3k: 2, 5
+    assert math.isnan(grid_step(steps, 100))
+    assert profile(np.ones((4, 6)), "rows").shape == (4,)
+    with pytest.raises(ValueError, match="axis='diagonal'"):
+        profile(np.ones((4, 6)), "diagonal")
+    with pytest.raises(ValueError, match="pitch=1"):
+        band_ratio(np.ones((4, 6)), 1)
+    with pytest.raises(ValueError, match="reference: shape"):
+        band_ratio(np.ones((4, 6)), 2, reference=np.ones((4, 5)))
