@@ -24,7 +24,7 @@ browser:
 test: venv browser
 	$(BIN)/python -m pytest
 
-# A quick tiling benchmark (2048^2 px); the README's tables name their full commands.
+# A quick tiling benchmark (2048^2 px); docs/benchmarks.md names each table's full command.
 bench: venv
 	$(BIN)/python benchmarks/tiling.py --size 2048 --steps 2
 
@@ -35,7 +35,7 @@ demo: venv
 # Reproduces anysize/default_model from nothing: the VAE on the CPU (2 cores: ~55 min), then the base,
 # the square baseline and the upscaler side by side on one GPU (H100: ~16 min of training; they run on
 # a CPU too, but for about a day). Run again to resume after a stop. The step counts are the shipped
-# model's; see the README's model card.
+# model's; see docs/model_card.md.
 # The decoder fine-tune (CPU, ~30 min) keeps the encoder, so it can run before or after the GPU step.
 # The base is then fine-tuned from 64^2- to 80^2-px buckets on the CPU (~55 min): at 2:1 the 64^2
 # buckets' 48 px shorter side was too small for this VAE to keep small shapes.
@@ -51,7 +51,7 @@ train-default: venv
 	$(BIN)/anysize train base -o runs/base80 --init runs/gpu/base/model --resolution 80 --steps $(BASE80_STEPS) --lr 1e-4 --checkpoint-every 100
 	$(BIN)/python tools/ship_default.py runs/base80/model runs/gpu/upscaler/model --vae runs/vae-decoder/model
 
-# The recipe of the weights shipped until 2026-11-23, sized for 2 CPU cores (~2 h): batch 32 / 16.
+# A CPU-only recipe sized for 2 CPU cores (~2 h; batch 32 / 16): weaker than the shipped model (docs/model_card.md).
 BASE_STEPS ?= 1500
 UPSCALER_STEPS ?= 800
 train-default-cpu: venv

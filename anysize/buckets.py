@@ -90,7 +90,7 @@ def nearest_bucket(width: int, height: int, buckets: list[Bucket]) -> Bucket:
 
 
 # What stage 1 does for a ratio outside the buckets (``choose_base_size``'s ``beyond``). Measured on
-# the default model (benchmarks/panorama.py, README; the VAE before the sharper decoder): "stretch" kept
+# the default model (benchmarks/panorama.py, docs/benchmarks.md; the VAE before the sharper decoder): "stretch" kept
 # the composition at 2.4:1 to 4:1 (exact match 0.41-0.44, level with the true scenes through the VAE;
 # 0.58-0.60 with the decoder shipped now), sampling at the request's own ratio drew the caption's
 # objects again (untiled "direct": 0.01-0.20; "tiled" views: 0.00).

@@ -44,7 +44,7 @@ FAST_STATS_SIZE = 96  # longer side (latent px) of fast mode's downsampled stati
 COLOR_FIX_BYTES = 32 * MIB  # host bytes of one band of the AdaIN colour fix (anysize.pipeline.adain_color_fix)
 STREAM_ROWS = 256  # rows per band when the output streams to a file (anysize.io.stream: TIFF and Deep Zoom tiles)
 
-# ---- calibration (benchmarks/memory_planner.py: CPU peak RSS; see the README's memory planner section)
+# ---- calibration (benchmarks/memory_planner.py: CPU peak RSS; docs/benchmarks.md, Memory planner)
 # Bytes per latent pixel of one latent-sized float32 tensor's worth of sampler state, times the
 # number of such tensors live: latents, scaled input, merged value and weight, its quotient, the
 # scheduler's multistep history and step temporaries, the conditioning image and its noise.

@@ -106,8 +106,8 @@ def case_request(size: str, img2img: bool) -> dict:
     else:
         pipe = AnySizePipeline.from_pretrained()
     pipe.set_progress_bar_config(disable=True)
-    # the default model's upscaler was trained without captions: guidance 1 in stage 2 (the README's advice)
-    # panorama="tiled": the 1024x256 case measures stage 1 sampled by tiles (README's "(panorama)" row)
+    # the default model's upscaler was trained without captions: guidance 1 in stage 2 (docs/model_card.md)
+    # panorama="tiled": the 1024x256 case measures stage 1 sampled by tiles (the "(panorama)" row in docs/benchmarks.md)
     request = Request("a red fox in the snow", width, height, num_inference_steps=2, upscale_inference_steps=2,
                       guidance_scale=7.5, upscale_guidance_scale=1.0, panorama="tiled", vae_tile_size=64)
     run = pipe.plan_run(request)  # the same plan the call runs; the pipeline decodes 64 px tiles

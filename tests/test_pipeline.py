@@ -46,7 +46,7 @@ def test_plans_follow_the_request():
 
 
 def test_an_x4_upscaler_leaves_enlargements_of_2x_or_less_to_a_resize(pipe, model_dirs):
-    # its one pass would be conditioned on the source shrunk to target / 4 (README: enlargements of 2x or less)
+    # its one pass would be conditioned on the source shrunk to target / 4 (docs/benchmarks.md: enlargements of 2x or less)
     assert upscale_passes((64, 64), (128, 128), 4, min_scale=2) == ()
     assert upscale_passes((64, 64), (96, 32), 4, min_scale=2) == ()  # narrower: no larger by area scale
     assert upscale_passes((64, 64), (130, 130), 4, min_scale=2) == ((130, 130),)

@@ -148,8 +148,8 @@ class TilingConfig:
         steps), which shifts both: no later step blurs its update, and alternating left that step's
         unshifted axis on the base grid, a faint grid at the tile pitch in flat areas (measured on the
         default model at 768x384, seeds 3 and 4, ``benchmarks/tile_grid.py``: gradient across the
-        horizontal tile boundaries 1.66x / 1.55x the median row's with the last step alternating,
-        1.20x / 1.17x with it shifting both). An axis holding a single tile never shifts.
+        horizontal tile boundaries 1.15x / 1.14x the median row's with the last step alternating,
+        0.93x / 1.01x with it shifting both; docs/benchmarks.md). An axis holding a single tile never shifts.
     weighting: how overlapping tile outputs blend: "uniform", "linear" or "gaussian"
         (None: uniform for fstd/naive/none, gaussian for overlap).
     tile_batch_size: tiles per denoiser call (classifier-free guidance doubles the model batch); None
