@@ -51,7 +51,7 @@ train-default: venv
 	$(BIN)/anysize train base -o runs/base80 --init runs/gpu/base/model --resolution 80 --steps $(BASE80_STEPS) --lr 1e-4 --checkpoint-every 100
 	$(BIN)/python tools/ship_default.py runs/base80/model runs/gpu/upscaler/model --vae runs/vae-decoder/model
 
-# A CPU-only recipe sized for 2 CPU cores (~2 h; batch 32 / 16): weaker than the shipped model (docs/model_card.md).
+# A CPU-only recipe sized for 2 CPU cores (~2 h; batch 32 / 16): fewer steps, 64^2-px buckets, not the shipped weights (docs/model_card.md).
 BASE_STEPS ?= 1500
 UPSCALER_STEPS ?= 800
 train-default-cpu: venv
