@@ -12,9 +12,10 @@ The same figures on other kernels (AMD EPYC Zen4, 1/2/4 threads; AVX-512 is this
 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 as on an EPYC without AVX-512,
 "default" is ATEN_CPU_CAPABILITY=default): exact decode 5.3e-6..5.8e-6 (AVX-512), 6.0e-6..9.9e-6 (AVX2),
 7.6e-6..8.1e-6 (default), batched decode at most 8.3e-6, exact encode at most 1.6e-6 and its sample 2.4e-6
-(bound 1e-4 for all, >= 10x); margin-1 decode 5.0e-4 everywhere; fp16 overflow 3.9e-3..4.6e-3 (bound 0.02);
+(bound 1e-4 for all, >= 10x); margin-1 decode 5.0e-4 everywhere; fp16 overflow 4.2e-3 (bound 0.02);
 fp16 upcast at most 2.9e-6 (bound 1e-4); uint8 decode off by at most 1 level (float noise across a rounding
-boundary); uint8 vs float encode input 0. Fast-mode means (0.083, 0.029) and the naive 1.22 are the same to 3 digits on every kernel.
+boundary); uint8 vs float encode input 0. Fast-mode means (0.083, 0.029) and the naive 1.22 are the same to
+3 digits on every kernel.
 """
 
 from __future__ import annotations
@@ -211,11 +212,13 @@ def test_encode_reads_an_image_made_on_demand(vae):
 def test_fp16_overflow_redone_in_float32():
     """A mid-block that overflows in fp16 (x1e5 > 65504) on every other call: those tiles go to fp32.
 
-    Measured: 60 of 120 tile evaluations redone; 5.3e-3 max abs error against the fp32 decode.
+    A 12x20 latent in 8-px tiles: 2x3 tiles, ragged in both directions (20x28 took 3.7 s, 11.5 s on ATen's
+    default kernels; 12x20 1.1 s). Measured: 30 of 60 tile evaluations redone; max abs error against the fp32
+    decode 4.2e-3 on AVX-512, AVX2 and ATen's default kernels alike; bound 0.02.
     """
     vae16 = make_vae(force_upcast=False).half()
     vae32 = make_vae(force_upcast=False).half().float()  # the same (fp16-rounded) weights in fp32
-    z = smooth((1, 4, 20, 28), seed=7)
+    z = smooth((1, 4, 12, 20), seed=7)
     calls = [0]
 
     def overflow(module, args, output):  # the float32 copy inherits the hook: leave fp32 alone
