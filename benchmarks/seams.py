@@ -13,8 +13,9 @@ Pitches, in output px: ``last``, the last pass's tile (the upscaler's native til
 Every result row is appended to ``--jsonl`` as it comes, and a rerun skips the rows there (so a long
 run can stop and continue); ``--table`` writes the markdown table of medians over scenes.
 
-    .venv/bin/python benchmarks/seams.py --jsonl benchmarks/results/seams.jsonl \\
-        --table benchmarks/results/seams.md --profiles docs/seams.png
+    .venv/bin/python benchmarks/seams.py --no-generate --scenes 4 --methods "fstd auto" "fstd both" naive \\
+        --jsonl benchmarks/results/seams.jsonl --table benchmarks/results/seams.md \\
+        --profiles-dir /tmp/seams_profiles --figure docs/seams.png
 """
 
 from __future__ import annotations
@@ -144,6 +145,33 @@ def table(jsonl: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def figure(profiles_dir: Path, out: Path, sizes=("1024x768", "1280x720")) -> None:
+    """Scene 0's column-mean error profiles (output minus truth, blurred) per method, the last pass's
+    tile boundaries marked: a band is a step at the marks. Needs matplotlib (the ``bench`` extra)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [s for s in sizes if (profiles_dir / f"{s}_bicubic.npy").exists()]
+    fig, axes = plt.subplots(len(sizes), 1, figsize=(11, 3.2 * len(sizes)), squeeze=False)
+    for ax, size in zip(axes[:, 0], sizes):
+        for method in ("bicubic", "naive", "fstd auto", "fstd both"):
+            file = profiles_dir / f"{size}_{method.replace(' ', '_')}.npy"
+            if file.exists():
+                ax.plot(np.load(file), label=method, lw=1)
+        width = int(size.split("x")[0])
+        for x in range(128, width, 128):
+            ax.axvline(x, color="0.8", lw=0.6, zorder=0)
+        ax.set_title(f"{size}: column mean of (output - truth), scene 0; grey: the last pass's 128 px tile pitch",
+                     fontsize=9)
+        ax.set_xlabel("column (px)")
+        ax.set_ylabel("error (levels)")
+        ax.legend(fontsize=8, ncol=4)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", nargs="+", default=SIZES)
@@ -157,6 +185,7 @@ def main() -> int:
     p.add_argument("--table", type=Path, default=None)
     p.add_argument("--profiles-dir", type=Path, default=None, help="save scene 0's column error profiles here")
     p.add_argument("--table-only", action="store_true", help="write the table from --jsonl and stop")
+    p.add_argument("--figure", type=Path, default=None, help="with --profiles-dir: draw the profiles here (PNG)")
     args = p.parse_args()
     if args.profiles_dir is not None:
         args.profiles_dir.mkdir(parents=True, exist_ok=True)
@@ -167,6 +196,8 @@ def main() -> int:
     print(text)
     if args.table is not None:
         args.table.write_text(text)
+    if args.figure is not None and args.profiles_dir is not None:
+        figure(args.profiles_dir, args.figure)
     return 0
 
 
