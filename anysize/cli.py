@@ -233,8 +233,7 @@ def _upscale(args: argparse.Namespace) -> int:
     source = _read_image(args.image)
     extra = {"steps": args.steps, "source": str(args.image), "source_size": list(source.size)}
     return _run(args, source, extra, call="upscale", prompt=args.prompt, num_inference_steps=None,
-                upscale_inference_steps=args.steps, guidance_scale=1.0, source_size=source.size,
-                source_digest=_digest(source))
+                upscale_inference_steps=args.steps, guidance_scale=1.0, source_size=source.size)
 
 
 def _run(args: argparse.Namespace, source, extra: dict, **request) -> int:
@@ -243,7 +242,10 @@ def _run(args: argparse.Namespace, source, extra: dict, **request) -> int:
     out = check_output_path(args.output, args.size)
     pipe = _load(args)
     from .request import Request
+    from .stages import image_digest
 
+    if source is not None:
+        request["source_digest"] = image_digest(source)
     seed = _pick_seed(args)
     request = Request(width=args.size[0], height=args.size[1], strength=args.strength, tiling=_tiling(args),
                       tile_size=args.tile_size, tile_batch_size=args.tile_batch, vae_tile_size=args.vae_tile,
@@ -255,12 +257,6 @@ def _run(args: argparse.Namespace, source, extra: dict, **request) -> int:
     if args.run_dir is not None:
         plan = dataclasses.replace(plan, request=dataclasses.replace(plan.request, **_run_kwargs(args, seed)))
     return _done(pipe.run(plan, image=source, generator=_generator(seed)))
-
-
-def _digest(image) -> str:
-    import hashlib
-
-    return hashlib.blake2b(image.tobytes(), digest_size=8).hexdigest()
 
 
 def _tiling(args: argparse.Namespace):

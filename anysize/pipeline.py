@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -33,7 +32,7 @@ from .core.vae import vae_scale_factor
 from .io.output import check_output_path
 from .plan import Plan, RunPlan, Size, stage2_passes, upscale_passes  # noqa: F401  (public here too)
 from .request import COLOR_FIXES, MIN_SIDE, OUTPUT_TYPES, Request  # noqa: F401
-from .stages import Context, _Resized, adain_color_fix, hook_list, run_image, to_pil  # noqa: F401
+from .stages import Context, _Resized, adain_color_fix, hook_list, image_digest, run_image, to_pil  # noqa: F401
 
 
 @dataclass
@@ -231,7 +230,7 @@ class AnySizePipeline:
         source = to_pil(image)
         request = Request.of(locals(), call="upscale", num_inference_steps=None,
                              upscale_inference_steps=num_inference_steps, source_size=source.size,
-                             source_digest=hashlib.blake2b(source.tobytes(), digest_size=8).hexdigest())
+                             source_digest=image_digest(source))
         return self.run(self.plan_run(request), image=source, generator=generator,
                         callback_on_step_end=callback_on_step_end, hooks=hooks)
 

@@ -14,6 +14,7 @@ disk (:mod:`anysize.core.bands`), and decode through the tiled VAE.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import shutil
 import tempfile
@@ -72,6 +73,11 @@ def to_pil(image) -> PIL.Image.Image:
         t = image[0] if image.ndim == 4 else image
         return to_pil(t.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy())
     raise ValueError(f"image of type {type(image).__name__}: must be a PIL image, a numpy array or a tensor")
+
+
+def image_digest(image: PIL.Image.Image) -> str:
+    """A short hash of an image's pixels: what an upscale request names its input by (run directories compare it)."""
+    return hashlib.blake2b(image.tobytes(), digest_size=8).hexdigest()
 
 
 def _image_tensor(image: PIL.Image.Image, device) -> torch.Tensor:
