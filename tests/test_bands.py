@@ -43,6 +43,19 @@ def test_banded_is_bit_identical_to_in_memory(unet, embeds, tmp_path, name, meth
     assert torch.equal(g.get_state(), g2.get_state())
 
 
+def test_banded_window_stays_a_few_tile_rows_with_cut_edges(unet, embeds, tmp_path, monkeypatch):
+    # cut edge tiles come in several shapes; batching them by shape across the whole step would hold the
+    # merger window open from the first row to the last. Banded sampling batches in plan order instead.
+    window = []
+    add = BandMerger.add
+    monkeypatch.setattr(BandMerger, "add", lambda self, out, boxes: (add(self, out, boxes),
+                                                                     window.append(self.value.shape[2])))
+    config = TilingConfig(tile_size=8, tile_batch_size=64, edges="cut")
+    out, _ = _banded(_denoiser(unet, embeds), noise(96, 24), "ddim", config, tmp_path, rows=4)
+    assert torch.isfinite(out).all() and window
+    assert max(window) <= 2 * 8 + 4, max(window)
+
+
 def test_banded_super_resolution_conditioning_from_disk(sr_unet, embeds, tmp_path):
     low = noise(40, 24, seed=3, channels=3)
     config = TilingConfig(tile_size=16)

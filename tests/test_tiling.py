@@ -54,6 +54,54 @@ def test_fstd_covers_everything_inside_canvas(h, w, tile, seed, max_offset):
 
 
 @settings(max_examples=EXAMPLES, deadline=None)
+@given(h=sizes, w=sizes, tile=tiles, seed=st.integers(0, 2**31 - 1), granularity=st.sampled_from([1, 2, 4, 8]),
+       max_offset=st.none() | st.integers(0, 200))
+@example(h=1, w=1, tile=1, seed=0, granularity=1, max_offset=None).via("corner")
+@example(h=4096, w=65, tile=64, seed=1, granularity=8, max_offset=None).via("corner")
+@example(h=65, w=97, tile=64, seed=2, granularity=4, max_offset=None).via("corner")  # 1-px remainder: rejoined
+@example(h=63, w=300, tile=128, seed=3, granularity=8, max_offset=200).via("corner")
+def test_fstd_cut_evaluates_each_pixel_once(h, w, tile, seed, granularity, max_offset):
+    few_tiles(math.ceil(h / tile) + 1, math.ceil(w / tile) + 1)
+    boxes = fstd_tiles(h, w, tile, generator=torch.Generator().manual_seed(seed), max_offset=max_offset,
+                       edges="cut", granularity=granularity)
+    assert bool((coverage(h, w, boxes) == 1).all()), "cut tiles must cover every pixel exactly once"
+    assert len(boxes) <= (math.ceil(h / tile) + 1) * (math.ceil(w / tile) + 1)
+    for top, left, bottom, right in boxes:
+        for side, length in ((bottom - top, h), (right - left, w)):
+            assert side <= min(tile, length)
+            if length > tile:  # a sliver is rejoined to its neighbour: no tile thinner than about half a tile
+                assert 2 * side >= tile - 2 * granularity, (side, tile)
+    if h % granularity == 0 and w % granularity == 0 and tile % granularity == 0:
+        assert all(v % granularity == 0 for box in boxes for v in box), "tile edges off the UNet's grid"
+
+
+def test_fstd_cut_moves_every_tile_edge_and_clamp_pins_two():
+    # with clamped edge tiles, the first tile always ends at column `tile` and the last always starts at
+    # `width - tile`: tile edges at the same two columns every step, which accumulate into bands there
+    def edge_share(edges):
+        g = torch.Generator().manual_seed(0)
+        plans = [fstd_tiles(256, 256, 64, generator=g, edges=edges, granularity=4) for _ in range(200)]
+        counts = torch.zeros(257)
+        for boxes in plans:
+            for col in {b[1] for b in boxes} | {b[3] for b in boxes}:
+                counts[col] += 1
+        return counts[1:256] / len(plans)  # interior columns only
+
+    clamp, cut = edge_share("clamp"), edge_share("cut")
+    assert clamp[64 - 1] > 0.9 and clamp[192 - 1] > 0.9
+    assert float(cut.max()) < 0.2, float(cut.max())
+
+
+def test_fstd_cut_shifts_both_axes_at_the_latent_area():
+    cfg = TilingConfig(tile_size=64, granularity=8)  # default: edges="cut", shift="auto"
+    assert cfg._axes(512, 512, 0, 20) == cfg._axes(512, 512, 1, 20) == "both"
+    g = torch.Generator().manual_seed(0)
+    for step in range(20):
+        boxes = cfg.plan(512, 384, step, g, 20)
+        assert sum((b[2] - b[0]) * (b[3] - b[1]) for b in boxes) == 512 * 384
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
 @given(h=sizes, w=sizes, tile=tiles)
 @example(h=1, w=1, tile=1).via("corner")
 @example(h=4096, w=65, tile=64).via("corner")
@@ -123,7 +171,7 @@ def test_fstd_axes_option_limits_the_shift():
 
 def test_fstd_area_alternate_vs_both_vs_auto():
     def counts(shift, side):
-        cfg = TilingConfig(tile_size=64, shift=shift)
+        cfg = TilingConfig(tile_size=64, shift=shift, edges="clamp")
         g = torch.Generator().manual_seed(0)
         return [len(cfg.plan(side, side, i, g)) for i in range(50)]
 
@@ -164,6 +212,9 @@ def test_weights_positive(kind, shape):
         (lambda: TilingConfig(method="spiral"), "tiling='spiral'"),
         (lambda: TilingConfig(tile_batch_size=0), "tile_batch_size=0"),
         (lambda: TilingConfig(tile_size=16, stride=32), "stride=32"),
+        (lambda: TilingConfig(edges="wrap"), "edges='wrap'"),
+        (lambda: TilingConfig(granularity=0), "granularity=0"),
+        (lambda: fstd_tiles(5, 5, 4, generator=torch.Generator(), edges="pad"), "edges='pad'"),
         (lambda: tile_weights(4, 4, "cosine"), "weighting='cosine'"),
     ],
 )
@@ -175,10 +226,10 @@ def test_bad_arguments_name_the_argument(call, message):
 def test_fstd_auto_shifts_both_axes_on_the_last_step():
     # on an 8 x 8 grid "auto" alternates, but the last step's update is never blurred by a later one:
     # it shifts both axes, so neither axis of the final update sits on the base grid
-    cfg = TilingConfig(tile_size=64)
+    cfg = TilingConfig(tile_size=64, edges="clamp")
     assert [cfg._axes(512, 512, i, 20) for i in (0, 1, 18, 19)] == ["y", "x", "y", "both"]
     assert cfg._axes(512, 512, 19) == "x"  # number of steps unknown: plain alternation
-    assert TilingConfig(tile_size=64, shift="alternate")._axes(512, 512, 19, 20) == "x"
+    assert TilingConfig(tile_size=64, shift="alternate", edges="clamp")._axes(512, 512, 19, 20) == "x"
     g = torch.Generator().manual_seed(0)
     plans = [cfg.plan(512, 512, i, g, 20) for i in range(20)]
     assert {len(p) for p in plans[:-1]} <= {64, 72} and len(plans[-1]) == 81

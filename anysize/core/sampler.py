@@ -15,6 +15,7 @@ import copy
 import hashlib
 import inspect
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from typing import Any, Protocol
 
 import torch
@@ -134,6 +135,8 @@ class TiledModel:
                 raise ValueError("tile_size=None: this denoiser has no native size (native_tile_size); "
                                  "give TilingConfig a tile_size")
             config = config.resolved(native)
+        if config.granularity is None:
+            config = replace(config, granularity=getattr(denoiser, "granularity", 1))
         self.denoiser, self.config = denoiser, config.resolved(config.tile_size)
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.plans = [config.plan(height, width, i, generator, num_steps) for i in range(num_steps)]
@@ -144,10 +147,30 @@ class TiledModel:
         """Tile evaluations over all steps (classifier-free guidance not counted twice)."""
         return sum(len(p) for p in self.plans)
 
-    def chunks(self, step: int) -> list[list[Box]]:
-        """The step's boxes in tile batches, in plan order (row-major for every tiling)."""
-        boxes, n = self.plans[step], self.config.tile_batch_size
-        return [boxes[start : start + n] for start in range(0, len(boxes), n)]
+    def chunks(self, step: int, *, plan_order: bool = False) -> list[list[Box]]:
+        """The step's boxes in tile batches of up to ``tile_batch_size`` boxes of one shape (a batch stacks
+        its crops): grouped by shape in order of first appearance, plan order (row-major) within a shape;
+        with ``plan_order``, runs of consecutive boxes of one shape instead, so the batches stay in plan
+        order (banded sampling finishes rows as the batches pass them).
+
+        Where every box has one shape (clamped, overlap and naive grids) both are plan order cut into
+        runs; only cut edge tiles (``edges="cut"``) give several shapes, and those tiles are disjoint, so
+        the merge does not depend on the order, and a tile's output does not depend on its batch
+        (:class:`UNetTileDenoiser` on the CPU), so neither does the result.
+        """
+        n = self.config.tile_batch_size
+        if plan_order:
+            runs: list[list[Box]] = []
+            for box in self.plans[step]:
+                if runs and len(runs[-1]) < n and _shape(runs[-1][0]) == _shape(box):
+                    runs[-1].append(box)
+                else:
+                    runs.append([box])
+            return runs
+        by_shape: dict[tuple[int, int], list[Box]] = {}
+        for box in self.plans[step]:
+            by_shape.setdefault(_shape(box), []).append(box)
+        return [boxes[i : i + n] for boxes in by_shape.values() for i in range(0, len(boxes), n)]
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
         chunks = self.chunks(step)
@@ -170,8 +193,12 @@ class TiledModel:
         if distributed.current() is None:
             return (self.denoiser(crop(chunk), t, chunk) for chunk in chunks)
         # every box of a chunk has one size (crop_tiles stacks them); the output has x's batch per box
-        shapes = [(len(c) * batch, c[0][2] - c[0][0], c[0][3] - c[0][1]) for c in chunks]
+        shapes = [(len(c) * batch, *_shape(c[0])) for c in chunks]
         return distributed.share_batches(lambda i: self.denoiser(crop(chunks[i]), t, chunks[i]), shapes, device)
+
+
+def _shape(box: Box) -> tuple[int, int]:
+    return box[2] - box[0], box[3] - box[1]
 
 
 def _step_kwargs(scheduler, generator: torch.Generator | None) -> dict:
@@ -324,7 +351,7 @@ def _banded_step(model: TiledModel, work, bands: list, i: int, t, extra: dict, d
     src, dst = work.source(i), work.latents[(i + 1) % 2]
     batch, _, height, width = work.shape
     scaler = copy.deepcopy(bands[0])  # band tensors dropped: the state every band shares, before this step
-    chunks = model.chunks(i)
+    chunks = model.chunks(i, plan_order=True)
     # later_top[j]: the first row any batch after batch j reads; bands ending above it are finished
     later_top = [height] * len(chunks)
     for j in range(len(chunks) - 2, -1, -1):
@@ -457,6 +484,11 @@ class UNetTileDenoiser:
         size = self.unet.config.sample_size
         return int(size if isinstance(size, int) else max(size))
 
+    @property
+    def granularity(self) -> int:
+        """The UNet's downsampling factor: a tile side it divides evenly at every level."""
+        return 2 ** (len(self.unet.config.block_out_channels) - 1)
+
     def _per_box(self, value: torch.Tensor | None, n_boxes: int) -> torch.Tensor | None:
         return None if value is None else value.repeat(n_boxes, *([1] * (value.dim() - 1)))
 
@@ -486,6 +518,13 @@ class UNetTileDenoiser:
         return {k: self._per_box(v, n_boxes) for k, v in kwargs.items()} if kwargs else None
 
     def _unet(self, x, t, embeds, labels, added) -> torch.Tensor:
+        if x.shape[0] == 1 and x.device.type == "cpu":
+            # a batch of 1 takes its own CPU kernels (oneDNN's convolution; with it off, MKL's GEMM for
+            # small tiles such as cut edge tiles), which round differently from every larger batch; run it
+            # as a batch of 2 so a tile's bits do not depend on the batch it falls in (docs/design.md)
+            pair = lambda v: None if v is None else torch.cat([v, v])  # noqa: E731
+            added = None if added is None else {k: pair(v) for k, v in added.items()}
+            return self._unet(pair(x), t, pair(embeds), pair(labels), added)[:1]
         kwargs: dict[str, Any] = {"encoder_hidden_states": embeds.to(x.dtype), "return_dict": False}
         if labels is not None:
             kwargs["class_labels"] = labels

@@ -25,6 +25,7 @@ Box = tuple[int, int, int, int]
 METHODS = ("fstd", "overlap", "naive", "none")
 WEIGHTINGS = ("uniform", "linear", "gaussian")
 SHIFTS = ("auto", "both", "alternate")
+EDGES = ("cut", "clamp")
 DEFAULT_TILE_BATCH = 8  # tiles per denoiser call when neither the caller nor a planner chose
 AREA_BUDGET = 1.15  # "auto" shifts both axes only while that costs at most this much evaluated area
 
@@ -43,6 +44,38 @@ def _axis_starts(length: int, tile: int, offset: int) -> list[int]:
     band_starts = [0] + list(range(offset or tile, length, tile))
     starts = sorted({min(s, length - tile) for s in band_starts})
     return starts
+
+
+def _cut_bands(length: int, tile: int, offset: int, granularity: int = 1) -> list[tuple[int, int]]:
+    """The bands ``[start, end)`` of one axis cut at ``offset + k * tile`` (and the canvas edges), for
+    tiles of each band's own size: every pixel in exactly one band, nothing evaluated twice.
+
+    A band at either end thinner than half a tile is joined to its neighbour; where the pair is larger
+    than ``tile``, the sliver takes half a tile (on ``granularity``) from its neighbour instead. So no
+    tile is thinner than about half a tile (a sliver of a few pixels would be denoised with almost no
+    context), none is larger than ``tile``, and that cut still moves with ``offset`` (splitting the
+    pair at its midpoint would put it on fewer columns, and more often on the same one).
+    """
+    if tile >= length:
+        return [(0, length)]
+    cuts = [0, *range(offset or tile, length, tile), length]
+    bands = list(zip(cuts[:-1], cuts[1:]))
+    half = max(1, tile // 2 // granularity * granularity)
+
+    def rejoin(start: int, at: int, end: int) -> list[tuple[int, int]]:
+        # `at`: where the sliver's band ends after taking half a tile from its neighbour; where that
+        # neighbour is itself short of a tile (a canvas under two tiles long), the pair's midpoint
+        if end - start <= tile:
+            return [(start, end)]
+        if min(at - start, end - at) < half:
+            at = max(end - tile, start + (end - start) // 2 // granularity * granularity)
+        return [(start, at), (at, end)]
+
+    if len(bands) > 1 and bands[0][1] - bands[0][0] < tile / 2:
+        bands[:2] = rejoin(bands[0][0], bands[0][1] + half, bands[1][1])
+    if len(bands) > 1 and bands[-1][1] - bands[-1][0] < tile / 2:
+        bands[-2:] = rejoin(bands[-2][0], bands[-1][0] - half, bands[-1][1])
+    return bands
 
 
 def _grid(height: int, width: int, tile_h: int, tile_w: int, ys: list[int], xs: list[int]) -> list[Box]:
@@ -97,6 +130,8 @@ def fstd_tiles(
     generator: torch.Generator,
     max_offset: int | None = None,
     axes: Literal["both", "y", "x", "none"] = "both",
+    edges: Literal["clamp", "cut"] = "clamp",
+    granularity: int = 1,
 ) -> list[Box]:
     """FSTD tile plan for one step: a non-overlapping grid shifted by a random offset (ASD sec. 3.3).
 
@@ -108,23 +143,37 @@ def fstd_tiles(
     so they batch, and there are at most ``(ceil(H/t) + 1) * (ceil(W/t) + 1)`` of them.
     ``axes`` limits the shift to one axis ("y" or "x") or none for this step. An axis that holds a
     single tile draws nothing from the generator, so a one-tile canvas is plain untiled sampling.
+
+    ``edges="cut"`` gives each partial band at a canvas edge a tile of its own size instead (a band
+    thinner than half a tile shares a split with its neighbour, :func:`_cut_bands`): every latent pixel
+    is evaluated exactly once, so shifting both axes costs no extra area, and no tile edge stays put
+    from step to step (a clamped edge tile always has one side at ``tile`` or ``length - tile``). The
+    offsets are then multiples of ``granularity`` (the UNet's downsampling factor), so inner tiles keep
+    sides the UNet divides evenly.
     """
     for name, v in (("height", height), ("width", width), ("tile", tile)):
         _check_size(name, v)
     if axes not in ("both", "y", "x", "none"):
         raise ValueError(f"axes={axes!r}: must be one of 'both', 'y', 'x', 'none'")
+    if edges not in EDGES:
+        raise ValueError(f"edges={edges!r}: must be one of {', '.join(EDGES)}")
     if max_offset is not None:
         _check_size("max_offset", max_offset, minimum=0)
+    _check_size("granularity", granularity)
     th, tw = min(tile, height), min(tile, width)
+    step = granularity if edges == "cut" else 1
 
     def offset(length: int, t: int, shifted: bool) -> int:
         if not shifted or t >= length:
             return 0
         bound = t - 1 if max_offset is None else min(max_offset, t - 1)
-        return _draw_offset(bound, generator)
+        return _draw_offset(bound // step, generator) * step
 
     dy = offset(height, th, axes in ("both", "y"))
     dx = offset(width, tw, axes in ("both", "x"))
+    if edges == "cut":
+        return [(top, left, bottom, right) for top, bottom in _cut_bands(height, th, dy, granularity)
+                for left, right in _cut_bands(width, tw, dx, granularity)]
     return _grid(height, width, th, tw, _axis_starts(height, th, dy), _axis_starts(width, tw, dx))
 
 
@@ -140,16 +189,20 @@ class TilingConfig:
     max_offset: FSTD offset bound in latent px (default ``tile_size - 1``; the official code used tile/2).
     reset_every: FSTD: every k-th step (k > 0, counting from step 0) uses the unshifted grid
         (the official code used 4; 0 never resets).
-    shift: FSTD: "both" shifts both axes every step, which costs ``(n + 1)^2`` tiles on an ``n x n``
-        grid; "alternate" shifts y on even steps and x on odd ones, ``n (n + 1)`` tiles; "auto"
-        (default) shifts both while that costs at most ``AREA_BUDGET`` (1.15) times the latent area
-        (grids of about 14 x 14 tiles and up) and alternates below, where a shift of both axes would
-        cost up to 27% (8 x 8) or more, except on the last step (when ``plan`` is told the number of
-        steps), which shifts both: no later step blurs its update, and alternating left that step's
-        unshifted axis on the base grid, a faint grid at the tile pitch in flat areas (measured on the
-        default model at 768x384, seeds 3 and 4, ``benchmarks/tile_grid.py``: gradient across the
-        horizontal tile boundaries 1.15x / 1.14x the median row's with the last step alternating,
-        0.93x / 1.01x with it shifting both; docs/benchmarks.md). An axis holding a single tile never shifts.
+    shift: FSTD: which axes move each step. "both" shifts both every step; "alternate" shifts y on even
+        steps and x on odd ones; "auto" (default) shifts both whenever that is cheap: always with
+        ``edges="cut"``, and with ``edges="clamp"`` while it costs at most ``AREA_BUDGET`` (1.15) times
+        the latent area (grids of about 14 x 14 tiles and up) and on the last step (when ``plan`` is
+        told the number of steps). Alternating leaves one axis on the base grid every other step, so
+        half the steps cut at the same columns or rows: a band at the tile pitch (``benchmarks/seams.py``,
+        docs/benchmarks.md). An axis holding a single tile never shifts.
+    edges: FSTD: "cut" (default) gives the partial bands at the canvas edges tiles of their own size
+        (:func:`fstd_tiles`): each latent pixel is evaluated once per step, so shifting both axes costs
+        exactly the latent's area, and no tile edge stays at one place; "clamp" uses full-size tiles
+        pushed inward, overlapping their neighbours (``(n + 1)^2`` tiles on an ``n x n`` grid, one side
+        of each edge tile always at the same column or row).
+    granularity: FSTD with ``edges="cut"``: offsets are multiples of this (latent px); None: the
+        denoiser's ``granularity`` (a UNet's downsampling factor), filled in by ``TiledModel``, else 1.
     weighting: how overlapping tile outputs blend: "uniform", "linear" or "gaussian"
         (None: uniform for fstd/naive/none, gaussian for overlap).
     tile_batch_size: tiles per denoiser call (classifier-free guidance doubles the model batch); None
@@ -162,6 +215,8 @@ class TilingConfig:
     max_offset: int | None = None
     reset_every: int = 0
     shift: str = "auto"
+    edges: str = "cut"
+    granularity: int | None = None
     weighting: str | None = None
     tile_batch_size: int | None = None
 
@@ -179,6 +234,10 @@ class TilingConfig:
                 raise ValueError(f"stride={self.stride}: must be <= tile_size={self.tile_size}, or the grid leaves gaps")
         if self.shift not in SHIFTS:
             raise ValueError(f"shift={self.shift!r}: must be one of {', '.join(SHIFTS)}")
+        if self.edges not in EDGES:
+            raise ValueError(f"edges={self.edges!r}: must be one of {', '.join(EDGES)}")
+        if self.granularity is not None:
+            _check_size("granularity", self.granularity)
         if self.weighting is not None and self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting={self.weighting!r}: must be one of {', '.join(WEIGHTINGS)}")
 
@@ -200,7 +259,8 @@ class TilingConfig:
         if self.shift == "both" or ny == 1 or nx == 1:
             return "both"  # with one axis fixed by the canvas, "both" shifts the other every step
         last = num_steps is not None and step == num_steps - 1
-        if self.shift == "auto" and (last or (ny + 1) * (nx + 1) <= AREA_BUDGET * ny * nx):
+        cheap = self.edges == "cut" or (ny + 1) * (nx + 1) <= AREA_BUDGET * ny * nx
+        if self.shift == "auto" and (last or cheap):
             return "both"
         return "y" if step % 2 == 0 else "x"
 
@@ -220,7 +280,8 @@ class TilingConfig:
         axes = self._axes(height, width, step, num_steps)
         if self.reset_every and step % self.reset_every == 0:
             axes = "none"
-        return fstd_tiles(height, width, self.tile_size, generator=generator, max_offset=self.max_offset, axes=axes)
+        return fstd_tiles(height, width, self.tile_size, generator=generator, max_offset=self.max_offset, axes=axes,
+                          edges=self.edges, granularity=self.granularity or 1)
 
 
 def tile_weights(
