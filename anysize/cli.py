@@ -190,8 +190,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile-stride", type=_int_at_least(1), default=None, metavar="N",
                    help="--tiling overlap: the grid's step in latent pixels (default: half the tile)")
     p.add_argument("--tile-shift", choices=("auto", "both", "alternate"), default=None,
-                   help="--tiling fstd: shift both axes every step, alternate them, or auto (default: both while "
-                        "it costs <= 1.15x the latent area)")
+                   help="--tiling fstd: shift both axes every step, alternate them, or auto (default: both; with "
+                        "--tile-edges clamp, both while it costs <= 1.15x the latent area)")
+    p.add_argument("--tile-edges", choices=("cut", "clamp"), default=None,
+                   help="--tiling fstd: a canvas edge's partial band gets a tile of its own size (cut, the default: "
+                        "each pixel once, no fixed tile edge) or a full tile clamped inward (clamp: one tile size)")
     p.add_argument("--tile-weighting", choices=("uniform", "linear", "gaussian"), default=None,
                    help="how overlapping tiles blend (default: gaussian for overlap, uniform otherwise)")
     p.add_argument("--color-fix", choices=("adain", "none"), default="adain",
@@ -260,8 +263,9 @@ def _run(args: argparse.Namespace, source, extra: dict, **request) -> int:
 
 
 def _tiling(args: argparse.Namespace):
-    """``--tiling`` alone as its name; with ``--tile-stride``, ``--tile-shift`` or ``--tile-weighting`` a TilingConfig."""
-    if args.tile_stride is None and args.tile_shift is None and args.tile_weighting is None:
+    """``--tiling`` alone as its name; with ``--tile-stride``, ``--tile-shift``, ``--tile-edges`` or
+    ``--tile-weighting`` a TilingConfig."""
+    if all(v is None for v in (args.tile_stride, args.tile_shift, args.tile_edges, args.tile_weighting)):
         return args.tiling
     from .core.tiling import TilingConfig
 
@@ -269,8 +273,10 @@ def _tiling(args: argparse.Namespace):
         raise UsageError(f"--tile-stride: sets the overlap grid's step; it needs --tiling overlap, not {args.tiling}")
     if args.tile_shift is not None and args.tiling != "fstd":
         raise UsageError(f"--tile-shift: sets how FSTD shifts its grid; it needs --tiling fstd, not {args.tiling}")
+    if args.tile_edges is not None and args.tiling != "fstd":
+        raise UsageError(f"--tile-edges: sets FSTD's edge tiles; it needs --tiling fstd, not {args.tiling}")
     return TilingConfig(method=args.tiling, stride=args.tile_stride, shift=args.tile_shift or "auto",
-                        weighting=args.tile_weighting)
+                        edges=args.tile_edges or "cut", weighting=args.tile_weighting)
 
 
 def _buckets(args: argparse.Namespace) -> int:
