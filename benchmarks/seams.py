@@ -13,7 +13,7 @@ Pitches, in output px: ``last``, the last pass's tile (the upscaler's native til
 Every result row is appended to ``--jsonl`` as it comes, and a rerun skips the rows there (so a long
 run can stop and continue); ``--table`` writes the markdown table of medians over scenes.
 
-    .venv/bin/python benchmarks/seams.py --no-generate --scenes 4 --methods "fstd auto" "fstd both" naive \\
+    .venv/bin/python benchmarks/seams.py --no-generate --scenes 4 --methods fstd "fstd clamp auto" naive \\
         --jsonl benchmarks/results/seams.jsonl --table benchmarks/results/seams.md \\
         --profiles-dir /tmp/seams_profiles --figure docs/seams.png
 """
@@ -41,9 +41,10 @@ from anysize.train.seams import band_score, profile  # noqa: E402
 
 SIZES = ["1024x768", "1280x720", "720x1280", "1600x400", "768x384", "512x1024", "2048x512", "4096x1024"]
 METHODS = {
-    "fstd auto": TilingConfig(method="fstd", shift="auto"),
-    "fstd both": TilingConfig(method="fstd", shift="both"),
-    "fstd alternate": TilingConfig(method="fstd", shift="alternate"),
+    "fstd": TilingConfig(method="fstd"),  # the default: edges="cut", both axes shifted every step
+    "fstd clamp auto": TilingConfig(method="fstd", edges="clamp", shift="auto"),
+    "fstd clamp both": TilingConfig(method="fstd", edges="clamp", shift="both"),
+    "fstd clamp alternate": TilingConfig(method="fstd", edges="clamp", shift="alternate"),
     "naive": TilingConfig(method="naive"),
     "overlap": TilingConfig(method="overlap"),
 }
@@ -156,7 +157,7 @@ def figure(profiles_dir: Path, out: Path, sizes=("1024x768", "1280x720")) -> Non
     sizes = [s for s in sizes if (profiles_dir / f"{s}_bicubic.npy").exists()]
     fig, axes = plt.subplots(len(sizes), 1, figsize=(11, 3.2 * len(sizes)), squeeze=False)
     for ax, size in zip(axes[:, 0], sizes):
-        for method in ("bicubic", "naive", "fstd auto", "fstd both"):
+        for method in ("bicubic", "naive", "fstd clamp auto", "fstd"):
             file = profiles_dir / f"{size}_{method.replace(' ', '_')}.npy"
             if file.exists():
                 ax.plot(np.load(file), label=method, lw=1)

@@ -22,9 +22,10 @@ os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")
 
 import torch  # noqa: E402
 
-# fstd: the default shift ("auto"); fstd-both / fstd-alt force both axes / alternate axes every step
-METHODS = ("fstd", "fstd-both", "overlap", "naive", "multidiffusion")
-SHIFTS = {"fstd": "auto", "fstd-both": "both", "fstd-alt": "alternate"}
+# fstd: the default (edge tiles cut to the band, both axes shifted every step); fstd-clamp: edge tiles
+# clamped inward with the "auto" shift; fstd-clamp-both / fstd-clamp-alt: clamped, both axes / alternate
+METHODS = ("fstd", "fstd-clamp", "fstd-clamp-both", "overlap", "naive", "multidiffusion")
+SHIFTS = {"fstd": "auto", "fstd-clamp": "auto", "fstd-clamp-both": "both", "fstd-clamp-alt": "alternate"}
 
 # Published UNet configs (SD 1.5 and SDXL base), instantiated with random weights.
 UNETS = {
@@ -82,6 +83,7 @@ def run_ours(args, unet, scheduler, pos, neg):
     cfg = TilingConfig(
         method="fstd" if method.startswith("fstd") else method, tile_size=unet.config.sample_size,
         shift=SHIFTS.get(method, "auto"), tile_batch_size=args.tile_batch,
+        edges="clamp" if method.startswith("fstd-clamp") else "cut",
     )
     dtype = getattr(torch, args.dtype)
     den = UNetTileDenoiser(unet, pos, negative_prompt_embeds=neg, guidance_scale=args.guidance,
