@@ -195,6 +195,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile-edges", choices=("cut", "clamp"), default=None,
                    help="--tiling fstd: a canvas edge's partial band gets a tile of its own size (cut, the default: "
                         "each pixel once, no fixed tile edge) or a full tile clamped inward (clamp: one tile size)")
+    p.add_argument("--tile-last-step", choices=("blend", "single"), default=None,
+                   help="--tiling fstd: the last step runs two grids half a tile apart and blends them, so its "
+                        "cuts leave no line (blend, the default: one extra step's tiles), or one grid (single)")
     p.add_argument("--tile-weighting", choices=("uniform", "linear", "gaussian"), default=None,
                    help="how overlapping tiles blend (default: gaussian for overlap, uniform otherwise)")
     p.add_argument("--color-fix", choices=("adain", "none"), default="adain",
@@ -263,9 +266,10 @@ def _run(args: argparse.Namespace, source, extra: dict, **request) -> int:
 
 
 def _tiling(args: argparse.Namespace):
-    """``--tiling`` alone as its name; with ``--tile-stride``, ``--tile-shift``, ``--tile-edges`` or
-    ``--tile-weighting`` a TilingConfig."""
-    if all(v is None for v in (args.tile_stride, args.tile_shift, args.tile_edges, args.tile_weighting)):
+    """``--tiling`` alone as its name; with ``--tile-stride``, ``--tile-shift``, ``--tile-edges``,
+    ``--tile-last-step`` or ``--tile-weighting`` a TilingConfig."""
+    if all(v is None for v in (args.tile_stride, args.tile_shift, args.tile_edges, args.tile_last_step,
+                               args.tile_weighting)):
         return args.tiling
     from .core.tiling import TilingConfig
 
@@ -275,8 +279,11 @@ def _tiling(args: argparse.Namespace):
         raise UsageError(f"--tile-shift: sets how FSTD shifts its grid; it needs --tiling fstd, not {args.tiling}")
     if args.tile_edges is not None and args.tiling != "fstd":
         raise UsageError(f"--tile-edges: sets FSTD's edge tiles; it needs --tiling fstd, not {args.tiling}")
+    if args.tile_last_step is not None and args.tiling != "fstd":
+        raise UsageError(f"--tile-last-step: sets FSTD's last step; it needs --tiling fstd, not {args.tiling}")
     return TilingConfig(method=args.tiling, stride=args.tile_stride, shift=args.tile_shift or "auto",
-                        edges=args.tile_edges or "cut", weighting=args.tile_weighting)
+                        edges=args.tile_edges or "cut", last_step=args.tile_last_step or "blend",
+                        weighting=args.tile_weighting)
 
 
 def _buckets(args: argparse.Namespace) -> int:

@@ -145,10 +145,10 @@ def test_tiling_options_reach_the_tiling_config(capsys, tmp_path, models, monkey
     assert plan.request.color_fix == "none" and not plan.request.color_fixed
     seen.clear()
     code, _, stderr = run(capsys, "generate", "a fox", "--size", "300x77", "-o", out, *FAST, "--quiet",
-                          "--tile-edges", "clamp", "--tile-shift", "alternate", *models)
+                          "--tile-edges", "clamp", "--tile-shift", "alternate", "--tile-last-step", "single", *models)
     assert code == 0, stderr
     tiling = [p.tiling for p in seen[0].phases if p.kind == "sr"][0]
-    assert (tiling.method, tiling.edges, tiling.shift) == ("fstd", "clamp", "alternate")
+    assert (tiling.method, tiling.edges, tiling.shift, tiling.last_step) == ("fstd", "clamp", "alternate", "single")
 
 
 def test_buckets_lists_and_maps(capsys):
@@ -213,6 +213,8 @@ def _bad_cases(tmp: Path, base: str, upscaler: str) -> dict[str, tuple[list[str]
                                ("--tile-shift", "fstd")),
         "edges without fstd": ([*gen, "--tiling", "overlap", "--tile-edges", "clamp", "-o", out, *models], 2,
                                ("--tile-edges", "fstd")),
+        "last step without fstd": ([*gen, "--tiling", "naive", "--tile-last-step", "single", "-o", out, *models], 2,
+                                   ("--tile-last-step", "fstd")),
         "stride above the tile": ([*gen, "--tiling", "overlap", "--tile-size", "8", "--tile-stride", "9", "-o", out,
                                    *models], 2, ("stride=9",)),
         "missing model path": ([*gen, "-o", out, "--base", str(tmp / "nope")], 1, ("nope", "no such file")),
@@ -236,7 +238,7 @@ def _bad_cases(tmp: Path, base: str, upscaler: str) -> dict[str, tuple[list[str]
 
 BAD_NAMES = [
     "steps 0", "upscale steps 0", "tile size 4", "negative guidance", "strength 0", "tiling spiral",
-    "stride without overlap", "shift without fstd", "edges without fstd", "stride above the tile",
+    "stride without overlap", "shift without fstd", "edges without fstd", "last step without fstd", "stride above the tile",
     "missing model path", "ckpt without --allow-pickle", "output .gif", "output dir missing",
     "output is a directory", "default model not shipped", "img2img without base", "upscaler without base",
     "bad device", "unknown option", "missing -o", "upscale a text file", "upscale a missing file",

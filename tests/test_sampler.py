@@ -217,3 +217,29 @@ def test_merger_blends_overlaps_with_weights():
     m = TileMerger(torch.Size((1, 1, 1, 6)), "uniform", dtype=torch.float32, device=torch.device("cpu"))
     m.add(torch.cat([torch.full((1, 1, 1, 4), 1.0), torch.full((1, 1, 1, 4), 3.0)]), [(0, 0, 1, 4), (0, 2, 1, 6)])
     assert m.result().flatten().tolist() == [1, 1, 2, 2, 3, 3]
+
+
+def test_blended_last_step_leaves_no_line_at_the_cuts():
+    # a denoiser whose every tile returns its own constant: a one-grid step is a patchwork with a line
+    # (a jump along a whole column or row) at each cut; the blended last step (two grids, tent weights)
+    # leaves jumps only near the points where one grid's column cut crosses the other's row cut, so the
+    # mean jump along any line is small; every other step stays one grid (each pixel its tile's output)
+    def patchwork(x, t, boxes):
+        values = [((b[0] * 7 + b[1] * 13) % 17) / 17 for b in boxes]
+        return torch.cat([torch.full((x.shape[0] // len(boxes), *x.shape[1:]), v) for v in values])
+
+    def biggest_jump(out):  # the largest mean jump along a column or a row line
+        return max(float(out.diff(dim=-1).abs().mean(dim=(0, 1, 2)).max()),
+                   float(out.diff(dim=-2).abs().mean(dim=(0, 1, 3)).max()))
+
+    x = torch.zeros(1, 4, 96, 160)
+    jumps = {}
+    for last_step in ("single", "blend"):
+        config = TilingConfig(tile_size=32, granularity=4, last_step=last_step)
+        model = TiledModel(patchwork, config, height=96, width=160, num_steps=3,
+                           generator=torch.Generator().manual_seed(0))
+        first = model(x, torch.tensor(999), 0)
+        for box in model.plans[0]:
+            assert bool((first[..., box[0]:box[2], box[1]:box[3]] == patchwork(x[..., :1, :1], 0, [box])).all())
+        jumps[last_step] = biggest_jump(model(x, torch.tensor(1), 2))
+    assert jumps["single"] > 0.3 and jumps["blend"] < 0.25 * jumps["single"], jumps

@@ -1,6 +1,7 @@
 """Geometry properties of the tile plans, over hundreds of random sizes."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -96,9 +97,48 @@ def test_fstd_cut_shifts_both_axes_at_the_latent_area():
     cfg = TilingConfig(tile_size=64, granularity=8)  # default: edges="cut", shift="auto"
     assert cfg._axes(512, 512, 0, 20) == cfg._axes(512, 512, 1, 20) == "both"
     g = torch.Generator().manual_seed(0)
-    for step in range(20):
+    for step in range(19):
         boxes = cfg.plan(512, 384, step, g, 20)
         assert sum((b[2] - b[0]) * (b[3] - b[1]) for b in boxes) == 512 * 384
+    # the last step (last_step="blend") evaluates two grids: each pixel exactly twice, one step's area more
+    assert bool((coverage(512, 384, cfg.plan(512, 384, 19, g, 20)) == 2).all())
+    single = replace(cfg, last_step="single").plan(512, 384, 19, g, 20)
+    assert bool((coverage(512, 384, single) == 1).all())
+
+
+@pytest.mark.parametrize("edges", ["cut", "clamp"])
+@pytest.mark.parametrize("side", [64, 100, 180, 300])
+@pytest.mark.parametrize("seed", range(4))
+def test_blended_last_step_puts_each_grids_cuts_inside_the_others_tiles(edges, side, seed):
+    # two grids from the same offsets (no extra draw); on each axis with more than one tile every cut
+    # of one lies at least a quarter tile from every cut of the other, so neither grid's cuts are left
+    # unblended; no tile is larger than the tile size
+    cfg = TilingConfig(tile_size=32, granularity=4, edges=edges)
+    blended = cfg.plan(side, 256, 9, torch.Generator().manual_seed(seed), 10)
+    first = replace(cfg, last_step="single").plan(side, 256, 9, torch.Generator().manual_seed(seed), 10)
+    assert blended == sorted(blended) and all(blended.count(b) >= first.count(b) for b in first)
+    second = list(blended)
+    for b in first:
+        second.remove(b)
+    assert max(b[2] - b[0] for b in second) <= 32 and max(b[3] - b[1] for b in second) <= 32
+    assert bool((coverage(side, 256, second) >= 1).all())
+    if edges == "cut":
+        assert bool((coverage(side, 256, blended) == 2).all())
+    for lo, hi, length in ((0, 2, side), (1, 3, 256)):
+        def cuts(boxes):  # clamped tiles of both grids always end at 32 and length - 32: not counted
+            fixed = {32, length - 32} if edges == "clamp" else set()
+            return ({b[lo] for b in boxes if b[lo] > 0} | {b[hi] for b in boxes if b[hi] < length}) - fixed
+        if length > 32:
+            gap = min(abs(a - b) for a in cuts(first) for b in cuts(second))
+            assert gap >= 8, (lo, gap)
+    assert cfg.blend_at(9, 10) == "linear" and cfg.blend_at(8, 10) == "uniform"
+    assert replace(cfg, weighting="gaussian").blend_at(9, 10) == "gaussian"
+    if edges == "cut":  # number of steps unknown: one grid (clamped "auto" would also alternate axes)
+        assert cfg.plan(side, 256, 9, torch.Generator().manual_seed(seed)) == first
+
+
+def test_one_tile_canvas_never_blends():
+    assert TilingConfig(tile_size=64).plan(40, 60, 0, torch.Generator(), 1) == [(0, 0, 40, 60)]
 
 
 @settings(max_examples=EXAMPLES, deadline=None)
@@ -226,7 +266,7 @@ def test_bad_arguments_name_the_argument(call, message):
 def test_fstd_auto_shifts_both_axes_on_the_last_step():
     # on an 8 x 8 grid "auto" alternates, but the last step's update is never blurred by a later one:
     # it shifts both axes, so neither axis of the final update sits on the base grid
-    cfg = TilingConfig(tile_size=64, edges="clamp")
+    cfg = TilingConfig(tile_size=64, edges="clamp", last_step="single")
     assert [cfg._axes(512, 512, i, 20) for i in (0, 1, 18, 19)] == ["y", "x", "y", "both"]
     assert cfg._axes(512, 512, 19) == "x"  # number of steps unknown: plain alternation
     assert TilingConfig(tile_size=64, shift="alternate", edges="clamp")._axes(512, 512, 19, 20) == "x"

@@ -178,7 +178,8 @@ class TiledModel:
         for chunk, out in zip(chunks, self._outputs(lambda c: crop_tiles(x, c), x.shape[0], x.device, t, chunks)):
             if merger is None:
                 shape = torch.Size((x.shape[0], out.shape[1], *x.shape[2:]))
-                merger = TileMerger(shape, self.config.blend, dtype=out.dtype, device=out.device)
+                merger = TileMerger(shape, self.config.blend_at(step, len(self.plans)), dtype=out.dtype,
+                                     device=out.device)
             merger.add(out, chunk)
             if self.progress is not None:
                 self.progress(len(chunk))
@@ -376,8 +377,8 @@ def _banded_step(model: TiledModel, work, bands: list, i: int, t, extra: dict, d
 
     for j, (chunk, out) in enumerate(zip(chunks, model._outputs(crop, batch, device, t, chunks))):
         if merger is None:
-            merger = BandMerger(batch, out.shape[1], model.config.blend, canvas=(height, width), dtype=out.dtype,
-                                device=out.device)
+            merger = BandMerger(batch, out.shape[1], model.config.blend_at(i, len(model.plans)),
+                                canvas=(height, width), dtype=out.dtype, device=out.device)
         merger.add(out, chunk)
         progress(len(chunk))
         while k < len(work.bands) and work.bands[k][1] <= later_top[j]:

@@ -26,6 +26,7 @@ METHODS = ("fstd", "overlap", "naive", "none")
 WEIGHTINGS = ("uniform", "linear", "gaussian")
 SHIFTS = ("auto", "both", "alternate")
 EDGES = ("cut", "clamp")
+LAST_STEPS = ("blend", "single")
 DEFAULT_TILE_BATCH = 8  # tiles per denoiser call when neither the caller nor a planner chose
 AREA_BUDGET = 1.15  # "auto" shifts both axes only while that costs at most this much evaluated area
 
@@ -76,6 +77,23 @@ def _cut_bands(length: int, tile: int, offset: int, granularity: int = 1) -> lis
     if len(bands) > 1 and bands[-1][1] - bands[-1][0] < tile / 2:
         bands[-2:] = rejoin(bands[-2][0], bands[-1][0] - half, bands[-1][1])
     return bands
+
+
+def _mid_bands(bands: list[tuple[int, int]], tile: int, granularity: int = 1) -> list[tuple[int, int]]:
+    """The bands of a second cut grid whose cuts lie at the midpoints (on ``granularity``) of ``bands``,
+    so each grid's cuts fall mid-band in the other (a grid merely shifted by half a tile would meet the
+    first one's sliver-joining cut at a canvas end). A band between two midpoints is at most ``tile``;
+    an end band (half of the first grid's end band) joins its neighbour where the pair fits in a tile.
+    """
+    length = bands[-1][1]
+    mids = sorted({s + (e - s) // 2 // granularity * granularity for s, e in bands} - {0})
+    cuts = [0, *(m for m in mids if m < length), length]
+    out = list(zip(cuts[:-1], cuts[1:]))
+    if len(out) > 1 and out[0][1] - out[0][0] < tile / 2 and out[1][1] <= tile:
+        out[:2] = [(0, out[1][1])]
+    if len(out) > 1 and out[-1][1] - out[-1][0] < tile / 2 and length - out[-2][0] <= tile:
+        out[-2:] = [(out[-2][0], length)]
+    return out
 
 
 def _grid(height: int, width: int, tile_h: int, tile_w: int, ys: list[int], xs: list[int]) -> list[Box]:
@@ -132,6 +150,7 @@ def fstd_tiles(
     axes: Literal["both", "y", "x", "none"] = "both",
     edges: Literal["clamp", "cut"] = "clamp",
     granularity: int = 1,
+    blend: bool = False,
 ) -> list[Box]:
     """FSTD tile plan for one step: a non-overlapping grid shifted by a random offset (ASD sec. 3.3).
 
@@ -150,6 +169,12 @@ def fstd_tiles(
     from step to step (a clamped edge tile always has one side at ``tile`` or ``length - tile``). The
     offsets are then multiples of ``granularity`` (the UNet's downsampling factor), so inner tiles keep
     sides the UNet divides evenly.
+
+    ``blend=True`` adds a second grid, no extra draw, whose cuts lie mid-band in the first on each axis
+    that holds more than one tile (cut: at the first grid's band midpoints, :func:`_mid_bands`; clamp:
+    half a tile on). Every pixel is then covered by two boxes (more at clamped edges), listed row-major,
+    for a merge with weights that fall towards each tile's edges (``TilingConfig.last_step``): each
+    grid's cuts lie inside the other's tiles, so neither leaves a line.
     """
     for name, v in (("height", height), ("width", width), ("tile", tile)):
         _check_size(name, v)
@@ -171,10 +196,20 @@ def fstd_tiles(
 
     dy = offset(height, th, axes in ("both", "y"))
     dx = offset(width, tw, axes in ("both", "x"))
+
     if edges == "cut":
-        return [(top, left, bottom, right) for top, bottom in _cut_bands(height, th, dy, granularity)
-                for left, right in _cut_bands(width, tw, dx, granularity)]
-    return _grid(height, width, th, tw, _axis_starts(height, th, dy), _axis_starts(width, tw, dx))
+        ys, xs = _cut_bands(height, th, dy, granularity), _cut_bands(width, tw, dx, granularity)
+        first = [(top, left, bottom, right) for top, bottom in ys for left, right in xs]
+        if not blend or (th >= height and tw >= width):
+            return first
+        second = [(top, left, bottom, right) for top, bottom in _mid_bands(ys, th, granularity)
+                  for left, right in _mid_bands(xs, tw, granularity)]
+        return sorted(first + second)
+    first = _grid(height, width, th, tw, _axis_starts(height, th, dy), _axis_starts(width, tw, dx))
+    if not blend or (th >= height and tw >= width):
+        return first
+    hy, hx = (dy + th // 2) % th, (dx + tw // 2) % tw  # full tiles half a tile on, clamped like the first
+    return sorted(first + _grid(height, width, th, tw, _axis_starts(height, th, hy), _axis_starts(width, tw, hx)))
 
 
 @dataclass(frozen=True)
@@ -201,6 +236,11 @@ class TilingConfig:
         exactly the latent's area, and no tile edge stays at one place; "clamp" uses full-size tiles
         pushed inward, overlapping their neighbours (``(n + 1)^2`` tiles on an ``n x n`` grid, one side
         of each edge tile always at the same column or row).
+    last_step: FSTD: "blend" (default) evaluates the last step on two grids half a tile apart on both
+        axes and merges them with tent weights (``weighting`` when that is not uniform), so the last
+        update, which no later step smooths, has no cut line (a single grid's last cuts show as faint
+        lines at their rows: ``benchmarks/seams.py``); it costs one extra step's area, ``1 + 1/steps``
+        times the latent per step on average. "single": one grid on every step.
     granularity: FSTD with ``edges="cut"``: offsets are multiples of this (latent px); None: the
         denoiser's ``granularity`` (a UNet's downsampling factor), filled in by ``TiledModel``, else 1.
     weighting: how overlapping tile outputs blend: "uniform", "linear" or "gaussian"
@@ -216,6 +256,7 @@ class TilingConfig:
     reset_every: int = 0
     shift: str = "auto"
     edges: str = "cut"
+    last_step: str = "blend"
     granularity: int | None = None
     weighting: str | None = None
     tile_batch_size: int | None = None
@@ -236,6 +277,8 @@ class TilingConfig:
             raise ValueError(f"shift={self.shift!r}: must be one of {', '.join(SHIFTS)}")
         if self.edges not in EDGES:
             raise ValueError(f"edges={self.edges!r}: must be one of {', '.join(EDGES)}")
+        if self.last_step not in LAST_STEPS:
+            raise ValueError(f"last_step={self.last_step!r}: must be one of {', '.join(LAST_STEPS)}")
         if self.granularity is not None:
             _check_size("granularity", self.granularity)
         if self.weighting is not None and self.weighting not in WEIGHTINGS:
@@ -251,6 +294,18 @@ class TilingConfig:
         if self.weighting is not None:
             return self.weighting
         return "gaussian" if self.method == "overlap" else "uniform"
+
+    def blends(self, step: int, num_steps: int | None) -> bool:
+        """Whether FSTD evaluates ``step`` on two grids (``last_step="blend"``: the last of ``num_steps``)."""
+        return (self.method == "fstd" and self.last_step == "blend" and num_steps is not None
+                and step == num_steps - 1)
+
+    def blend_at(self, step: int, num_steps: int | None) -> str:
+        """The merge weighting of ``step``: :attr:`blend`, or for a two-grid step a weighting that falls
+        towards tile edges ("linear" unless ``weighting`` names a non-uniform one)."""
+        if self.blends(step, num_steps) and self.blend == "uniform":
+            return "linear"
+        return self.blend
 
     def _axes(self, height: int, width: int, step: int, num_steps: int | None = None) -> str:
         """Which axes FSTD shifts at ``step`` of ``num_steps`` (see ``shift``)."""
@@ -281,7 +336,8 @@ class TilingConfig:
         if self.reset_every and step % self.reset_every == 0:
             axes = "none"
         return fstd_tiles(height, width, self.tile_size, generator=generator, max_offset=self.max_offset, axes=axes,
-                          edges=self.edges, granularity=self.granularity or 1)
+                          edges=self.edges, granularity=self.granularity or 1,
+                          blend=self.blends(step, num_steps))
 
 
 def tile_weights(
