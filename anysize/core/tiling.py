@@ -236,8 +236,8 @@ class TilingConfig:
         exactly the latent's area, and no tile edge stays at one place; "clamp" uses full-size tiles
         pushed inward, overlapping their neighbours (``(n + 1)^2`` tiles on an ``n x n`` grid, one side
         of each edge tile always at the same column or row).
-    last_step: FSTD: "blend" (default) evaluates the last step on two grids half a tile apart on both
-        axes and merges them with tent weights (``weighting`` when that is not uniform), so the last
+    last_step: FSTD: "blend" (default) evaluates the last step on two grids, the second cut mid-band in
+        the first on both axes (:func:`fstd_tiles` ``blend``), and merges them with tent weights (``weighting`` when that is not uniform), so the last
         update, which no later step smooths, has no cut line (a single grid's last cuts show as faint
         lines at their rows: ``benchmarks/seams.py``); it costs one extra step's area, ``1 + 1/steps``
         times the latent per step on average. "single": one grid on every step.
