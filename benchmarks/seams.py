@@ -41,7 +41,8 @@ from anysize.train.seams import band_score, profile  # noqa: E402
 
 SIZES = ["1024x768", "1280x720", "720x1280", "1600x400", "768x384", "512x1024", "2048x512", "4096x1024"]
 METHODS = {
-    "fstd": TilingConfig(method="fstd"),  # the default: edges="cut", both axes shifted every step
+    "fstd": TilingConfig(method="fstd"),  # the default: cut edges, both axes every step, blended last step
+    "fstd single": TilingConfig(method="fstd", last_step="single"),  # one grid on the last step too
     "fstd clamp auto": TilingConfig(method="fstd", edges="clamp", shift="auto"),
     "fstd clamp both": TilingConfig(method="fstd", edges="clamp", shift="both"),
     "fstd clamp alternate": TilingConfig(method="fstd", edges="clamp", shift="alternate"),
