@@ -197,7 +197,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "each pixel once, no fixed tile edge) or a full tile clamped inward (clamp: one tile size)")
     p.add_argument("--tile-last-step", choices=("blend", "single"), default=None,
                    help="--tiling fstd: the last step runs a second grid cut mid-tile of the first and blends the "
-                        "two, so its cuts leave no line (blend, the default: one extra step's tiles), or one grid (single)")
+                        "two, so its cuts leave no line (blend, the default: one extra step's tiles), or one grid "
+                        "(single)")
     p.add_argument("--tile-weighting", choices=("uniform", "linear", "gaussian"), default=None,
                    help="how overlapping tiles blend (default: gaussian for overlap, uniform otherwise)")
     p.add_argument("--color-fix", choices=("adain", "none"), default="adain",

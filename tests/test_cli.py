@@ -238,7 +238,8 @@ def _bad_cases(tmp: Path, base: str, upscaler: str) -> dict[str, tuple[list[str]
 
 BAD_NAMES = [
     "steps 0", "upscale steps 0", "tile size 4", "negative guidance", "strength 0", "tiling spiral",
-    "stride without overlap", "shift without fstd", "edges without fstd", "last step without fstd", "stride above the tile",
+    "stride without overlap", "shift without fstd", "edges without fstd", "last step without fstd",
+    "stride above the tile",
     "missing model path", "ckpt without --allow-pickle", "output .gif", "output dir missing",
     "output is a directory", "default model not shipped", "img2img without base", "upscaler without base",
     "bad device", "unknown option", "missing -o", "upscale a text file", "upscale a missing file",

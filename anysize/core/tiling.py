@@ -197,19 +197,23 @@ def fstd_tiles(
     dy = offset(height, th, axes in ("both", "y"))
     dx = offset(width, tw, axes in ("both", "x"))
 
-    if edges == "cut":
-        ys, xs = _cut_bands(height, th, dy, granularity), _cut_bands(width, tw, dx, granularity)
-        first = [(top, left, bottom, right) for top, bottom in ys for left, right in xs]
-        if not blend or (th >= height and tw >= width):
-            return first
-        second = [(top, left, bottom, right) for top, bottom in _mid_bands(ys, th, granularity)
-                  for left, right in _mid_bands(xs, tw, granularity)]
-        return sorted(first + second)
-    first = _grid(height, width, th, tw, _axis_starts(height, th, dy), _axis_starts(width, tw, dx))
+    def bands(length: int, t: int, offset: int) -> list[tuple[int, int]]:
+        if edges == "cut":
+            return _cut_bands(length, t, offset, granularity)
+        return [(start, start + t) for start in _axis_starts(length, t, offset)]
+
+    def second(first: list[tuple[int, int]], length: int, t: int, offset: int) -> list[tuple[int, int]]:
+        if edges == "cut":
+            return _mid_bands(first, t, granularity)
+        return bands(length, t, (offset + t // 2) % t)  # full tiles half a tile on, clamped like the first
+
+    def boxes(ys: list[tuple[int, int]], xs: list[tuple[int, int]]) -> list[Box]:
+        return [(top, left, bottom, right) for top, bottom in ys for left, right in xs]
+
+    ys, xs = bands(height, th, dy), bands(width, tw, dx)
     if not blend or (th >= height and tw >= width):
-        return first
-    hy, hx = (dy + th // 2) % th, (dx + tw // 2) % tw  # full tiles half a tile on, clamped like the first
-    return sorted(first + _grid(height, width, th, tw, _axis_starts(height, th, hy), _axis_starts(width, tw, hx)))
+        return boxes(ys, xs)
+    return sorted(boxes(ys, xs) + boxes(second(ys, height, th, dy), second(xs, width, tw, dx)))
 
 
 @dataclass(frozen=True)
@@ -237,10 +241,11 @@ class TilingConfig:
         pushed inward, overlapping their neighbours (``(n + 1)^2`` tiles on an ``n x n`` grid, one side
         of each edge tile always at the same column or row).
     last_step: FSTD: "blend" (default) evaluates the last step on two grids, the second cut mid-band in
-        the first on both axes (:func:`fstd_tiles` ``blend``), and merges them with tent weights (``weighting`` when that is not uniform), so the last
-        update, which no later step smooths, has no cut line (a single grid's last cuts show as faint
-        lines at their rows: ``benchmarks/seams.py``); it costs one extra step's area, ``1 + 1/steps``
-        times the latent per step on average. "single": one grid on every step.
+        the first on both axes (:func:`fstd_tiles` ``blend``), and merges them with tent weights
+        (``weighting`` when that is not uniform), so the last update, which no later step smooths, has
+        no cut line (a single grid's last cuts show as faint lines at their rows: docs/benchmarks.md);
+        it costs one extra step's area, ``1 + 1/steps`` times the latent per step on average.
+        "single": one grid on every step.
     granularity: FSTD with ``edges="cut"``: offsets are multiples of this (latent px); None: the
         denoiser's ``granularity`` (a UNet's downsampling factor), filled in by ``TiledModel``, else 1.
     weighting: how overlapping tile outputs blend: "uniform", "linear" or "gaussian"
