@@ -243,3 +243,42 @@ def test_blended_last_step_leaves_no_line_at_the_cuts():
             assert bool((first[..., box[0]:box[2], box[1]:box[3]] == patchwork(x[..., :1, :1], 0, [box])).all())
         jumps[last_step] = biggest_jump(model(x, torch.tensor(1), 2))
     assert jumps["single"] > 0.3 and jumps["blend"] < 0.25 * jumps["single"], jumps
+
+
+@pytest.mark.parametrize("edges", ["cut", "clamp"])
+def test_tiles_the_unet_sees_have_sides_it_divides(edges):
+    # a 45 x 29 latent with granularity 4: cut edge tiles such as (24, 45) would be 21 wide, which a UNet
+    # pads inside at each downsampling (a line of wrong colour along the tile's last column); the
+    # denoiser sees them widened to a multiple of 4 and their outputs are trimmed back to the plan's box
+    seen = []
+
+    def coordinates(x, t, boxes):  # each output pixel holds its global (row, column)
+        seen.extend(boxes)
+        rows = [torch.arange(b[0], b[2]).view(-1, 1) * 1000 + torch.arange(b[1], b[3]) for b in boxes]
+        return torch.stack(rows).unsqueeze(1).float()
+
+    height, width, g = 29, 45, 4
+    config = TilingConfig(tile_size=16, granularity=g, edges=edges, last_step="single")
+    model = TiledModel(coordinates, config, height=height, width=width, num_steps=6,
+                       generator=torch.Generator().manual_seed(1))
+    x = torch.zeros(1, 1, height, width)
+    truth = torch.arange(height).view(-1, 1) * 1000 + torch.arange(width)
+    for step in range(6):
+        seen.clear()
+        assert torch.equal(model(x, torch.tensor(1), step)[0, 0], truth.float())
+        assert len(seen) == len(model.plans[step])
+        for (t, l, b, r), plan in zip(sorted(seen), sorted(model.plans[step])):
+            assert (b - t) % g == 0 and (r - l) % g == 0
+            assert t <= plan[0] and l <= plan[1] and b >= plan[2] and r >= plan[3]  # holds its box
+            assert b - t - (plan[2] - plan[0]) < g and r - l - (plan[3] - plan[1]) < g
+            assert 0 <= t and 0 <= l and b <= height and r <= width
+    cut_plans = [p for plan in model.plans for p in plan if (p[3] - p[1]) % g]
+    assert (edges == "cut") == bool(cut_plans)  # the cut plans did hold sides 4 does not divide
+
+
+def test_widened_edge_tiles_stay_bit_identical_whatever_tile_batch_size(unet, embeds):
+    # 25 x 41: odd sides, so every edge tile of the fixture UNet (granularity 2) is widened
+    outs = [run(unet, embeds, TilingConfig(tile_size=16, tile_batch_size=b), "euler", h=25, w=41)
+            for b in (1, 3, 64)]
+    assert torch.isfinite(outs[0]).all()
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])

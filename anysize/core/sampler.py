@@ -138,6 +138,7 @@ class TiledModel:
         if config.granularity is None:
             config = replace(config, granularity=getattr(denoiser, "granularity", 1))
         self.denoiser, self.config = denoiser, config.resolved(config.tile_size)
+        self.height, self.width = height, width
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.plans = [config.plan(height, width, i, generator, num_steps) for i in range(num_steps)]
         self.progress: Callable[[int], Any] | None = None
@@ -146,6 +147,31 @@ class TiledModel:
     def total_evaluations(self) -> int:
         """Tile evaluations over all steps (classifier-free guidance not counted twice)."""
         return sum(len(p) for p in self.plans)
+
+    def context(self, box: Box) -> Box:
+        """The box the denoiser sees for ``box``: ``box`` itself, or, where a side is not a multiple of
+        the UNet's ``granularity`` (a cut edge tile on a canvas whose side is not, or a tile size that
+        is not) and the canvas has room, widened to the next multiple (on the far side, or inward at the
+        canvas's far edge). The output is trimmed back to ``box``, so every pixel is still written by the
+        boxes of the plan alone. A side the UNet does not divide evenly is padded inside it at every
+        downsampling, which left a line of wrong colour along the tile's last column (the right edge
+        of a 45-latent-px-wide pass, enlarged into red specks by the next pass)."""
+        g = self.config.granularity or 1
+        top, left, bottom, right = box
+
+        def widen(start: int, end: int, length: int) -> tuple[int, int]:
+            need = -(end - start) % g
+            if need == 0 or end - start + need > length:
+                return start, end
+            return (start, end + need) if end + need <= length else (start - need, end)
+
+        top, bottom = widen(top, bottom, self.height)
+        left, right = widen(left, right, self.width)
+        return top, left, bottom, right
+
+    def _key(self, box: Box) -> tuple:
+        ctx = self.context(box)
+        return _shape(box), _shape(ctx), box[0] - ctx[0], box[1] - ctx[1]
 
     def chunks(self, step: int, *, plan_order: bool = False) -> list[list[Box]]:
         """The step's boxes in tile batches of up to ``tile_batch_size`` boxes of one shape (a batch stacks
@@ -162,14 +188,14 @@ class TiledModel:
         if plan_order:
             runs: list[list[Box]] = []
             for box in self.plans[step]:
-                if runs and len(runs[-1]) < n and _shape(runs[-1][0]) == _shape(box):
+                if runs and len(runs[-1]) < n and self._key(runs[-1][0]) == self._key(box):
                     runs[-1].append(box)
                 else:
                     runs.append([box])
             return runs
-        by_shape: dict[tuple[int, int], list[Box]] = {}
+        by_shape: dict[tuple, list[Box]] = {}
         for box in self.plans[step]:
-            by_shape.setdefault(_shape(box), []).append(box)
+            by_shape.setdefault(self._key(box), []).append(box)
         return [boxes[i : i + n] for boxes in by_shape.values() for i in range(0, len(boxes), n)]
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
@@ -191,11 +217,19 @@ class TiledModel:
         """The denoiser's output for each chunk (its input tiles from ``crop(chunk)``), in order: one at
         a time here, or, under torchrun (:mod:`anysize.core.distributed`), each whole chunk on one rank and
         all of them on every rank."""
+        def run(chunk: list[Box]) -> torch.Tensor:
+            seen = [self.context(box) for box in chunk]
+            out = self.denoiser(crop(seen), t, seen)
+            if seen == chunk:
+                return out
+            (h, w), _, dy, dx = self._key(chunk[0])  # one key per chunk: one trim for all its boxes
+            return out[:, :, dy : dy + h, dx : dx + w]
+
         if distributed.current() is None:
-            return (self.denoiser(crop(chunk), t, chunk) for chunk in chunks)
+            return (run(chunk) for chunk in chunks)
         # every box of a chunk has one size (crop_tiles stacks them); the output has x's batch per box
         shapes = [(len(c) * batch, *_shape(c[0])) for c in chunks]
-        return distributed.share_batches(lambda i: self.denoiser(crop(chunks[i]), t, chunks[i]), shapes, device)
+        return distributed.share_batches(lambda i: run(chunks[i]), shapes, device)
 
 
 def _shape(box: Box) -> tuple[int, int]:
