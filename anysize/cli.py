@@ -97,6 +97,15 @@ def _bytes(text: str) -> int:
             from None
 
 
+def _region(text: str) -> tuple:
+    from .regions import parse  # no torch import
+
+    try:
+        return parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--region {text!r}: ")) from None
+
+
 def _bytes_or_zero(text: str) -> int:
     return 0 if text.strip() == "0" else _bytes(text)
 
@@ -201,6 +210,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "(single)")
     p.add_argument("--tile-weighting", choices=("uniform", "linear", "gaussian"), default=None,
                    help="how overlapping tiles blend (default: gaussian for overlap, uniform otherwise)")
+    p.add_argument("--region", type=_region, action="append", default=None, metavar="BOX:PROMPT",
+                   help="a prompt for a box of the output, 'x0,y0,x1,y1:prompt' or 'x0,y0,x1,y1,weight:prompt' "
+                        "(pixels, or fractions when every number is <= 1: '0,0,0.5,1:a red circle on grass' is "
+                        "the left half); repeatable. Inside the box it replaces the prompt (weight 1, default) "
+                        "or shares it, with feathered edges, in both stages")
     p.add_argument("--color-fix", choices=("adain", "none"), default="adain",
                    help="match stage 2's colour statistics to its input's (default adain)")
     p.add_argument("--strength", type=_float_in(0, 1, low_open=True), default=0.3, metavar="X",
@@ -257,7 +271,7 @@ def _run(args: argparse.Namespace, source, extra: dict, **request) -> int:
     request = Request(width=args.size[0], height=args.size[1], strength=args.strength, tiling=_tiling(args),
                       tile_size=args.tile_size, tile_batch_size=args.tile_batch, vae_tile_size=args.vae_tile,
                       max_memory=args.max_memory, latent_memory=args.latent_memory, color_fix=args.color_fix,
-                      **_file_kwargs(args, pipe, seed, out, extra), **request)
+                      regions=tuple(args.region or ()), **_file_kwargs(args, pipe, seed, out, extra), **request)
     plan = pipe.plan_run(request)
     _say(args, plan.memory.describe())
     _say(args, f"{plan.describe()}; seed {seed}")

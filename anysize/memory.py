@@ -328,20 +328,25 @@ def banded_sampling(lat_h: int, lat_w: int, latent_memory: int | None = None, ti
 
 
 def _sampling(unet: Any, lat_h: int, lat_w: int, tiling: str, tile: int, batch: int, cfg: bool,
-              banded: bool = False, channels: int = 4) -> tuple[int, str]:
+              banded: bool = False, channels: int = 4, conditions: int = 1) -> tuple[int, str]:
     """(device bytes, description) of tiled sampling on a ``lat_h x lat_w`` latent; ``banded``: the
-    state held is a band (and the tiles reaching past it) instead of the latent."""
+    state held is a band (and the tiles reaching past it) instead of the latent; ``conditions``: the
+    prompts a tile may be evaluated with (the global one and each region prompt: at most one UNet row
+    each per tile, besides the unconditional one under CFG)."""
     th, tw = (lat_h, lat_w) if tiling == "none" else (min(tile, lat_h), min(tile, lat_w))
     n = min(batch, tiles_per_step(tiling, lat_h, lat_w, tile))
     state = sampler_state_bytes(lat_h, lat_w)
     detail = f"{n} tile{'s' if n > 1 else ''} of {th}x{tw} latent px per call" + (", CFG" if cfg else "")
+    if conditions > 1:
+        detail += f", {conditions - 1} region prompt{'s' if conditions > 2 else ''}"
     if banded:
         from .core.bands import band_rows
 
         rows = band_rows((1, channels, lat_h, lat_w), minimum=th)
         state = sampler_state_bytes(min(lat_h, rows + 2 * th), lat_w)
         detail += f", state on disk in bands of {rows} rows"
-    return _RUNTIME_BYTES + state + unet_activation_bytes(unet, th, tw, n * (2 if cfg else 1)), detail
+    rows = n * (conditions + (1 if cfg else 0))
+    return _RUNTIME_BYTES + state + unet_activation_bytes(unet, th, tw, rows), detail
 
 
 def _decode(vae: Any, size: tuple[int, int], vae_tile: int, on_disk: bool = False) -> int:
@@ -365,14 +370,14 @@ def _stages(run: Any, batch: int, vae_tile: int) -> tuple[StagePeak, ...]:
         if kind == "base":
             lat_h, lat_w = phase.latent
             device, detail = _sampling(phase.unet, lat_h, lat_w, phase.tiling.method, phase.tiling.tile_size, batch,
-                                       phase.cfg)
+                                       phase.cfg, conditions=phase.conditions)
             where = "panorama" if run.panorama else "bucket"
             stages.append(StagePeak(phase.name, "sample", f"{where} {w}x{h}: {detail}", device, 0))
         elif kind in ("sr", "img2img"):
             lat_h, lat_w = phase.latent
             vae = phase.vae
             device, detail = _sampling(phase.unet, lat_h, lat_w, phase.tiling.method, phase.tiling.tile_size, batch,
-                                       phase.cfg, phase.banded, vae.config.latent_channels)
+                                       phase.cfg, phase.banded, vae.config.latent_channels, phase.conditions)
             if kind == "sr":
                 host = lat_h * lat_w * 4  # the conditioning image, resized
             else:

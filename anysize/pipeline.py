@@ -184,7 +184,8 @@ class AnySizePipeline:
                  callback_on_step_end: Callable | None = None, noise_level: int = 20, strength: float = 0.3,
                  color_fix: str | None = "adain", max_memory: int | None = None, vae_tile_size: int | None = None,
                  output_path=None, output_metadata: dict | None = None, run_dir=None, checkpoint_every: int = 1,
-                 latent_memory: int | None = None, panorama: str = "stretch", hooks=None) -> AnySizeOutput:
+                 latent_memory: int | None = None, panorama: str = "stretch", regions=None,
+                 hooks=None) -> AnySizeOutput:
         """Generate one image of exactly ``width x height`` pixels per prompt.
 
         Stage 1 uses ``num_inference_steps`` and ``guidance_scale``; stage 2 ``upscale_inference_steps``,
@@ -207,8 +208,12 @@ class AnySizePipeline:
         (at the ratio, untiled or tiled). ``latent_memory`` (bytes; None: 256 MiB on the CPU, no limit
         on CUDA): a pass whose sampling state would hold more keeps it on disk and samples by bands of
         rows (:mod:`anysize.core.bands`), bit-identical on the CPU for deterministic schedulers.
+        ``regions``: region prompts, ``[(box, prompt), (box, prompt, weight), ...]`` with boxes
+        ``(x0, y0, x1, y1)`` in output pixels, or in fractions of the output when every number is at most
+        1 (:mod:`anysize.regions`): inside each box its prompt replaces (weight 1) or shares (weight < 1)
+        the global one, with feathered edges, in stage 1 and in every stage-2 pass.
         """
-        request = Request.of(locals(), call="generate")
+        request = Request.of(locals(), call="generate", regions=regions or ())
         return self.run(self.plan_run(request), generator=generator, callback_on_step_end=callback_on_step_end,
                         hooks=hooks)
 
@@ -221,7 +226,7 @@ class AnySizePipeline:
                 strength: float = 0.3, color_fix: str | None = "adain", callback_on_step_end: Callable | None = None,
                 max_memory: int | None = None, output_path=None, output_metadata: dict | None = None,
                 run_dir=None, checkpoint_every: int = 1, latent_memory: int | None = None,
-                hooks=None) -> AnySizeOutput:
+                regions=None, hooks=None) -> AnySizeOutput:
         """Stage 2 alone: enlarge ``image`` (PIL, uint8 / float array, or tensor) to exactly ``width x height``;
         the other arguments as in :meth:`__call__` (``num_inference_steps`` and ``guidance_scale`` are
         stage 2's)."""
@@ -230,7 +235,7 @@ class AnySizePipeline:
         source = to_pil(image)
         request = Request.of(locals(), call="upscale", num_inference_steps=None,
                              upscale_inference_steps=num_inference_steps, source_size=source.size,
-                             source_digest=image_digest(source))
+                             source_digest=image_digest(source), regions=regions or ())
         return self.run(self.plan_run(request), image=source, generator=generator,
                         callback_on_step_end=callback_on_step_end, hooks=hooks)
 

@@ -111,6 +111,7 @@ class Phase:
     vae_tile_size: int | None = None
     streaming: bool = False
     last: bool = False  # the last sampling phase, or its decode
+    conditions: int = 1  # prompts a tile may be evaluated with: the global one and each region's
     model: Any = field(default=None, compare=False, repr=False)  # the diffusers pipeline it runs
 
     @property
@@ -192,6 +193,8 @@ class RunPlan:
                        stretch=round(self.stretch, 4))
         out.update(passes=[list(p) for p in self.passes], tiling=req.method,
                    tile_batch_size=self.tile_batch_size, vae_tile_size=self.vae_tile_size)
+        if req.regions:
+            out["regions"] = [r.to_json() for r in req.regions]
         return out
 
 
@@ -239,7 +242,8 @@ def build(request: Request, *, base_model=None, upscaler=None, buckets=None, gra
         if untiled:
             tiling = dataclasses.replace(tiling, method="none")
         banded = kind != "base" and banded_sampling(lat[0], lat[1], limit, tiling.method)
-        return Phase(kind, name, size, lat, tiling, banded, steps, guidance, model=model)
+        return Phase(kind, name, size, lat, tiling, banded, steps, guidance, model=model,
+                     conditions=1 + len(request.regions))
 
     def decode(sampled: Phase, last: bool) -> Phase:
         return Phase("decode", f"{sampled.name} decode", sampled.size, sampled.latent, banded=sampled.banded,

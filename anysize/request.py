@@ -18,6 +18,7 @@ from typing import Any
 
 from .buckets import BEYOND_BUCKETS
 from .core.tiling import METHODS, TilingConfig
+from .regions import Region, normalize
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 COLOR_FIXES = ("adain", "none")
@@ -81,6 +82,7 @@ class Request:
     output_metadata: dict | None = field(default=None, hash=False)
     run_dir: str | None = None
     checkpoint_every: int = 1
+    regions: tuple = field(default=(), hash=False)  # region prompts (anysize.regions); validate() normalizes
 
     @classmethod
     def of(cls, arguments: dict[str, Any], **overrides) -> Request:
@@ -168,7 +170,8 @@ class Request:
         if not generate and self.source_size is None:
             raise ValueError("source_size: an upscale request needs the input image's (width, height)")
         self._check_output()
-        return self
+        regions = normalize(self.regions, self.width, self.height)
+        return self if regions == self.regions else dataclasses.replace(self, regions=regions)
 
     def _check_tiling(self) -> None:
         tiling = self.tiling
@@ -203,6 +206,7 @@ class Request:
             out[name] = None if out[name] is None else str(out[name])
         if self.source_size is not None:
             out["source_size"] = list(self.source_size)
+        out["regions"] = [r.to_json() if isinstance(r, Region) else list(r) for r in self.regions or ()]
         return out
 
     @classmethod
@@ -218,9 +222,11 @@ class Request:
             values["source_size"] = tuple(values["source_size"])
         if isinstance(values.get("prompt"), list):
             values["prompt"] = list(values["prompt"])
+        values["regions"] = tuple(Region.from_json(r) for r in values.get("regions") or ())
         return cls(**values)
 
     def sampling_identity(self) -> dict[str, Any]:
         """The fields that decide the sampled values, as JSON: what a run directory holds checkpoints of."""
         data = self.to_json()
-        return {name: data[name] for name in _SAMPLING_FIELDS}
+        regions = {"regions": data["regions"]} if self.regions else {}  # absent: what earlier run directories hold
+        return {name: data[name] for name in _SAMPLING_FIELDS} | regions

@@ -30,11 +30,13 @@ import torch
 from . import memory, models
 from .core import bands
 from .core.checkpoint import RunDir, RunInterrupted, sample_resumable
+from .core.regions import TileRegion
 from .core.sampler import UNetTileDenoiser, sample_banded
 from .core.vae import tiled_decode, tiled_encode, vae_scale_factor
 from .io import stream
 from .io.output import save_image
 from .plan import Phase, RunPlan, Size
+from .regions import FEATHER, Region
 
 
 def _resize(image: PIL.Image.Image, size: Size) -> PIL.Image.Image:
@@ -250,11 +252,13 @@ def decode(ctx: Context, phase: Phase, latents, out: stream.Raster | None = None
 
 
 def denoiser(model, prompt: str, negative_prompt: str | None, guidance_scale: float, size: Size,
-             **extra) -> UNetTileDenoiser:
-    """Prompt embeddings through diffusers' own ``encode_prompt`` (SD or SDXL), wrapped for tiles."""
+             regions=(), latent: tuple[int, int] | None = None, **extra) -> UNetTileDenoiser:
+    """Prompt embeddings through diffusers' own ``encode_prompt`` (SD or SDXL), wrapped for tiles;
+    ``regions`` (:class:`anysize.regions.Region`, fraction boxes) placed on the ``latent`` (h, w)."""
     do_cfg = guidance_scale > 1.0
     device = model.unet.device
     added = negative_added = None
+    tile_regions = [_tile_region(model, r, size, latent) for r in regions]
     if models.model_kind(model).is_sdxl:
         pos, neg, pooled, neg_pooled = model.encode_prompt(
             prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=do_cfg,
@@ -266,7 +270,36 @@ def denoiser(model, prompt: str, negative_prompt: str | None, guidance_scale: fl
     else:
         pos, neg = model.encode_prompt(prompt, device, 1, do_cfg, negative_prompt)
     return UNetTileDenoiser(model.unet, pos, negative_prompt_embeds=neg, guidance_scale=guidance_scale,
-                            added_cond_kwargs=added, negative_added_cond_kwargs=negative_added, **extra)
+                            added_cond_kwargs=added, negative_added_cond_kwargs=negative_added,
+                            regions=tile_regions, **extra)
+
+
+def _phase_denoiser(ctx: Context, phase: Phase, prompt: str, **extra) -> UNetTileDenoiser:
+    """:func:`denoiser` for a sampling phase of ``ctx``'s plan: its model, guidance, size and latent,
+    the request's negative prompt and regions."""
+    req = ctx.plan.request
+    return denoiser(phase.model, prompt, req.negative_prompt, phase.guidance_scale, phase.size,
+                    regions=req.regions, latent=phase.latent, **extra)
+
+
+def _tile_region(model, region: Region, size: Size, latent: tuple[int, int] | None) -> TileRegion:
+    """A region's prompt embedded (positive only: the unconditional pass is the tile's) and its box
+    on this phase's latent, with the feather :data:`anysize.regions.FEATHER` of its shorter side."""
+    device = model.unet.device
+    lat_h, lat_w = latent
+    x0, y0, x1, y1 = region.box
+    box = (x0 * lat_w, y0 * lat_h, x1 * lat_w, y1 * lat_h)
+    feather = FEATHER * min(box[2] - box[0], box[3] - box[1])
+    added = None
+    if models.model_kind(model).is_sdxl:
+        embeds, _, pooled, _ = model.encode_prompt(region.prompt, device=device, num_images_per_prompt=1,
+                                                   do_classifier_free_guidance=False)
+        w, h = size
+        added = {"text_embeds": pooled, "time_ids": torch.tensor([[h, w, 0, 0, h, w]], device=device,
+                                                                  dtype=embeds.dtype)}
+    else:
+        embeds, _ = model.encode_prompt(region.prompt, device, 1, False)
+    return TileRegion(embeds, box, region.weight, feather, (lat_h, lat_w), added)
 
 
 def _desc(ctx: Context, phase: Phase) -> str:
@@ -285,7 +318,7 @@ def _sample(ctx: Context, phase: Phase, den, latents: torch.Tensor, stage: str, 
 def stage1(ctx: Context, phase: Phase, prompt: str) -> torch.Tensor:
     """Base model at the bucket (untiled), or at the request's ratio (panorama), tiled or not."""
     model, req = phase.model, ctx.plan.request
-    den = denoiser(model, prompt, req.negative_prompt, phase.guidance_scale, phase.size)
+    den = _phase_denoiser(ctx, phase, prompt)
     model.scheduler.set_timesteps(phase.steps)
     shape = (1, model.unet.config.in_channels, *phase.latent)
     latents = ctx.noise(shape, model.unet.dtype) * model.scheduler.init_noise_sigma
@@ -304,8 +337,7 @@ def sr_pass(ctx: Context, phase: Phase, image: PIL.Image.Image, prompt: str):
         return _sr_pass_banded(ctx, phase, image, prompt, shape, level)
     low = _image_tensor(_resize(image, (lat_w, lat_h)), ctx.device)
     low = model.low_res_scheduler.add_noise(low, ctx.noise(low.shape, torch.float32), level)
-    den = denoiser(model, prompt, req.negative_prompt, phase.guidance_scale, phase.size, cond=low.to(dtype),
-                   class_labels=level)
+    den = _phase_denoiser(ctx, phase, prompt, cond=low.to(dtype), class_labels=level)
     model.scheduler.set_timesteps(phase.steps)
     latents = ctx.noise(shape, dtype)
     return _sample(ctx, phase, den, latents * model.scheduler.init_noise_sigma, "upscale")
@@ -328,8 +360,7 @@ def _sr_pass_banded(ctx: Context, phase: Phase, image: PIL.Image.Image, prompt: 
 
     bands.fill_planes(cond, low_rows)
     del pixels, low_rows  # on disk now
-    den = denoiser(model, prompt, req.negative_prompt, phase.guidance_scale, phase.size, cond=cond,
-                   class_labels=level)
+    den = _phase_denoiser(ctx, phase, prompt, cond=cond, class_labels=level)
     model.scheduler.set_timesteps(phase.steps)
     sigma, noise = model.scheduler.init_noise_sigma, bands.NoiseStream(math.prod(shape), ctx.generator)
     bands.fill_planes(work.init, lambda b, c, top, bottom: noise.take((bottom - top) * lat_w)
@@ -352,7 +383,7 @@ def img2img_pass(ctx: Context, phase: Phase, image: PIL.Image.Image, prompt: str
     timesteps = scheduler.timesteps[start * scheduler.order :]
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start * scheduler.order)
-    den = denoiser(model, prompt, req.negative_prompt, phase.guidance_scale, phase.size)
+    den = _phase_denoiser(ctx, phase, prompt)
     if phase.banded:
         work = _band_work(ctx, init.shape, phase.tiling.tile_size, dtype)
         noise, first = bands.NoiseStream(init.numel(), ctx.generator), timesteps[:1]

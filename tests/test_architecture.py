@@ -15,10 +15,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "anysize"
 LAYERS = [
     ("anysize.io", {"anysize.io"}),
     ("anysize.core", {"anysize.io", "anysize.core"}),
-    ("anysize.request", {"anysize.buckets", "anysize.core"}),
+    ("anysize.regions", set()),
+    ("anysize.request", {"anysize.buckets", "anysize.core", "anysize.regions"}),
     ("anysize.plan", {"anysize.buckets", "anysize.core", "anysize.io", "anysize.memory", "anysize.request"}),
     ("anysize.memory", {"anysize.core"}),
-    ("anysize.stages", {"anysize.core", "anysize.io", "anysize.memory", "anysize.models", "anysize.plan"}),
+    ("anysize.stages", {"anysize.core", "anysize.io", "anysize.memory", "anysize.models", "anysize.plan",
+                        "anysize.regions"}),
 ]
 
 

@@ -22,6 +22,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
+from .regions import TileRegion, region_mask
+from .regions import blend as region_blend
+from .regions import reaches as regions_reach
 from .tiling import Box, TilingConfig, tile_weights
 
 
@@ -487,7 +490,13 @@ class UNetTileDenoiser:
     ``class_labels``: (B,) e.g. the x4 upscaler's noise level. ``added_cond_kwargs``: per-image SDXL
         extras (``text_embeds`` (B, d), ``time_ids`` (B, 6)); ``negative_added_cond_kwargs`` the same for
         the unconditional half (SDXL's negative pooled embedding; default: ``added_cond_kwargs``).
-    ``tile_prompt_embeds(box)``: optional per-tile positive embeddings (B, seq, dim) (regional prompts).
+    ``tile_prompt_embeds(box)``: optional per-tile positive embeddings (B, seq, dim).
+    ``regions``: region prompts (:class:`anysize.core.regions.TileRegion`, boxes in this latent's px):
+        each tile is also evaluated with every region prompt whose mask reaches into it, and the
+        conditional outputs are blended by the masks (:func:`anysize.core.regions.blend`). Every row of
+        the UNet batch stays independent of the others (as for tile batches), so a tile's output does
+        not depend on which tiles or regions share its call; a tile no region reaches is bit for bit
+        the tile without regions.
     """
 
     def __init__(
@@ -502,6 +511,7 @@ class UNetTileDenoiser:
         added_cond_kwargs: dict[str, torch.Tensor] | None = None,
         negative_added_cond_kwargs: dict[str, torch.Tensor] | None = None,
         tile_prompt_embeds: Callable[[Box], torch.Tensor] | None = None,
+        regions: Sequence[TileRegion] = (),
     ):
         self.unet, self.guidance_scale = unet, guidance_scale
         self.prompt_embeds, self.cond, self.class_labels = prompt_embeds, cond, class_labels
@@ -511,6 +521,7 @@ class UNetTileDenoiser:
             negative_prompt_embeds = torch.zeros_like(prompt_embeds)
         self.negative_prompt_embeds = negative_prompt_embeds
         self.negative_added_cond_kwargs = negative_added_cond_kwargs or added_cond_kwargs
+        self.regions = tuple(regions)
         self._row_linears = _per_sample_linears(unet)
 
     @property
@@ -535,6 +546,8 @@ class UNetTileDenoiser:
             pos = self._per_box(self.prompt_embeds, n)
         if self.cond is not None:
             x = torch.cat([x, crop_tiles(self.cond, boxes).to(x.device, x.dtype)], dim=1)
+        if self.regions:
+            return self._with_regions(x, t, boxes, pos)
         labels = self._per_box(self.class_labels, n)
         added = self._added(self.added_cond_kwargs, n)
         if not self.do_cfg:
@@ -548,6 +561,44 @@ class UNetTileDenoiser:
         )
         uncond, cond = out.chunk(2)
         return uncond + self.guidance_scale * (cond - uncond)
+
+    def _with_regions(self, x: torch.Tensor, t: torch.Tensor, boxes: Sequence[Box], pos: torch.Tensor) -> torch.Tensor:
+        """:meth:`__call__` with region prompts: one UNet call whose rows are every tile's unconditional
+        pass (with CFG), then per tile its global prompt and each region reaching into it."""
+        per = x.shape[0] // len(boxes)  # images per box
+        images = lambda v, i: v[i * per : (i + 1) * per]  # noqa: E731
+        expand = lambda v: v if v.shape[0] == per else v.repeat(per, *([1] * (v.dim() - 1)))  # noqa: E731
+        active = [[r for r in self.regions if regions_reach(r, box)] for box in boxes]
+        xs, embeds, added, groups = [], [], [], []
+        if self.do_cfg:
+            xs.append(x)
+            embeds.append(self._per_box(self.negative_prompt_embeds, len(boxes)))
+            added.append(self._added(self.negative_added_cond_kwargs, len(boxes)))
+        for i, box in enumerate(boxes):
+            xi = images(x, i)
+            conditions = [(images(pos, i), self._added(self.added_cond_kwargs, 1))]
+            conditions += [(expand(r.embeds), r.added or self._added(self.added_cond_kwargs, 1)) for r in active[i]]
+            for embed, extra in conditions:
+                xs.append(xi)
+                embeds.append(embed.to(pos.dtype))
+                added.append(None if extra is None else {k: expand(v) for k, v in extra.items()})
+            groups.append(len(conditions))
+        rows = torch.cat(xs)
+        labels = None if self.class_labels is None else self.class_labels.repeat(rows.shape[0] // per)
+        extras = None if added[0] is None else {k: torch.cat([a[k] for a in added]) for k in added[0]}
+        out = self._unet(rows, t, torch.cat(embeds), labels, extras)
+        uncond, out = (out[: x.shape[0]], out[x.shape[0] :]) if self.do_cfg else (None, out)
+        results, at = [], 0
+        for i, box in enumerate(boxes):
+            outs = [out[(at + k) * per : (at + k + 1) * per] for k in range(groups[i])]
+            at += groups[i]
+            masks = [region_mask(r, box).to(outs[0].device) for r in active[i]]
+            c = region_blend(outs[0], outs[1:], masks)
+            if uncond is not None:
+                u = images(uncond, i)
+                c = u + self.guidance_scale * (c - u)
+            results.append(c)
+        return torch.cat(results)
 
     def _added(self, kwargs: dict[str, torch.Tensor] | None, n_boxes: int) -> dict[str, torch.Tensor] | None:
         return {k: self._per_box(v, n_boxes) for k, v in kwargs.items()} if kwargs else None

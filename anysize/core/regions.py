@@ -1,0 +1,86 @@
+"""Region prompts inside the tile denoiser: feathered masks and the blend of the prompts' outputs.
+
+Each tile is evaluated once with the global prompt and once with each region prompt whose mask
+reaches into it (MultiDiffusion's region control, Bar-Tal et al. 2023, done per tile inside the
+one-step-per-timestep loop). The conditional outputs are blended per pixel: a region's mask ``m`` (its
+weight times a ramp that rises over ``feather`` latent px inside its box) weighs its output, and the
+global prompt gets ``max(0, 1 - sum(m))``, so a region of weight 1 replaces it inside the box and
+neither is cut off at the box's edge. Classifier-free guidance then applies to the blend, with one
+unconditional pass per tile (guidance is linear in the conditional output, so this equals blending
+each prompt's guided output). A tile no region reaches gets the global prompt's output unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .tiling import Box
+
+
+@dataclass(frozen=True)
+class TileRegion:
+    """A region prompt at one phase's latent resolution.
+
+    ``embeds``: the prompt's embeddings (B, seq, dim) or (1, seq, dim); ``box``: (x0, y0, x1, y1) in
+    latent px of this phase (floats); ``weight``: the mask's height; ``feather``: the ramp's width in
+    latent px; ``canvas``: the latent's (height, width), where a side of the box on the canvas's edge
+    (or beyond) has no ramp, so a region reaching the edge is whole there; ``added``: SDXL's added
+    conditions for this prompt (its pooled ``text_embeds`` and the ``time_ids``), None elsewhere."""
+
+    embeds: torch.Tensor
+    box: tuple[float, float, float, float]
+    weight: float = 1.0
+    feather: float = 1.0
+    canvas: tuple[int, int] | None = None
+    added: dict[str, torch.Tensor] | None = None
+
+    def _sides(self) -> tuple[float, float, float, float]:
+        """The box with the sides on the canvas's edges moved out to infinity (no ramp there)."""
+        x0, y0, x1, y1 = self.box
+        if self.canvas is None:
+            return x0, y0, x1, y1
+        h, w = self.canvas
+        inf = math.inf
+        return (-inf if x0 <= 0 else x0, -inf if y0 <= 0 else y0, inf if x1 >= w else x1, inf if y1 >= h else y1)
+
+
+def _ramp(start: int, end: int, lo: float, hi: float, feather: float) -> torch.Tensor:
+    """A 1-D mask over pixels ``start..end-1`` (centres at +0.5): 0 outside ``[lo, hi]``, rising linearly
+    over ``feather`` px inside each end, 1 in the middle (float64)."""
+    c = torch.arange(start, end, dtype=torch.float64) + 0.5
+    f = max(float(feather), 0.5)
+    return ((c - lo) / f).clamp(0, 1) * ((hi - c) / f).clamp(0, 1)
+
+
+def region_mask(region: TileRegion, box: Box) -> torch.Tensor:
+    """The region's mask over the tile ``box`` (top, left, bottom, right), (h, w) float64, weight included."""
+    top, left, bottom, right = box
+    x0, y0, x1, y1 = region._sides()
+    rows = _ramp(top, bottom, y0, y1, region.feather)
+    cols = _ramp(left, right, x0, x1, region.feather)
+    return torch.outer(rows, cols) * region.weight
+
+
+def reaches(region: TileRegion, box: Box) -> bool:
+    """Whether the region's mask is non-zero anywhere in the tile ``box``."""
+    top, left, bottom, right = box
+    x0, y0, x1, y1 = region._sides()
+    return bool(_ramp(top, bottom, y0, y1, region.feather).max() > 0
+                and _ramp(left, right, x0, x1, region.feather).max() > 0)
+
+
+def blend(global_out: torch.Tensor, region_outs: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:
+    """Per-pixel blend of one tile's conditional outputs (each (B, C, h, w)): the global prompt's with
+    weight ``max(0, 1 - sum(masks))``, each region's with its mask. With no region, ``global_out``
+    itself (bit for bit)."""
+    if not region_outs:
+        return global_out
+    total = torch.stack(masks).sum(0)
+    rest = (1 - total).clamp(min=0)
+    value = global_out.double() * rest
+    for out, mask in zip(region_outs, masks):
+        value = value + out.double() * mask
+    return (value / (rest + total)).to(global_out.dtype)
