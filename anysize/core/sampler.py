@@ -22,6 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
+from .control import TileControl
+from .control import residuals as control_residuals
 from .regions import TileRegion, region_mask
 from .regions import blend as region_blend
 from .regions import reaches as regions_reach
@@ -491,6 +493,9 @@ class UNetTileDenoiser:
         extras (``text_embeds`` (B, d), ``time_ids`` (B, 6)); ``negative_added_cond_kwargs`` the same for
         the unconditional half (SDXL's negative pooled embedding; default: ``added_cond_kwargs``).
     ``tile_prompt_embeds(box)``: optional per-tile positive embeddings (B, seq, dim).
+    ``controls``: ControlNets with their condition (:class:`anysize.core.control.TileControl`): each
+        tile's ControlNet call gets the crop of the control image under that tile (every row of the
+        tile: unconditional, global and region prompts), and the residuals of all of them are summed.
     ``regions``: region prompts (:class:`anysize.core.regions.TileRegion`, boxes in this latent's px):
         each tile is also evaluated with every region prompt whose mask reaches into it, and the
         conditional outputs are blended by the masks (:func:`anysize.core.regions.blend`). Every row of
@@ -512,6 +517,7 @@ class UNetTileDenoiser:
         negative_added_cond_kwargs: dict[str, torch.Tensor] | None = None,
         tile_prompt_embeds: Callable[[Box], torch.Tensor] | None = None,
         regions: Sequence[TileRegion] = (),
+        controls: Sequence[TileControl] = (),
     ):
         self.unet, self.guidance_scale = unet, guidance_scale
         self.prompt_embeds, self.cond, self.class_labels = prompt_embeds, cond, class_labels
@@ -521,8 +527,8 @@ class UNetTileDenoiser:
             negative_prompt_embeds = torch.zeros_like(prompt_embeds)
         self.negative_prompt_embeds = negative_prompt_embeds
         self.negative_added_cond_kwargs = negative_added_cond_kwargs or added_cond_kwargs
-        self.regions = tuple(regions)
-        self._row_linears = _per_sample_linears(unet)
+        self.regions, self.controls = tuple(regions), tuple(controls)
+        self._row_linears = _per_sample_linears(unet) + [m for c in self.controls for m in _per_sample_linears(c.model)]
 
     @property
     def native_tile_size(self) -> int:
@@ -550,14 +556,16 @@ class UNetTileDenoiser:
             return self._with_regions(x, t, boxes, pos)
         labels = self._per_box(self.class_labels, n)
         added = self._added(self.added_cond_kwargs, n)
+        control = [c.crops(boxes, x.shape[0] // n) for c in self.controls]
         if not self.do_cfg:
-            return self._unet(x, t, pos, labels, added)
+            return self._unet(x, t, pos, labels, added, control)
         neg = self._per_box(self.negative_prompt_embeds, n)
         if added is not None:
             neg_added = self._added(self.negative_added_cond_kwargs, n)
             added = {k: torch.cat([neg_added[k], v]) for k, v in added.items()}
         out = self._unet(
-            torch.cat([x, x]), t, torch.cat([neg, pos]), None if labels is None else torch.cat([labels, labels]), added
+            torch.cat([x, x]), t, torch.cat([neg, pos]), None if labels is None else torch.cat([labels, labels]), added,
+            [torch.cat([c, c]) for c in control],
         )
         uncond, cond = out.chunk(2)
         return uncond + self.guidance_scale * (cond - uncond)
@@ -569,13 +577,16 @@ class UNetTileDenoiser:
         images = lambda v, i: v[i * per : (i + 1) * per]  # noqa: E731
         expand = lambda v: v if v.shape[0] == per else v.repeat(per, *([1] * (v.dim() - 1)))  # noqa: E731
         active = [[r for r in self.regions if regions_reach(r, box)] for box in boxes]
-        xs, embeds, added, groups = [], [], [], []
+        control = [c.crops(boxes, per) for c in self.controls]
+        xs, embeds, added, groups, control_rows = [], [], [], [], []
         if self.do_cfg:
             xs.append(x)
             embeds.append(self._per_box(self.negative_prompt_embeds, len(boxes)))
             added.append(self._added(self.negative_added_cond_kwargs, len(boxes)))
+            control_rows.append(control)
         for i, box in enumerate(boxes):
             xi = images(x, i)
+            control_rows += [[images(c, i) for c in control]] * (1 + len(active[i]))
             conditions = [(images(pos, i), self._added(self.added_cond_kwargs, 1))]
             conditions += [(expand(r.embeds), r.added or self._added(self.added_cond_kwargs, 1)) for r in active[i]]
             for embed, extra in conditions:
@@ -586,7 +597,8 @@ class UNetTileDenoiser:
         rows = torch.cat(xs)
         labels = None if self.class_labels is None else self.class_labels.repeat(rows.shape[0] // per)
         extras = None if added[0] is None else {k: torch.cat([a[k] for a in added]) for k in added[0]}
-        out = self._unet(rows, t, torch.cat(embeds), labels, extras)
+        control = [torch.cat([r[k] for r in control_rows]) for k in range(len(self.controls))]
+        out = self._unet(rows, t, torch.cat(embeds), labels, extras, control)
         uncond, out = (out[: x.shape[0]], out[x.shape[0] :]) if self.do_cfg else (None, out)
         results, at = [], 0
         for i, box in enumerate(boxes):
@@ -603,18 +615,20 @@ class UNetTileDenoiser:
     def _added(self, kwargs: dict[str, torch.Tensor] | None, n_boxes: int) -> dict[str, torch.Tensor] | None:
         return {k: self._per_box(v, n_boxes) for k, v in kwargs.items()} if kwargs else None
 
-    def _unet(self, x, t, embeds, labels, added) -> torch.Tensor:
+    def _unet(self, x, t, embeds, labels, added, control=()) -> torch.Tensor:
         if x.shape[0] == 1 and x.device.type == "cpu":
             # a batch of 1 takes its own CPU kernels (oneDNN's convolution; with it off, MKL's GEMM for
             # small tiles such as cut edge tiles), which round differently from every larger batch; run it
             # as a batch of 2 so a tile's bits do not depend on the batch it falls in (docs/design.md)
             pair = lambda v: None if v is None else torch.cat([v, v])  # noqa: E731
             added = None if added is None else {k: pair(v) for k, v in added.items()}
-            return self._unet(pair(x), t, pair(embeds), pair(labels), added)[:1]
+            return self._unet(pair(x), t, pair(embeds), pair(labels), added, [pair(c) for c in control])[:1]
         kwargs: dict[str, Any] = {"encoder_hidden_states": embeds.to(x.dtype), "return_dict": False}
         if labels is not None:
             kwargs["class_labels"] = labels
         if added is not None:
             kwargs["added_cond_kwargs"] = added
         with batch_invariant_linears(self._row_linears, x.device):
+            if self.controls:
+                kwargs.update(control_residuals(self.controls, control, x, t, kwargs))
             return self.unet(x, t, **kwargs)[0]
