@@ -331,22 +331,21 @@ def _sampling(unet: Any, lat_h: int, lat_w: int, tiling: str, tile: int, batch: 
               banded: bool = False, channels: int = 4, conditions: int = 1) -> tuple[int, str]:
     """(device bytes, description) of tiled sampling on a ``lat_h x lat_w`` latent; ``banded``: the
     state held is a band (and the tiles reaching past it) instead of the latent; ``conditions``: the
-    prompts a tile may be evaluated with (the global one and each region prompt: at most one UNet row
-    each per tile, besides the unconditional one under CFG)."""
+    prompts a tile may be evaluated with (the global one and each region prompt). A region prompt runs
+    in calls of its own, on one tile's crop at a time, so it adds time, not peak memory."""
     th, tw = (lat_h, lat_w) if tiling == "none" else (min(tile, lat_h), min(tile, lat_w))
     n = min(batch, tiles_per_step(tiling, lat_h, lat_w, tile))
     state = sampler_state_bytes(lat_h, lat_w)
     detail = f"{n} tile{'s' if n > 1 else ''} of {th}x{tw} latent px per call" + (", CFG" if cfg else "")
     if conditions > 1:
-        detail += f", {conditions - 1} region prompt{'s' if conditions > 2 else ''}"
+        detail += f", {conditions - 1} region prompt{'s' if conditions > 2 else ''} (one tile a call)"
     if banded:
         from .core.bands import band_rows
 
         rows = band_rows((1, channels, lat_h, lat_w), minimum=th)
         state = sampler_state_bytes(min(lat_h, rows + 2 * th), lat_w)
         detail += f", state on disk in bands of {rows} rows"
-    rows = n * (conditions + (1 if cfg else 0))
-    return _RUNTIME_BYTES + state + unet_activation_bytes(unet, th, tw, rows), detail
+    return _RUNTIME_BYTES + state + unet_activation_bytes(unet, th, tw, n * (2 if cfg else 1)), detail
 
 
 def _decode(vae: Any, size: tuple[int, int], vae_tile: int, on_disk: bool = False) -> int:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import PIL.Image  # noqa: E402
@@ -38,6 +39,7 @@ import torch  # noqa: E402
 from anysize import AnySizePipeline, TilingConfig  # noqa: E402
 from anysize.train.scenes import render, sample_scene  # noqa: E402
 from anysize.train.seams import band_score, profile  # noqa: E402
+from results_log import append, done_keys, run_and_tabulate  # noqa: E402
 
 SIZES = ["1024x768", "1280x720", "720x1280", "1600x400", "768x384", "512x1024", "2048x512", "4096x1024"]
 METHODS = {
@@ -73,11 +75,7 @@ def score_row(image: np.ndarray, pitch: dict, reference: np.ndarray | None, agai
 def run(args) -> None:
     pipe = AnySizePipeline.from_pretrained()
     pipe.set_progress_bar_config(disable=True)
-    done = set()
-    if args.jsonl.exists():
-        for line in args.jsonl.read_text().splitlines():
-            row = json.loads(line)
-            done.add((row["kind"], row["size"], row["scene"], row["method"]))
+    done = done_keys(args.jsonl, ("kind", "size", "scene", "method"))
     for size in args.sizes:
         width, height = map(int, size.split("x"))
         pitch = pitches(pipe, width, height)
@@ -116,9 +114,7 @@ def run(args) -> None:
                     scores = score_row(image, pitch, None, "offsets")
                 row = {"kind": kind, "size": size, "scene": i, "method": method,
                        "seconds": round(time.perf_counter() - start, 2), **scores}
-                print(json.dumps(row), flush=True)
-                with open(args.jsonl, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                append(args.jsonl, row)
                 if args.profiles_dir is not None and kind == "upscale" and i == 0:
                     np.save(args.profiles_dir / f"{size}_{method.replace(' ', '_')}.npy",
                             profile(image, "columns", truth))
@@ -191,13 +187,7 @@ def main() -> int:
     args = p.parse_args()
     if args.profiles_dir is not None:
         args.profiles_dir.mkdir(parents=True, exist_ok=True)
-    if not args.table_only:
-        args.jsonl.parent.mkdir(parents=True, exist_ok=True)
-        run(args)
-    text = table(args.jsonl)
-    print(text)
-    if args.table is not None:
-        args.table.write_text(text)
+    run_and_tabulate(args, run, table)
     if args.figure is not None and args.profiles_dir is not None:
         figure(args.profiles_dir, args.figure)
     return 0

@@ -1,13 +1,13 @@
 """Region prompts inside the tile denoiser: feathered masks and the blend of the prompts' outputs.
 
-Each tile is evaluated once with the global prompt and once with each region prompt whose mask
-reaches into it (MultiDiffusion's region control, Bar-Tal et al. 2023, done per tile inside the
-one-step-per-timestep loop). The conditional outputs are blended per pixel: a region's mask ``m`` (its
-weight times a ramp that rises over ``feather`` latent px inside its box) weighs its output, and the
-global prompt gets ``max(0, 1 - sum(m))``, so a region of weight 1 replaces it inside the box and
-neither is cut off at the box's edge. Classifier-free guidance then applies to the blend, with one
-unconditional pass per tile (guidance is linear in the conditional output, so this equals blending
-each prompt's guided output). A tile no region reaches gets the global prompt's output unchanged.
+Each tile is evaluated with the global prompt, and each region prompt whose mask reaches into it is
+evaluated on the tile's crop to the region (MultiDiffusion's region control, Bar-Tal et al. 2023, done
+per tile inside the one-step-per-timestep loop; as A1111 Tiled Diffusion's region control, a region is
+denoised as its own box, so the model composes its prompt inside the box instead of anywhere in the
+tile and having it cut by the mask). The guided outputs are blended per pixel: a region's mask ``m``
+(its weight times a ramp that rises over ``feather`` latent px inside its box) weighs its output, and
+the global prompt gets ``max(0, 1 - sum(m))``, so a region of weight 1 replaces it inside the box and
+neither is cut off at the box's edge. A tile no region reaches gets the global prompt's output unchanged.
 """
 
 from __future__ import annotations

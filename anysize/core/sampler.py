@@ -14,6 +14,7 @@ import contextlib
 import copy
 import hashlib
 import inspect
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
@@ -497,11 +498,10 @@ class UNetTileDenoiser:
         tile's ControlNet call gets the crop of the control image under that tile (every row of the
         tile: unconditional, global and region prompts), and the residuals of all of them are summed.
     ``regions``: region prompts (:class:`anysize.core.regions.TileRegion`, boxes in this latent's px):
-        each tile is also evaluated with every region prompt whose mask reaches into it, and the
-        conditional outputs are blended by the masks (:func:`anysize.core.regions.blend`). Every row of
-        the UNet batch stays independent of the others (as for tile batches), so a tile's output does
-        not depend on which tiles or regions share its call; a tile no region reaches is bit for bit
-        the tile without regions.
+        every region prompt whose mask reaches into a tile is also evaluated on the tile's crop to the
+        region, and the guided outputs are blended by the masks (:func:`anysize.core.regions.blend`).
+        Each region runs in a call of its own (one tile's crop), so a tile's output does not depend on
+        its batch; a tile no region reaches is bit for bit the tile without regions.
     """
 
     def __init__(
@@ -552,10 +552,16 @@ class UNetTileDenoiser:
             pos = self._per_box(self.prompt_embeds, n)
         if self.cond is not None:
             x = torch.cat([x, crop_tiles(self.cond, boxes).to(x.device, x.dtype)], dim=1)
-        if self.regions:
-            return self._with_regions(x, t, boxes, pos)
+        out = self._guided(x, t, boxes, pos, self.added_cond_kwargs)
+        return self._with_regions(x, t, boxes, out) if self.regions else out
+
+    def _guided(self, x: torch.Tensor, t: torch.Tensor, boxes: Sequence[Box], pos: torch.Tensor,
+                added_kwargs: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        """The guided output for tiles ``x`` at ``boxes`` (conditioning channels included) with the
+        positive embeddings ``pos`` (box-major): one UNet call, unconditional rows first under CFG."""
+        n = len(boxes)
         labels = self._per_box(self.class_labels, n)
-        added = self._added(self.added_cond_kwargs, n)
+        added = self._added(added_kwargs, n)
         control = [c.crops(boxes, x.shape[0] // n) for c in self.controls]
         if not self.do_cfg:
             return self._unet(x, t, pos, labels, added, control)
@@ -564,52 +570,54 @@ class UNetTileDenoiser:
             neg_added = self._added(self.negative_added_cond_kwargs, n)
             added = {k: torch.cat([neg_added[k], v]) for k, v in added.items()}
         out = self._unet(
-            torch.cat([x, x]), t, torch.cat([neg, pos]), None if labels is None else torch.cat([labels, labels]), added,
-            [torch.cat([c, c]) for c in control],
+            torch.cat([x, x]), t, torch.cat([neg, pos.to(neg.dtype)]),
+            None if labels is None else torch.cat([labels, labels]), added, [torch.cat([c, c]) for c in control],
         )
         uncond, cond = out.chunk(2)
         return uncond + self.guidance_scale * (cond - uncond)
 
-    def _with_regions(self, x: torch.Tensor, t: torch.Tensor, boxes: Sequence[Box], pos: torch.Tensor) -> torch.Tensor:
-        """:meth:`__call__` with region prompts: one UNet call whose rows are every tile's unconditional
-        pass (with CFG), then per tile its global prompt and each region reaching into it."""
+    def _region_crop(self, region: TileRegion, box: Box) -> Box:
+        """The part of tile ``box`` a region prompt is evaluated on: the tile cut to the region's box
+        (rounded outward to whole pixels), widened to the UNet's granularity inside the tile."""
+        top, left, bottom, right = box
+        x0, y0, x1, y1 = region.box
+        g = self.granularity
+
+        def side(lo: float, hi: float, start: int, end: int) -> tuple[int, int]:
+            a, b = max(start, math.floor(lo)), min(end, math.ceil(hi))
+            need = min(-(b - a) % g, end - start - (b - a))
+            grow = min(need, end - b)
+            return a - (need - grow), b + grow
+
+        (t0, b0), (l0, r0) = side(y0, y1, top, bottom), side(x0, x1, left, right)
+        return t0, l0, b0, r0
+
+    def _with_regions(self, x: torch.Tensor, t: torch.Tensor, boxes: Sequence[Box], out: torch.Tensor) -> torch.Tensor:
+        """Blend into each tile's guided output ``out`` the region prompts reaching into it. A region is
+        evaluated on its own crop of the tile (:meth:`_region_crop`; as A1111 Tiled Diffusion's region
+        control does), so the model composes the region's prompt inside the region rather than
+        anywhere in the tile, with its own unconditional pass; one UNet call per tile and region, so no
+        output depends on the batch."""
         per = x.shape[0] // len(boxes)  # images per box
-        images = lambda v, i: v[i * per : (i + 1) * per]  # noqa: E731
-        expand = lambda v: v if v.shape[0] == per else v.repeat(per, *([1] * (v.dim() - 1)))  # noqa: E731
-        active = [[r for r in self.regions if regions_reach(r, box)] for box in boxes]
-        control = [c.crops(boxes, per) for c in self.controls]
-        xs, embeds, added, groups, control_rows = [], [], [], [], []
-        if self.do_cfg:
-            xs.append(x)
-            embeds.append(self._per_box(self.negative_prompt_embeds, len(boxes)))
-            added.append(self._added(self.negative_added_cond_kwargs, len(boxes)))
-            control_rows.append(control)
+        results = []
         for i, box in enumerate(boxes):
-            xi = images(x, i)
-            control_rows += [[images(c, i) for c in control]] * (1 + len(active[i]))
-            conditions = [(images(pos, i), self._added(self.added_cond_kwargs, 1))]
-            conditions += [(expand(r.embeds), r.added or self._added(self.added_cond_kwargs, 1)) for r in active[i]]
-            for embed, extra in conditions:
-                xs.append(xi)
-                embeds.append(embed.to(pos.dtype))
-                added.append(None if extra is None else {k: expand(v) for k, v in extra.items()})
-            groups.append(len(conditions))
-        rows = torch.cat(xs)
-        labels = None if self.class_labels is None else self.class_labels.repeat(rows.shape[0] // per)
-        extras = None if added[0] is None else {k: torch.cat([a[k] for a in added]) for k in added[0]}
-        control = [torch.cat([r[k] for r in control_rows]) for k in range(len(self.controls))]
-        out = self._unet(rows, t, torch.cat(embeds), labels, extras, control)
-        uncond, out = (out[: x.shape[0]], out[x.shape[0] :]) if self.do_cfg else (None, out)
-        results, at = [], 0
-        for i, box in enumerate(boxes):
-            outs = [out[(at + k) * per : (at + k + 1) * per] for k in range(groups[i])]
-            at += groups[i]
-            masks = [region_mask(r, box).to(outs[0].device) for r in active[i]]
-            c = region_blend(outs[0], outs[1:], masks)
-            if uncond is not None:
-                u = images(uncond, i)
-                c = u + self.guidance_scale * (c - u)
-            results.append(c)
+            tile_out = out[i * per : (i + 1) * per]
+            active = [r for r in self.regions if regions_reach(r, box)]
+            outs, masks = [], []
+            for r in active:
+                crop = self._region_crop(r, box)
+                ct, cl, cb, cr = (crop[0] - box[0], crop[1] - box[1], crop[2] - box[0], crop[3] - box[1])
+                xi = x[i * per : (i + 1) * per, :, ct:cb, cl:cr]
+                embeds = r.embeds if r.embeds.shape[0] == per else r.embeds.repeat(per, 1, 1)
+                guided = self._guided(xi, t, [crop], embeds, r.added or self.added_cond_kwargs)
+                full = torch.zeros_like(tile_out)
+                full[:, :, ct:cb, cl:cr] = guided
+                mask = region_mask(r, box).to(tile_out.device)
+                inside = torch.zeros_like(mask)
+                inside[ct:cb, cl:cr] = 1
+                outs.append(full)
+                masks.append(mask * inside)
+            results.append(region_blend(tile_out, outs, masks))
         return torch.cat(results)
 
     def _added(self, kwargs: dict[str, torch.Tensor] | None, n_boxes: int) -> dict[str, torch.Tensor] | None:

@@ -1,0 +1,139 @@
+"""Region prompts on the default model: are the requested objects drawn in their boxes?
+
+Each layout puts two objects of different colours and shapes (``anysize.train.scenes``' vocabulary) in
+two boxes: the two halves of the canvas along its long axis, in a random order. The global prompt
+names both ("a large red circle and a large blue square on grass", in a random order too, so it does
+not say where); each region prompt names its own object and the background. The same layout, seed
+and global prompt are generated twice: with the regions, and without them (the baseline: where the
+model puts each object on its own). ``anysize.train.evaluate.detect_objects`` finds the objects; an
+object counts as *placed* when a detection of its shape and colour has its centre inside its box, and
+a layout is *exact* when both are placed and nothing else is detected.
+
+    .venv/bin/python benchmarks/regions.py --layouts 100 --jsonl benchmarks/results/regions.jsonl \\
+        --table benchmarks/results/regions.md
+
+Sizes: by default stage 1 alone, at the default model's bucket of each ratio (4:1 and 1:4: the 2:1
+bucket's image stretched 2x, a resize); ``--full WxH`` runs both stages at that size instead. Each row is appended to ``--jsonl`` as it comes and a
+rerun skips the rows there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from anysize import AnySizePipeline  # noqa: E402
+from anysize.train.evaluate import detect_objects  # noqa: E402
+from anysize.train.scenes import BACKGROUND_PHRASES, COLORS  # noqa: E402
+from results_log import append, done_keys, run_and_tabulate  # noqa: E402
+
+SHAPES = ("circle", "square", "triangle")  # the shapes the default model draws most reliably at 64 px
+# W:H -> the stage-1-only size: the default model's bucket, or (4:1, 1:4) the 2:1 bucket stretched 2x
+SIZES = {"4:1": (256, 64), "2:1": (128, 64), "1:1": (80, 80), "1:2": (64, 128), "1:4": (64, 256)}
+
+
+def layout(seed: int, aspect: float) -> dict:
+    """Two objects (distinct colour and shape) in the two halves along the long axis, a background."""
+    rng = np.random.default_rng(seed)
+    colors = rng.choice(list(COLORS), 2, replace=False)
+    shapes = rng.choice(SHAPES, 2, replace=False)
+    background = str(rng.choice(["grass", "sand", "water"]))
+    halves = [(0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)] if aspect <= 1 else [(0.0, 0.0, 1.0, 0.5), (0.0, 0.5, 1.0, 1.0)]
+    objects = [{"shape": str(s), "color": str(c), "box": b} for s, c, b in zip(shapes, colors, halves)]
+    said = [objects[i] for i in rng.permutation(2)]  # the global prompt's order: not the layout's
+    phrase = lambda o: f"a large {o['color']} {o['shape']}"  # noqa: E731
+    where = BACKGROUND_PHRASES[background]
+    return {"objects": objects, "prompt": f"{phrase(said[0])} and {phrase(said[1])} {where}",
+            "regions": [(o["box"], f"{phrase(o)} {where}") for o in objects]}
+
+
+def score(image: np.ndarray, objects: list[dict]) -> dict:
+    found = detect_objects(image)
+    placed = []
+    for o in objects:
+        x0, y0, x1, y1 = o["box"]
+        placed.append(any(d.shape == o["shape"] and d.color == o["color"] and x0 <= d.cx <= x1 and y0 <= d.cy <= y1
+                          for d in found))
+    matched = [any(d.shape == o["shape"] and d.color == o["color"] for d in found) for o in objects]
+    return {"placed": sum(placed), "found": sum(matched), "detections": len(found),
+            "exact": bool(all(placed) and len(found) == len(objects))}
+
+
+def run(args) -> None:
+    pipe = AnySizePipeline.from_pretrained()
+    pipe.set_progress_bar_config(disable=True)
+    done = done_keys(args.jsonl, ("ratio", "size", "layout", "method"))
+    sizes = [tuple(map(int, args.full.split("x")))] if args.full else [SIZES[r] for r in args.ratios]
+    for width, height in sizes:
+        aspect, ratio, size = height / width, _ratio_label(width, height), f"{width}x{height}"
+        for i in range(args.layouts):
+            spec = layout(args.seed + i, aspect)
+            for method in ("regions", "none"):
+                if (ratio, size, i, method) in done:
+                    continue
+                start = time.perf_counter()
+                image = pipe(spec["prompt"], width=width, height=height, num_inference_steps=args.steps,
+                             upscale_inference_steps=args.upscale_steps, guidance_scale=4, upscale_guidance_scale=1,
+                             regions=spec["regions"] if method == "regions" else None,
+                             generator=torch.Generator().manual_seed(args.seed + i)).images[0]
+                row = {"ratio": ratio, "size": size, "layout": i, "method": method,
+                       "seconds": round(time.perf_counter() - start, 2), **score(np.asarray(image), spec["objects"])}
+                append(args.jsonl, row)
+                if args.samples is not None and i < 4:
+                    args.samples.mkdir(parents=True, exist_ok=True)
+                    image.save(args.samples / f"{ratio.replace(':', 'x')}_{size}_{i}_{method}.png")
+
+
+def table(jsonl: Path) -> str:
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    keys = sorted({(r["ratio"], r["size"]) for r in rows}, key=lambda k: tuple(int(v) for v in k[1].split("x")))
+    lines = ["| W:H | size | layouts | objects in their box: regions | no regions | exact layout: regions | "
+             "no regions | s/image: regions | no regions |", "|---|---|---|---|---|---|---|---|---|"]
+    for ratio, size in keys:
+        by = {m: [r for r in rows if (r["ratio"], r["size"], r["method"]) == (ratio, size, m)] for m in ("regions", "none")}
+        n = min(len(by["regions"]), len(by["none"]))
+        if n == 0:
+            continue
+        cells = []
+        for metric in ("placed", "exact"):
+            for m in ("regions", "none"):
+                values = [r[metric] for r in by[m][:n]]
+                cells.append(f"{sum(values) / (n * (2 if metric == 'placed' else 1)):.0%}")
+        secs = [f"{np.median([r['seconds'] for r in by[m][:n]]):.1f}" for m in ("regions", "none")]
+        lines.append(f"| {ratio} | {size} | {n} | " + " | ".join(cells + secs) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _ratio_label(w: int, h: int) -> str:
+    r = w / h
+    return f"{r:g}:1" if r >= 1 else f"1:{1 / r:g}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ratios", nargs="+", default=list(SIZES), choices=list(SIZES), help="W:H")
+    p.add_argument("--layouts", type=int, default=100)
+    p.add_argument("--seed", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=20, help="stage-1 steps")
+    p.add_argument("--upscale-steps", type=int, default=20)
+    p.add_argument("--full", default=None, metavar="WxH", help="both stages at this size instead of stage 1 alone")
+    p.add_argument("--jsonl", type=Path, required=True)
+    p.add_argument("--table", type=Path, default=None)
+    p.add_argument("--samples", type=Path, default=None, help="save the first 4 layouts' images here")
+    p.add_argument("--table-only", action="store_true")
+    args = p.parse_args()
+    run_and_tabulate(args, run, table)
+
+
+if __name__ == "__main__":
+    main()
