@@ -283,8 +283,9 @@ def _phase_denoiser(ctx: Context, phase: Phase, prompt: str, **extra) -> UNetTil
 
 
 def _tile_region(model, region: Region, size: Size, latent: tuple[int, int] | None) -> TileRegion:
-    """A region's prompt embedded (positive only: the unconditional pass is the tile's) and its box
-    on this phase's latent, with the feather :data:`anysize.regions.FEATHER` of its shorter side."""
+    """A region's prompt embedded (positive only: its crop's unconditional pass takes the negative
+    prompt) and its box on this phase's latent, with the feather :data:`anysize.regions.FEATHER` of
+    its shorter side."""
     device = model.unet.device
     lat_h, lat_w = latent
     x0, y0, x1, y1 = region.box
@@ -317,7 +318,7 @@ def _sample(ctx: Context, phase: Phase, den, latents: torch.Tensor, stage: str, 
 
 def stage1(ctx: Context, phase: Phase, prompt: str) -> torch.Tensor:
     """Base model at the bucket (untiled), or at the request's ratio (panorama), tiled or not."""
-    model, req = phase.model, ctx.plan.request
+    model = phase.model
     den = _phase_denoiser(ctx, phase, prompt)
     model.scheduler.set_timesteps(phase.steps)
     shape = (1, model.unet.config.in_channels, *phase.latent)
@@ -347,7 +348,7 @@ def _sr_pass_banded(ctx: Context, phase: Phase, image: PIL.Image.Image, prompt: 
                     level: torch.Tensor) -> bands.DiskTensor:
     """:func:`sr_pass` with the conditioning image and the latents on disk, written band by band from
     the same noise draws in the same order (so the same values as in memory)."""
-    model, req, (_, _, lat_h, lat_w) = phase.model, ctx.plan.request, shape
+    model, (_, _, lat_h, lat_w) = phase.model, shape
     dtype, device = model.unet.dtype, ctx.device
     work = _band_work(ctx, shape, phase.tiling.tile_size, dtype)
     cond = ctx.scratch.enter_context(bands.DiskTensor(work.dir / "cond.raw", (1, 3, lat_h, lat_w), dtype))

@@ -96,9 +96,13 @@ def run(args) -> None:
 
 def table(jsonl: Path) -> str:
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
-    keys = sorted({(r["ratio"], r["size"]) for r in rows}, key=lambda k: tuple(int(v) for v in k[1].split("x")))
+    def order(key):
+        w, h = (int(v) for v in key[1].split("x"))
+        return (-w / h, w * h)
+
+    keys = sorted({(r["ratio"], r["size"]) for r in rows}, key=order)
     lines = ["| W:H | size | layouts | objects in their box: regions | no regions | exact layout: regions | "
-             "no regions | s/image: regions | no regions |", "|---|---|---|---|---|---|---|---|---|"]
+             "no regions |", "|---|---|---|---|---|---|---|"]
     for ratio, size in keys:
         by = {m: [r for r in rows if (r["ratio"], r["size"], r["method"]) == (ratio, size, m)] for m in ("regions", "none")}
         n = min(len(by["regions"]), len(by["none"]))
@@ -109,9 +113,31 @@ def table(jsonl: Path) -> str:
             for m in ("regions", "none"):
                 values = [r[metric] for r in by[m][:n]]
                 cells.append(f"{sum(values) / (n * (2 if metric == 'placed' else 1)):.0%}")
-        secs = [f"{np.median([r['seconds'] for r in by[m][:n]]):.1f}" for m in ("regions", "none")]
-        lines.append(f"| {ratio} | {size} | {n} | " + " | ".join(cells + secs) + " |")
+        lines.append(f"| {ratio} | {size} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def figure(samples: Path, size: str, seed: int, out: Path, n: int = 3) -> None:
+    """The first ``n`` layouts at ``size`` from ``samples``: without regions (left) and with (right),
+    the requested boxes drawn in white with their object's name."""
+    import PIL.Image
+    import PIL.ImageDraw
+
+    w, h = (int(v) for v in size.split("x"))
+    cw, ch = 512, round(512 * h / w)
+    canvas = PIL.Image.new("RGB", (2 * cw + 8, n * (ch + 8) - 8), "white")
+    for i in range(n):
+        spec = layout(seed + i, h / w)
+        for k, method in enumerate(("none", "regions")):
+            name = samples / f"{_ratio_label(w, h).replace(':', 'x')}_{size}_{i}_{method}.png"
+            image = PIL.Image.open(name).convert("RGB").resize((cw, ch), PIL.Image.Resampling.LANCZOS)
+            draw = PIL.ImageDraw.Draw(image)
+            for o in spec["objects"]:
+                x0, y0, x1, y1 = o["box"]
+                draw.rectangle([x0 * cw + 1, y0 * ch + 1, x1 * cw - 2, y1 * ch - 2], outline="white")
+                draw.text((x0 * cw + 6, y0 * ch + 4), f"{o['color']} {o['shape']}", fill="white")
+            canvas.paste(image, (k * (cw + 8), i * (ch + 8)))
+    canvas.save(out, quality=88)
 
 
 def _ratio_label(w: int, h: int) -> str:
@@ -131,8 +157,12 @@ def main() -> None:
     p.add_argument("--table", type=Path, default=None)
     p.add_argument("--samples", type=Path, default=None, help="save the first 4 layouts' images here")
     p.add_argument("--table-only", action="store_true")
+    p.add_argument("--figure", type=Path, default=None,
+                   help="with --samples and --full: the first 3 layouts without and with regions (JPEG)")
     args = p.parse_args()
     run_and_tabulate(args, run, table)
+    if args.figure is not None and args.samples is not None and args.full:
+        figure(args.samples, args.full, args.seed, args.figure)
 
 
 if __name__ == "__main__":
