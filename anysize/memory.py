@@ -328,17 +328,17 @@ def banded_sampling(lat_h: int, lat_w: int, latent_memory: int | None = None, ti
 
 
 def _sampling(unet: Any, lat_h: int, lat_w: int, tiling: str, tile: int, batch: int, cfg: bool,
-              banded: bool = False, channels: int = 4, conditions: int = 1) -> tuple[int, str]:
+              banded: bool = False, channels: int = 4, regions: int = 0) -> tuple[int, str]:
     """(device bytes, description) of tiled sampling on a ``lat_h x lat_w`` latent; ``banded``: the
-    state held is a band (and the tiles reaching past it) instead of the latent; ``conditions``: the
-    prompts a tile may be evaluated with (the global one and each region prompt). A region prompt runs
-    in calls of its own, on one tile's crop at a time, so it adds time, not peak memory."""
+    state held is a band (and the tiles reaching past it) instead of the latent; ``regions``: the
+    request's region prompts, named in the description only: a region prompt runs in calls of its own,
+    on one tile's crop at a time, so it adds time, not peak memory."""
     th, tw = (lat_h, lat_w) if tiling == "none" else (min(tile, lat_h), min(tile, lat_w))
     n = min(batch, tiles_per_step(tiling, lat_h, lat_w, tile))
     state = sampler_state_bytes(lat_h, lat_w)
     detail = f"{n} tile{'s' if n > 1 else ''} of {th}x{tw} latent px per call" + (", CFG" if cfg else "")
-    if conditions > 1:
-        detail += f", {conditions - 1} region prompt{'s' if conditions > 2 else ''} (one tile a call)"
+    if regions:
+        detail += f", {regions} region prompt{'s' if regions > 1 else ''} (one tile a call)"
     if banded:
         from .core.bands import band_rows
 
@@ -362,6 +362,7 @@ def _stages(run: Any, batch: int, vae_tile: int) -> tuple[StagePeak, ...]:
     """Every phase's peak of the :class:`~anysize.plan.RunPlan` ``run`` for tile batch ``batch`` and
     VAE tile ``vae_tile``, in the order the pipeline runs them."""
     stages: list[StagePeak] = []
+    regions = len(run.request.regions)
     reference = _px(run.source) * 4  # the stage-2 input (a PIL image), kept for the colour fix
     previous = 0  # pixels of the previous pass, whose uint8 array and PIL image stay alive
     for phase in run.phases:
@@ -369,14 +370,14 @@ def _stages(run: Any, batch: int, vae_tile: int) -> tuple[StagePeak, ...]:
         if kind == "base":
             lat_h, lat_w = phase.latent
             device, detail = _sampling(phase.unet, lat_h, lat_w, phase.tiling.method, phase.tiling.tile_size, batch,
-                                       phase.cfg, conditions=phase.conditions)
+                                       phase.cfg, regions=regions)
             where = "panorama" if run.panorama else "bucket"
             stages.append(StagePeak(phase.name, "sample", f"{where} {w}x{h}: {detail}", device, 0))
         elif kind in ("sr", "img2img"):
             lat_h, lat_w = phase.latent
             vae = phase.vae
             device, detail = _sampling(phase.unet, lat_h, lat_w, phase.tiling.method, phase.tiling.tile_size, batch,
-                                       phase.cfg, phase.banded, vae.config.latent_channels, phase.conditions)
+                                       phase.cfg, phase.banded, vae.config.latent_channels, regions)
             if kind == "sr":
                 host = lat_h * lat_w * 4  # the conditioning image, resized
             else:

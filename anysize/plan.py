@@ -111,7 +111,6 @@ class Phase:
     vae_tile_size: int | None = None
     streaming: bool = False
     last: bool = False  # the last sampling phase, or its decode
-    conditions: int = 1  # prompts a tile may be evaluated with: the global one and each region's
     model: Any = field(default=None, compare=False, repr=False)  # the diffusers pipeline it runs
 
     @property
@@ -242,8 +241,7 @@ def build(request: Request, *, base_model=None, upscaler=None, buckets=None, gra
         if untiled:
             tiling = dataclasses.replace(tiling, method="none")
         banded = kind != "base" and banded_sampling(lat[0], lat[1], limit, tiling.method)
-        return Phase(kind, name, size, lat, tiling, banded, steps, guidance, model=model,
-                     conditions=1 + len(request.regions))
+        return Phase(kind, name, size, lat, tiling, banded, steps, guidance, model=model)
 
     def decode(sampled: Phase, last: bool) -> Phase:
         return Phase("decode", f"{sampled.name} decode", sampled.size, sampled.latent, banded=sampled.banded,

@@ -257,8 +257,7 @@ def denoiser(model, prompt: str, negative_prompt: str | None, guidance_scale: fl
     ``regions`` (:class:`anysize.regions.Region`, fraction boxes) placed on the ``latent`` (h, w)."""
     do_cfg = guidance_scale > 1.0
     device = model.unet.device
-    added = negative_added = None
-    tile_regions = [_tile_region(model, r, size, latent) for r in regions]
+    added = negative_added = ids = None
     if models.model_kind(model).is_sdxl:
         pos, neg, pooled, neg_pooled = model.encode_prompt(
             prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=do_cfg,
@@ -269,6 +268,7 @@ def denoiser(model, prompt: str, negative_prompt: str | None, guidance_scale: fl
         negative_added = {"text_embeds": neg_pooled, "time_ids": ids} if do_cfg else None
     else:
         pos, neg = model.encode_prompt(prompt, device, 1, do_cfg, negative_prompt)
+    tile_regions = [_tile_region(model, r, latent, ids) for r in regions]
     return UNetTileDenoiser(model.unet, pos, negative_prompt_embeds=neg, guidance_scale=guidance_scale,
                             added_cond_kwargs=added, negative_added_cond_kwargs=negative_added,
                             regions=tile_regions, **extra)
@@ -282,22 +282,20 @@ def _phase_denoiser(ctx: Context, phase: Phase, prompt: str, **extra) -> UNetTil
                     regions=req.regions, latent=phase.latent, **extra)
 
 
-def _tile_region(model, region: Region, size: Size, latent: tuple[int, int] | None) -> TileRegion:
+def _tile_region(model, region: Region, latent: tuple[int, int], time_ids: torch.Tensor | None) -> TileRegion:
     """A region's prompt embedded (positive only: its crop's unconditional pass takes the negative
     prompt) and its box on this phase's latent, with the feather :data:`anysize.regions.FEATHER` of
-    its shorter side."""
+    its shorter side. ``time_ids``: SDXL's, the global prompt's (None for other models)."""
     device = model.unet.device
     lat_h, lat_w = latent
     x0, y0, x1, y1 = region.box
     box = (x0 * lat_w, y0 * lat_h, x1 * lat_w, y1 * lat_h)
     feather = FEATHER * min(box[2] - box[0], box[3] - box[1])
     added = None
-    if models.model_kind(model).is_sdxl:
+    if time_ids is not None:
         embeds, _, pooled, _ = model.encode_prompt(region.prompt, device=device, num_images_per_prompt=1,
                                                    do_classifier_free_guidance=False)
-        w, h = size
-        added = {"text_embeds": pooled, "time_ids": torch.tensor([[h, w, 0, 0, h, w]], device=device,
-                                                                  dtype=embeds.dtype)}
+        added = {"text_embeds": pooled, "time_ids": time_ids}
     else:
         embeds, _ = model.encode_prompt(region.prompt, device, 1, False)
     return TileRegion(embeds, box, region.weight, feather, (lat_h, lat_w), added)

@@ -65,10 +65,10 @@ def residuals(controls: Sequence[TileControl], rows: Sequence[torch.Tensor], x: 
     crops in ``rows``), as the UNet's ``down_block_additional_residuals`` /
     ``mid_block_additional_residual`` keywords; {} when none acts at ``t``."""
     down = mid = None
+    extra = {"added_cond_kwargs": kwargs["added_cond_kwargs"]} if "added_cond_kwargs" in kwargs else {}
     for control, cond in zip(controls, rows):
         if not control.active(t):
             continue
-        extra = {k: v for k, v in kwargs.items() if k in ("added_cond_kwargs",)}
         d, m = control.model(x, t, encoder_hidden_states=kwargs["encoder_hidden_states"],
                              controlnet_cond=cond.to(x.device, x.dtype), conditioning_scale=control.scale,
                              return_dict=False, **extra)

@@ -612,11 +612,8 @@ class UNetTileDenoiser:
                 guided = self._guided(xi, t, [crop], embeds, r.added or self.added_cond_kwargs)
                 full = torch.zeros_like(tile_out)
                 full[:, :, ct:cb, cl:cr] = guided
-                mask = region_mask(r, box).to(tile_out.device)
-                inside = torch.zeros_like(mask)
-                inside[ct:cb, cl:cr] = 1
                 outs.append(full)
-                masks.append(mask * inside)
+                masks.append(region_mask(r, box).to(tile_out.device))  # zero outside the crop already
             results.append(region_blend(tile_out, outs, masks))
         return torch.cat(results)
 
