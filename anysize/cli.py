@@ -215,6 +215,20 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "(pixels, or fractions when every number is <= 1: '0,0,0.5,1:a red circle on grass' is "
                         "the left half); repeatable. Inside the box it replaces the prompt (weight 1, default) "
                         "or shares it, with feathered edges, in both stages")
+    control = p.add_argument_group("ControlNet")
+    control.add_argument("--controlnet", action="append", default=None, metavar="PATH",
+                         help="a ControlNet of the base model (diffusers directory, .safetensors file or hub id); "
+                              "repeatable, each with its own --control-image")
+    control.add_argument("--control-image", action="append", default=None, metavar="IMAGE",
+                         help="the control image of each --controlnet, in order (any size: resized to each phase, "
+                              "so give it at the output's ratio), or 'tile': each stage-2 pass's own input "
+                              "(ControlNet-tile upscaling, with --img2img)")
+    control.add_argument("--controlnet-scale", type=_float_in(0, math.inf), action="append", default=None,
+                         metavar="X", help="conditioning scale, once for all or once per ControlNet (default 1)")
+    control.add_argument("--control-start", type=_float_in(0, 1), action="append", default=None, metavar="X",
+                         help="fraction of each phase's steps before a ControlNet starts acting (default 0)")
+    control.add_argument("--control-end", type=_float_in(0, 1), action="append", default=None, metavar="X",
+                         help="fraction of each phase's steps after which it stops (default 1)")
     p.add_argument("--color-fix", choices=("adain", "none"), default="adain",
                    help="match stage 2's colour statistics to its input's (default adain)")
     p.add_argument("--strength", type=_float_in(0, 1, low_open=True), default=0.3, metavar="X",
@@ -251,7 +265,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _upscale(args: argparse.Namespace) -> int:
-    source = _read_image(args.image)
+    source = _read_image(args.image, "IMAGE")
     extra = {"steps": args.steps, "source": str(args.image), "source_size": list(source.size)}
     return _run(args, source, extra, call="upscale", prompt=args.prompt, num_inference_steps=None,
                 upscale_inference_steps=args.steps, guidance_scale=1.0, source_size=source.size)
@@ -261,6 +275,7 @@ def _run(args: argparse.Namespace, source, extra: dict, **request) -> int:
     """One Request from the options, planned once (the memory plan and the stage plan printed before
     anything runs: a request that cannot fit stops here with the numbers), then run once."""
     out = check_output_path(args.output, args.size)
+    controls = _control_images(args)  # read before the models load: a bad file stops at once
     pipe = _load(args)
     from .request import Request
     from .stages import image_digest
@@ -271,13 +286,43 @@ def _run(args: argparse.Namespace, source, extra: dict, **request) -> int:
     request = Request(width=args.size[0], height=args.size[1], strength=args.strength, tiling=_tiling(args),
                       tile_size=args.tile_size, tile_batch_size=args.tile_batch, vae_tile_size=args.vae_tile,
                       max_memory=args.max_memory, latent_memory=args.latent_memory, color_fix=args.color_fix,
-                      regions=tuple(args.region or ()), **_file_kwargs(args, pipe, seed, out, extra), **request)
+                      regions=tuple(args.region or ()), **_control_kwargs(args, controls),
+                      **_file_kwargs(args, pipe, seed, out, extra), **request)
     plan = pipe.plan_run(request)
     _say(args, plan.memory.describe())
     _say(args, f"{plan.describe()}; seed {seed}")
     if args.run_dir is not None:
         plan = dataclasses.replace(plan, request=dataclasses.replace(plan.request, **_run_kwargs(args, seed)))
-    return _done(pipe.run(plan, image=source, generator=_generator(seed)))
+    return _done(pipe.run(plan, image=source, generator=_generator(seed), control_image=controls))
+
+
+def _control_images(args: argparse.Namespace) -> tuple:
+    """The ``--control-image`` files read (or 'tile'), one per ``--controlnet``."""
+    from .request import TILE
+
+    given, nets = args.control_image or [], args.controlnet or []
+    if len(given) != len(nets):
+        raise UsageError(f"--control-image: {len(given)} given for {len(nets)} --controlnet; pass one per "
+                         f"ControlNet, in order (a file, or '{TILE}')")
+    return tuple(TILE if path == TILE else _read_image(path, "--control-image") for path in given)
+
+
+def _control_kwargs(args: argparse.Namespace, controls: tuple) -> dict[str, Any]:
+    """The Request's ControlNet fields: the images' digests, and each setting once for all or one per ControlNet."""
+    if not controls:
+        for flag in ("controlnet_scale", "control_start", "control_end"):
+            if getattr(args, flag) is not None:
+                raise UsageError(f"--{flag.replace('_', '-')}: sets a ControlNet; pass --controlnet and --control-image")
+        return {}
+    from .pipeline import _digests
+
+    out: dict[str, Any] = {"control_images": _digests(controls)}
+    for flag, name in (("controlnet_scale", "controlnet_conditioning_scale"), ("control_start", "control_guidance_start"),
+                       ("control_end", "control_guidance_end")):
+        values = getattr(args, flag)
+        if values is not None:
+            out[name] = values[0] if len(values) == 1 else tuple(values)
+    return out
 
 
 def _tiling(args: argparse.Namespace):
@@ -321,10 +366,11 @@ def _buckets(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a VAE, a base model or an x4 upscaler; fine-tune on your images",
+    p = sub.add_parser("train", help="train a VAE, a base model, an x4 upscaler or a ControlNet; fine-tune on your images",
                        description="Aspect-ratio bucketed training (ARAD): every batch from one bucket. "
                                    "Run again with the same -o to resume from the last checkpoint.")
-    p.add_argument("task", choices=("vae", "base", "upscaler"), help="what to train")
+    p.add_argument("task", choices=("vae", "base", "upscaler", "controlnet"),
+                   help="what to train (controlnet: of the --init base model, on the scenes' object silhouettes)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="run directory (checkpoints, model/)")
     p.add_argument("--data", default="scenes", metavar="SRC",
                    help="'scenes' (the procedural domain) or a folder of images with .txt captions")
@@ -460,7 +506,8 @@ def _load(args: argparse.Namespace):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # the libraries' deprecation notices
         pipe = AnySizePipeline.from_pretrained(args.base, args.upscaler, device=args.device, dtype=args.dtype,
-                                               allow_pickle=args.allow_pickle, img2img=args.img2img)
+                                               allow_pickle=args.allow_pickle, img2img=args.img2img,
+                                               controlnet=args.controlnet)
     pipe.set_progress_bar_config(disable=args.quiet)
     return pipe
 
@@ -493,19 +540,19 @@ def _check_device(device: str | None) -> None:
         raise UsageError(f"--device '{device}': {kind} is not available on this machine")
 
 
-def _read_image(path: str):
-    """The input image as RGB; a one-line ValueError when it cannot be read."""
+def _read_image(path: str, name: str):
+    """The input image as RGB; a one-line ValueError (naming the option ``name``) when it cannot be read."""
     import PIL.Image
 
     try:
         with PIL.Image.open(path) as image:
             return image.convert("RGB")
     except PIL.UnidentifiedImageError:
-        raise ValueError(f"IMAGE '{path}': not an image file Pillow can read") from None
+        raise ValueError(f"{name} '{path}': not an image file Pillow can read") from None
     except FileNotFoundError:
-        raise ValueError(f"IMAGE '{path}': no such file") from None
+        raise ValueError(f"{name} '{path}': no such file") from None
     except (OSError, SyntaxError, PIL.Image.DecompressionBombError) as exc:
-        raise ValueError(f"IMAGE '{path}': cannot be read ({_one_line(str(exc))})") from None
+        raise ValueError(f"{name} '{path}': cannot be read ({_one_line(str(exc))})") from None
 
 
 def _pick_seed(args: argparse.Namespace) -> int:

@@ -144,6 +144,23 @@ def unet_activation_bytes(unet: Any, height: int, width: int, batch: int) -> int
     return int(live * features * batch * _dtype_bytes(unet.dtype) + _largest_weight_bytes(unet))
 
 
+def controlnet_bytes(nets: list, height: int, width: int, batch: int) -> int:
+    """Extra activation bytes of ControlNets steering a UNet call on ``batch`` latents of ``height x
+    width``: the residuals they hand the UNet (every down block's outputs and the mid block's, live
+    through the UNet call; twice over with several ControlNets, the sum and the next one's) and the
+    ControlNet call's own working set beyond them (its largest weight; its activations are freed
+    before the UNet's peak). An estimate from the configs, not calibrated by a measured peak."""
+    if not nets:
+        return 0
+    config = nets[0].config
+    residual = sum(c * math.ceil(height / 2**i) * math.ceil(width / 2**i) * (int(config.layers_per_block) + 1)
+                   for i, c in enumerate(config.block_out_channels))
+    residual += config.block_out_channels[-1] * math.ceil(height / 2 ** (len(config.block_out_channels) - 1)) \
+        * math.ceil(width / 2 ** (len(config.block_out_channels) - 1))
+    sets = 2 if len(nets) > 1 else 1
+    return int(residual * batch * sets * _dtype_bytes(nets[0].dtype) + max(_largest_weight_bytes(n) for n in nets))
+
+
 def _vae_bytes_per_value(vae: Any) -> int:
     """float32 when the config asks for an upcast (SD's fp16-unsafe VAE); else the VAE's dtype."""
     return 4 if getattr(vae.config, "force_upcast", False) else _dtype_bytes(vae.dtype)
@@ -328,24 +345,29 @@ def banded_sampling(lat_h: int, lat_w: int, latent_memory: int | None = None, ti
 
 
 def _sampling(unet: Any, lat_h: int, lat_w: int, tiling: str, tile: int, batch: int, cfg: bool,
-              banded: bool = False, channels: int = 4, regions: int = 0) -> tuple[int, str]:
+              banded: bool = False, channels: int = 4, regions: int = 0, controlnets=()) -> tuple[int, str]:
     """(device bytes, description) of tiled sampling on a ``lat_h x lat_w`` latent; ``banded``: the
     state held is a band (and the tiles reaching past it) instead of the latent; ``regions``: the
     request's region prompts, named in the description only: a region prompt runs in calls of its own,
-    on one tile's crop at a time, so it adds time, not peak memory."""
+    on one tile's crop at a time, so it adds time, not peak memory; ``controlnets``: the ControlNets
+    steering it (:func:`controlnet_bytes`)."""
     th, tw = (lat_h, lat_w) if tiling == "none" else (min(tile, lat_h), min(tile, lat_w))
     n = min(batch, tiles_per_step(tiling, lat_h, lat_w, tile))
     state = sampler_state_bytes(lat_h, lat_w)
     detail = f"{n} tile{'s' if n > 1 else ''} of {th}x{tw} latent px per call" + (", CFG" if cfg else "")
     if regions:
         detail += f", {regions} region prompt{'s' if regions > 1 else ''} (one tile a call)"
+    calls = n * (2 if cfg else 1)  # UNet batch rows
+    if controlnets:
+        detail += f", {len(controlnets)} ControlNet{'s' if len(controlnets) > 1 else ''}"
     if banded:
         from .core.bands import band_rows
 
         rows = band_rows((1, channels, lat_h, lat_w), minimum=th)
         state = sampler_state_bytes(min(lat_h, rows + 2 * th), lat_w)
         detail += f", state on disk in bands of {rows} rows"
-    return _RUNTIME_BYTES + state + unet_activation_bytes(unet, th, tw, n * (2 if cfg else 1)), detail
+    return (_RUNTIME_BYTES + state + unet_activation_bytes(unet, th, tw, calls)
+            + controlnet_bytes(list(controlnets), th, tw, calls)), detail
 
 
 def _decode(vae: Any, size: tuple[int, int], vae_tile: int, on_disk: bool = False) -> int:
@@ -367,17 +389,20 @@ def _stages(run: Any, batch: int, vae_tile: int) -> tuple[StagePeak, ...]:
     previous = 0  # pixels of the previous pass, whose uint8 array and PIL image stay alive
     for phase in run.phases:
         (w, h), kind = phase.size, phase.kind
+        nets = [run.controlnets[k] for k in phase.controls]
+        # the control images at the phase's latent x VAE factor, uint8 on the host
+        control = len(nets) * 3 * math.prod(phase.latent) * _factor(phase.vae) ** 2 if nets else 0
         if kind == "base":
             lat_h, lat_w = phase.latent
             device, detail = _sampling(phase.unet, lat_h, lat_w, phase.tiling.method, phase.tiling.tile_size, batch,
-                                       phase.cfg, regions=regions)
+                                       phase.cfg, regions=regions, controlnets=nets)
             where = "panorama" if run.panorama else "bucket"
-            stages.append(StagePeak(phase.name, "sample", f"{where} {w}x{h}: {detail}", device, 0))
+            stages.append(StagePeak(phase.name, "sample", f"{where} {w}x{h}: {detail}", device, control))
         elif kind in ("sr", "img2img"):
             lat_h, lat_w = phase.latent
             vae = phase.vae
             device, detail = _sampling(phase.unet, lat_h, lat_w, phase.tiling.method, phase.tiling.tile_size, batch,
-                                       phase.cfg, phase.banded, vae.config.latent_channels, regions)
+                                       phase.cfg, phase.banded, vae.config.latent_channels, regions, nets)
             if kind == "sr":
                 host = lat_h * lat_w * 4  # the conditioning image, resized
             else:
@@ -388,7 +413,7 @@ def _stages(run: Any, batch: int, vae_tile: int) -> tuple[StagePeak, ...]:
                 device += lat_h * lat_w * _ENCODE_FLOATS * 4 + max(encode, stats)
                 host = px_h * px_w * (3 + 4)  # the resized input as a PIL image and a uint8 array
             stages.append(StagePeak(phase.name, "sample", f"{w}x{h}: {detail}", device,
-                                    reference + previous * (3 + 4) + host))
+                                    reference + previous * (3 + 4) + host + control))
         elif kind == "decode" and run.base is not None and phase.name == "stage 1 decode":
             stages.append(StagePeak(phase.name, "decode", f"{w}x{h}, VAE tile {vae_tile}",
                                     _decode(phase.vae, phase.size, vae_tile), _px(phase.size) * (3 + 4)))

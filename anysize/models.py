@@ -177,3 +177,71 @@ def describe(source) -> str:
         except (OSError, KeyError, json.JSONDecodeError):
             return p.name
     return str(source)
+
+
+# ---------------------------------------------------------------------- ControlNets
+def controlnet_factor(net) -> int:
+    """Control-image pixels per latent pixel: the conditioning embedding halves once per stage after the first."""
+    channels = getattr(net.config, "conditioning_embedding_out_channels", None) or (16, 32, 96, 256)
+    return 2 ** (len(channels) - 1)
+
+
+def load_controlnet(source, *, device: torch.device, dtype: torch.dtype, allow_pickle: bool = False):
+    """A diffusers ``ControlNetModel`` from a directory (``config.json`` + weights), a single
+    ``.safetensors`` file, a hub id, or a loaded model (moved to ``device`` / ``dtype``). Raises
+    :class:`ModelLoadError` with one line."""
+    from diffusers import ControlNetModel
+    from diffusers.utils import logging as dlogging
+
+    if isinstance(source, torch.nn.Module):
+        if not hasattr(getattr(source, "config", None), "conditioning_embedding_out_channels"):
+            raise ModelLoadError(f"controlnet: a {type(source).__name__} is not a diffusers ControlNetModel")
+        return source.to(device, dtype).eval()
+    path = Path(source).expanduser()
+    dlogging.set_verbosity_error()
+    try:
+        if path.is_dir():
+            config = path / "config.json"
+            if not config.is_file():
+                raise ModelLoadError(f"controlnet {path}: directory has no config.json (not a diffusers ControlNet)")
+            name = json.loads(config.read_text()).get("_class_name", "")
+            if name != "ControlNetModel":
+                raise ModelLoadError(f"controlnet {path}: is a {name or 'model of unknown class'}; anysize runs "
+                                     "diffusers ControlNetModel checkpoints (SD 1.x/2.x and SDXL)")
+            if _dir_has_only_pickle(path) and not allow_pickle:
+                raise ModelLoadError(
+                    f"controlnet {path}: holds only pickle weights (.bin), which can run arbitrary code when "
+                    "loaded; convert them to .safetensors, or pass allow_pickle=True (CLI: --allow-pickle)")
+            net = ControlNetModel.from_pretrained(path, dtype=dtype, use_safetensors=not allow_pickle or None,
+                                                  local_files_only=True)
+        elif path.is_file():
+            _refuse_pickle(path, allow_pickle)
+            if path.suffix.lower() != ".safetensors" and not allow_pickle:
+                raise ModelLoadError(f"controlnet {path}: not a .safetensors checkpoint or a diffusers directory")
+            net = ControlNetModel.from_single_file(str(path), dtype=dtype, local_files_only=True)
+        elif str(source).count("/") == 1 and not str(source).startswith((".", "/", "~")):
+            net = ControlNetModel.from_pretrained(str(source), dtype=dtype, use_safetensors=not allow_pickle or None)
+        else:
+            raise ModelLoadError(f"controlnet {source}: no such file or directory")
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # diffusers raises many kinds; the user needs one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"controlnet {source}: could not load: {first}") from exc
+    return net.to(device).eval()
+
+
+def check_controlnet(net, base, index: int = 0) -> None:
+    """Refuse, in one line, a ControlNet that cannot steer ``base`` (a diffusers pipeline): its latent
+    channels, text width, SDXL-ness and control-pixel factor must match the base model's."""
+    from .core.vae import vae_scale_factor
+
+    unet, config, name = base.unet.config, net.config, f"controlnet[{index}]"
+    checks = (("latent channels", config.in_channels, unet.in_channels),
+              ("text embedding width (cross_attention_dim)", config.cross_attention_dim, unet.cross_attention_dim),
+              ("added conditioning (addition_embed_type)", config.addition_embed_type, unet.addition_embed_type),
+              ("control px per latent px", controlnet_factor(net), vae_scale_factor(base.vae)))
+    for what, got, want in checks:
+        if got != want:
+            raise ModelLoadError(f"{name}: {what} is {got}, the base model's is {want}; this ControlNet was "
+                                 "made for another base model")

@@ -31,7 +31,7 @@ from .core.tiling import TilingConfig
 from .core.vae import vae_scale_factor
 from .io.output import check_output_path
 from .plan import Plan, RunPlan, Size, stage2_passes, upscale_passes  # noqa: F401  (public here too)
-from .request import COLOR_FIXES, MIN_SIDE, OUTPUT_TYPES, Request  # noqa: F401
+from .request import COLOR_FIXES, MIN_SIDE, OUTPUT_TYPES, TILE, Request  # noqa: F401
 from .stages import Context, _Resized, adain_color_fix, hook_list, image_digest, run_image, to_pil  # noqa: F401
 
 
@@ -60,15 +60,42 @@ def _fresh_generator() -> torch.Generator:
     return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
 
 
+def _control_inputs(control_image) -> tuple:
+    """``control_image`` as a tuple of PIL RGB images and :data:`~anysize.request.TILE`; a single image
+    (or "tile") counts as a list of one."""
+    if control_image is None:
+        return ()
+    items = list(control_image) if isinstance(control_image, (list, tuple)) else [control_image]
+    out = []
+    for k, item in enumerate(items):
+        if isinstance(item, str):
+            if item != TILE:
+                raise ValueError(f"control_image[{k}]={item!r}: must be an image or '{TILE}'")
+            out.append(TILE)
+            continue
+        try:
+            out.append(to_pil(item))
+        except ValueError as exc:
+            raise ValueError(f"control_image[{k}]: {exc}") from None
+    return tuple(out)
+
+
+def _digests(controls: tuple) -> tuple:
+    """What a Request stores of each control image: its digest (run directories compare it), or TILE."""
+    return tuple(c if c == TILE else image_digest(c) for c in controls)
+
+
 class AnySizePipeline:
     """Two-stage any-size text-to-image: ARAD bucketed base generation, then FSTD tiled upscaling.
 
     ``base``: a diffusers text-to-image pipeline (SD 1.x/2.x, epsilon or v-prediction; SDXL).
     ``upscaler``: a pipeline in the SD x4-upscaler layout, or None to upscale img2img-style with the
     base model itself (``strength``), as Tiled Diffusion and Ultimate SD Upscale users do.
+    ``controlnet``: a diffusers ``ControlNetModel`` of the base model, or a list of them; each call
+    then passes one ``control_image`` per ControlNet.
     """
 
-    def __init__(self, base=None, upscaler=None, *, model_ids: dict | None = None):
+    def __init__(self, base=None, upscaler=None, *, controlnet=None, model_ids: dict | None = None):
         if base is None and upscaler is None:
             raise models.ModelLoadError("base and upscaler: at least one model is needed")
         if base is not None and models.model_kind(base).is_upscaler:
@@ -84,14 +111,22 @@ class AnySizePipeline:
             self.base_tile = int(base.unet.config.sample_size)
             self.granularity = model_granularity(base.vae, base.unet)
             self.buckets = arad_buckets(native_side(base.vae, base.unet) ** 2, granularity=self.granularity)
+        nets = () if controlnet is None else tuple(controlnet) if isinstance(controlnet, (list, tuple)) else (controlnet,)
+        if nets and base is None:
+            raise models.ModelLoadError("controlnet: steers a base model; this pipeline has none")
+        for k, net in enumerate(nets):
+            models.check_controlnet(net, base, k)
+        self.controlnets = nets
 
     @classmethod
-    def from_pretrained(cls, base=None, upscaler=None, *, device=None, dtype=None, allow_pickle: bool = False,
-                        img2img: bool = False) -> AnySizePipeline:
+    def from_pretrained(cls, base=None, upscaler=None, *, controlnet=None, device=None, dtype=None,
+                        allow_pickle: bool = False, img2img: bool = False) -> AnySizePipeline:
         """Load ``base`` and ``upscaler`` (diffusers directories, ``.safetensors`` files or hub ids);
         with neither, the embedded default model. ``img2img=True`` with no upscaler upscales with the
-        base model; an upscaler alone serves :meth:`upscale` only. ``dtype``: "auto" (float16 on GPUs,
-        float32 on the CPU), "float32", "float16", "bfloat16"."""
+        base model; an upscaler alone serves :meth:`upscale` only. ``controlnet``: one ControlNet of the
+        base model or a list (diffusers ``ControlNetModel`` directories, ``.safetensors`` files, hub
+        ids or loaded models). ``dtype``: "auto" (float16 on GPUs, float32 on the CPU), "float32",
+        "float16", "bfloat16"."""
         device = torch.device(device) if device is not None else models.default_device()
         dtype = models.parse_dtype(dtype, device)
         if base is None and upscaler is None:
@@ -102,7 +137,12 @@ class AnySizePipeline:
         base_pipe = None if base is None else models.load_pipeline(base, role="base", **kw)
         up_pipe = None if upscaler is None else models.load_pipeline(upscaler, role="upscaler", **kw)
         ids = {"base": models.describe(base), "upscaler": models.describe(upscaler) if upscaler else "base (img2img)"}
-        return cls(base_pipe, up_pipe, model_ids=ids)
+        sources = [] if controlnet is None else list(controlnet) if isinstance(controlnet, (list, tuple)) else [controlnet]
+        nets = [models.load_controlnet(c, **kw) for c in sources]
+        if nets:
+            ids["controlnet"] = [type(c).__name__ if isinstance(c, torch.nn.Module) else models.describe(c)
+                                 for c in sources]
+        return cls(base_pipe, up_pipe, controlnet=nets or None, model_ids=ids)
 
     def set_progress_bar_config(self, disable: bool = False) -> None:
         self.progress = not disable
@@ -139,7 +179,8 @@ class AnySizePipeline:
     def _validate(self, request: Request) -> Request:
         up = self.upscaler
         level = 1000 if up is None else int(getattr(up.config, "max_noise_level", None) or 350)
-        return request.validate(has_base=self.base is not None, max_noise_level=level)
+        return request.validate(has_base=self.base is not None, max_noise_level=level,
+                                controlnets=len(self.controlnets))
 
     def plan(self, width: int, height: int, panorama: str = "stretch") -> Plan:
         """Where stage 1 generates and which stage-2 passes follow, for a ``width x height`` request;
@@ -155,7 +196,7 @@ class AnySizePipeline:
         request = self._validate(request)
         run = planning.build(request, base_model=self.base, upscaler=self.upscaler,
                              buckets=getattr(self, "buckets", None), granularity=getattr(self, "granularity", 64),
-                             device=str(self.device), passes=passes)
+                             device=str(self.device), passes=passes, controlnets=self.controlnets)
         mem = memory.plan_memory(run)
         if distributed.current() is not None:
             batch, tile = distributed.broadcast_object((mem.tile_batch_size, mem.vae_tile_size))
@@ -185,7 +226,9 @@ class AnySizePipeline:
                  color_fix: str | None = "adain", max_memory: int | None = None, vae_tile_size: int | None = None,
                  output_path=None, output_metadata: dict | None = None, run_dir=None, checkpoint_every: int = 1,
                  latent_memory: int | None = None, panorama: str = "stretch", regions=None,
-                 hooks=None) -> AnySizeOutput:
+                 control_image=None, controlnet_conditioning_scale: float | list[float] = 1.0,
+                 control_guidance_start: float | list[float] = 0.0,
+                 control_guidance_end: float | list[float] = 1.0, hooks=None) -> AnySizeOutput:
         """Generate one image of exactly ``width x height`` pixels per prompt.
 
         Stage 1 uses ``num_inference_steps`` and ``guidance_scale``; stage 2 ``upscale_inference_steps``,
@@ -212,10 +255,18 @@ class AnySizePipeline:
         ``(x0, y0, x1, y1)`` in output pixels, or in fractions of the output when every number is at most
         1 (:mod:`anysize.regions`): inside each box its prompt replaces (weight 1) or shares (weight < 1)
         the global one, with feathered edges, in stage 1 and in every stage-2 pass.
+        ``control_image``: with ControlNets (``controlnet=`` of :meth:`from_pretrained`), one image per
+        ControlNet (PIL, array or tensor, any size: it is resized to each phase, so give it at the output's
+        ratio), or ``"tile"``: each stage-2 pass's input (ControlNet-tile). A ControlNet steers the base
+        model's phases: stage 1 (at the bucket) and every img2img pass, where each tile gets the crop of
+        the control image under it, never an x4 upscaler's. ``controlnet_conditioning_scale``,
+        ``control_guidance_start`` / ``control_guidance_end``: as in diffusers, one number or one per
+        ControlNet; start and end are fractions of each phase's steps.
         """
-        request = Request.of(locals(), call="generate", regions=regions or ())
+        controls = _control_inputs(control_image)
+        request = Request.of(locals(), call="generate", regions=regions or (), control_images=_digests(controls))
         return self.run(self.plan_run(request), generator=generator, callback_on_step_end=callback_on_step_end,
-                        hooks=hooks)
+                        hooks=hooks, control_image=controls)
 
     @torch.no_grad()
     def upscale(self, image, width: int, height: int, prompt: str = "", *, num_inference_steps: int = 20,
@@ -226,25 +277,36 @@ class AnySizePipeline:
                 strength: float = 0.3, color_fix: str | None = "adain", callback_on_step_end: Callable | None = None,
                 max_memory: int | None = None, output_path=None, output_metadata: dict | None = None,
                 run_dir=None, checkpoint_every: int = 1, latent_memory: int | None = None,
-                regions=None, hooks=None) -> AnySizeOutput:
+                regions=None, control_image=None, controlnet_conditioning_scale: float | list[float] = 1.0,
+                control_guidance_start: float | list[float] = 0.0, control_guidance_end: float | list[float] = 1.0,
+                hooks=None) -> AnySizeOutput:
         """Stage 2 alone: enlarge ``image`` (PIL, uint8 / float array, or tensor) to exactly ``width x height``;
         the other arguments as in :meth:`__call__` (``num_inference_steps`` and ``guidance_scale`` are
-        stage 2's)."""
+        stage 2's). With a tile ControlNet and ``control_image="tile"`` this is ControlNet-tile
+        upscaling: every img2img pass is steered by its own input, crop by crop (base model, no x4
+        upscaler)."""
         if not isinstance(prompt, str):
             raise ValueError(f"prompt={prompt!r}: upscale takes one image and one prompt string")
         source = to_pil(image)
+        controls = _control_inputs(control_image)
         request = Request.of(locals(), call="upscale", num_inference_steps=None,
                              upscale_inference_steps=num_inference_steps, source_size=source.size,
-                             source_digest=image_digest(source), regions=regions or ())
+                             source_digest=image_digest(source), regions=regions or (),
+                             control_images=_digests(controls))
         return self.run(self.plan_run(request), image=source, generator=generator,
-                        callback_on_step_end=callback_on_step_end, hooks=hooks)
+                        callback_on_step_end=callback_on_step_end, hooks=hooks, control_image=controls)
 
     @torch.no_grad()
     def run(self, plan: RunPlan, *, image=None, generator: torch.Generator | None = None,
-            callback_on_step_end: Callable | None = None, hooks=None) -> AnySizeOutput:
-        """Run a plan of :meth:`plan_run` (``image``: an upscale plan's input); what :meth:`__call__`
-        and :meth:`upscale` do after planning."""
+            callback_on_step_end: Callable | None = None, hooks=None, control_image=None) -> AnySizeOutput:
+        """Run a plan of :meth:`plan_run` (``image``: an upscale plan's input; ``control_image``: its
+        control images, as in :meth:`__call__`); what :meth:`__call__` and :meth:`upscale` do after
+        planning."""
         req = plan.request
+        controls = _control_inputs(control_image)
+        if _digests(controls) != tuple(req.control_images):
+            raise ValueError(f"control_image: {len(controls)} image(s) that differ from the "
+                             f"{len(req.control_images)} the plan was made for")
         if req.call == "upscale":
             if image is None:
                 raise ValueError("image: an upscale plan needs its input image")
@@ -257,7 +319,8 @@ class AnySizePipeline:
             file = _FileOutput(check_output_path(req.output_path, req.size), dict(req.output_metadata or {}))
         generator = generator if generator is not None else _fresh_generator()
         ctx = Context(plan, generator, self.device, owner=self, callback=callback_on_step_end,
-                      hooks=hook_list(hooks), progress=self.progress, scratch_dir=file and Path(file.path).parent)
+                      hooks=hook_list(hooks), progress=self.progress, scratch_dir=file and Path(file.path).parent,
+                      control_images=controls)
         images, infos = [], []
         with self._running(ctx):
             for text in req.prompts:

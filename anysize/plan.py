@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from .buckets import choose_base_size, stretch_factor, stretch_note
 from .core.tiling import TilingConfig
-from .request import Request
+from .request import TILE, Request
 
 if TYPE_CHECKING:
     from .memory import MemoryPlan
@@ -112,6 +112,7 @@ class Phase:
     streaming: bool = False
     last: bool = False  # the last sampling phase, or its decode
     model: Any = field(default=None, compare=False, repr=False)  # the diffusers pipeline it runs
+    controls: tuple[int, ...] = ()  # the ControlNets (indices into RunPlan.controlnets) that steer this phase
 
     @property
     def sampling(self) -> bool:
@@ -149,6 +150,7 @@ class RunPlan:
     device: str = "cpu"
     latent_memory: int | None = None
     memory: MemoryPlan | None = field(default=None, compare=False)
+    controlnets: tuple = field(default=(), compare=False, repr=False)  # diffusers ControlNetModels, in request order
 
     @property
     def sampling(self) -> tuple[Phase, ...]:
@@ -194,6 +196,13 @@ class RunPlan:
                    tile_batch_size=self.tile_batch_size, vae_tile_size=self.vae_tile_size)
         if req.regions:
             out["regions"] = [r.to_json() for r in req.regions]
+        if req.controlled:
+            out["controlnet"] = [
+                {"control_image": image, "conditioning_scale": scale, "guidance_start": start, "guidance_end": end,
+                 "phases": [p.name for p in self.sampling if k in p.controls]}
+                for k, (image, scale, start, end) in enumerate(zip(
+                    req.control_images, req.controlnet_conditioning_scale, req.control_guidance_start,
+                    req.control_guidance_end))]
         return out
 
 
@@ -221,11 +230,15 @@ def _streams(output_path) -> bool:
 
 
 def build(request: Request, *, base_model=None, upscaler=None, buckets=None, granularity: int = 64,
-          device: str = "cpu", passes: tuple[Size, ...] | None = None) -> RunPlan:
+          device: str = "cpu", passes: tuple[Size, ...] | None = None, controlnets: tuple = ()) -> RunPlan:
     """The :class:`RunPlan` of a validated ``request`` for these models (diffusers pipelines:
     ``base_model`` for stage 1 and img2img passes, ``upscaler`` an x4 super-resolution model or None),
     ``buckets`` and ``granularity`` stage 1's (:func:`anysize.buckets.arad_buckets`). ``passes``:
-    stage 2's pass sizes instead of :func:`stage2_passes`' (benchmarks of other pass plans)."""
+    stage 2's pass sizes instead of :func:`stage2_passes`' (benchmarks of other pass plans).
+    ``controlnets``: ControlNets of the base model, one per ``request.control_images``; they steer the
+    phases the base model samples (stage 1, for a control image that is not :data:`TILE`, and every
+    img2img pass), never an x4 upscaler's, whose UNet is another model. A ControlNet that would steer
+    no phase is refused."""
     from .memory import banded_sampling  # torch-free; plan -> memory is one-way (memory reads plans by duck type)
 
     sr = upscaler is not None
@@ -248,6 +261,9 @@ def build(request: Request, *, base_model=None, upscaler=None, buckets=None, gra
                      vae_tile_size=request.vae_tile_size, streaming=last and streaming, last=last,
                      model=sampled.model)
 
+    images = tuple(request.control_images)
+    steered = {"base": tuple(k for k, image in enumerate(images) if image != TILE),
+               "img2img": tuple(range(len(images)))}
     phases: list[Phase] = []
     stages = None
     if request.call == "generate":
@@ -256,7 +272,7 @@ def build(request: Request, *, base_model=None, upscaler=None, buckets=None, gra
         chosen = stages.passes if passes is None else tuple(passes)
         first = sample("base", "stage 1", stages.base, base_model, request.num_inference_steps,
                        request.guidance_scale, untiled=not stages.tiled)
-        phases.append(dataclasses.replace(first, last=not chosen))
+        phases.append(dataclasses.replace(first, last=not chosen, controls=steered["base"]))
         if chosen or request.output_type != "latent":  # never the last decode: with no pass a resize follows
             phases.append(decode(first, last=False))
     else:
@@ -267,12 +283,27 @@ def build(request: Request, *, base_model=None, upscaler=None, buckets=None, gra
         last = k == len(chosen)
         phase = sample(kind, f"pass {k}", tuple(size), model, request.upscale_inference_steps,
                        request.stage2_guidance)
-        phases.append(dataclasses.replace(phase, last=last))
+        phases.append(dataclasses.replace(phase, last=last, controls=steered.get(kind, ())))
         if not (last and request.output_type == "latent"):
             phases.append(decode(phase, last))
     if not (phases and phases[-1].sampling):
         phases.append(Phase("output", "output", request.size, streaming=streaming))
+    _check_steered(images, phases, sr)
     extra = {} if stages is None else dict(base=stages.base, panorama=stages.panorama, tiled=stages.tiled,
                                            stretch=stages.stretch)
     return RunPlan(request, tuple(phases), tuple(source), tuple(tuple(p) for p in chosen), device=str(device),
-                   latent_memory=limit, **extra)
+                   latent_memory=limit, controlnets=tuple(controlnets), **extra)
+
+
+def _check_steered(images: tuple, phases: list[Phase], super_resolution: bool) -> None:
+    """Every ControlNet must steer some phase of the plan (a one-line ValueError says why not)."""
+    for k, image in enumerate(images):
+        if any(k in p.controls for p in phases):
+            continue
+        if image == TILE:
+            why = ("an x4 upscaler runs stage 2 (the ControlNet belongs to the base model); load the pipeline "
+                   "with img2img=True (CLI: --img2img) and no upscaler" if super_resolution
+                   else "the plan has no stage-2 pass (the output is no larger than its source)")
+            raise ValueError(f"control_image[{k}]='{TILE}': steers the base model's img2img passes, but {why}")
+        raise ValueError(f"control_image[{k}]: steers the base model, which runs no phase of this plan "
+                         "(an upscale with an x4 upscaler)")

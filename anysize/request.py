@@ -24,6 +24,9 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 COLOR_FIXES = ("adain", "none")
 CALLS = ("generate", "upscale")
 MIN_SIDE = 8
+TILE = "tile"  # a control image that is each stage-2 pass's own input (ControlNet-tile upscaling)
+_CONTROL_FIELDS = ("control_images", "controlnet_conditioning_scale", "control_guidance_start",
+                   "control_guidance_end")
 
 # What decides the sampled values (and so what a run directory's checkpoints belong to): not the tile
 # batch, the VAE tile, the budgets, the output's type or file, which change no sampled value.
@@ -83,6 +86,12 @@ class Request:
     run_dir: str | None = None
     checkpoint_every: int = 1
     regions: tuple = field(default=(), hash=False)  # region prompts (anysize.regions); validate() normalizes
+    # ControlNet: per ControlNet of the pipeline, its control image's digest (or TILE) and its settings;
+    # a number for all of them or one per ControlNet (validate() makes them tuples)
+    control_images: tuple = ()
+    controlnet_conditioning_scale: float | tuple = 1.0
+    control_guidance_start: float | tuple = 0.0
+    control_guidance_end: float | tuple = 1.0
 
     @classmethod
     def of(cls, arguments: dict[str, Any], **overrides) -> Request:
@@ -119,10 +128,11 @@ class Request:
         return self.tiling.method if isinstance(self.tiling, TilingConfig) else self.tiling
 
     # ------------------------------------------------------------------ checks
-    def validate(self, *, has_base: bool = True, max_noise_level: int = 1000) -> Request:
+    def validate(self, *, has_base: bool = True, max_noise_level: int = 1000, controlnets: int = 0) -> Request:
         """Check every argument before any compute; each message names the argument, its value and the
         rule. ``has_base``: the pipeline has a base model; ``max_noise_level``: its upscaler's highest
-        noise level. Returns the request, so calls chain."""
+        noise level; ``controlnets``: how many ControlNets it holds. Returns the request (normalized:
+        region boxes as fractions, ControlNet settings one per ControlNet), so calls chain."""
         generate = self.call == "generate"
         if self.call not in CALLS:
             raise ValueError(f"call={self.call!r}: must be one of {', '.join(CALLS)}")
@@ -171,7 +181,42 @@ class Request:
             raise ValueError("source_size: an upscale request needs the input image's (width, height)")
         self._check_output()
         regions = normalize(self.regions, self.width, self.height)
-        return self if regions == self.regions else dataclasses.replace(self, regions=regions)
+        checked = dataclasses.replace(self, regions=regions, **self._check_control(controlnets))
+        return self if checked == self else checked
+
+    def _check_control(self, controlnets: int) -> dict[str, tuple]:
+        """The ControlNet fields, one entry per ControlNet, checked."""
+        images = tuple(self.control_images or ())
+        if not controlnets:
+            if images:
+                raise ValueError(f"control_image: {len(images)} given, but this pipeline has no ControlNet "
+                                 "(from_pretrained(controlnet=...); CLI: --controlnet PATH)")
+            return {}
+        if len(images) != controlnets:
+            raise ValueError(f"control_image: {len(images)} given for {controlnets} ControlNet"
+                             f"{'s' if controlnets > 1 else ''}; pass one per ControlNet, in order (an image, or "
+                             f"'{TILE}': each stage-2 pass's input)")
+        out: dict[str, tuple] = {"control_images": images}
+        for name in _CONTROL_FIELDS[1:]:
+            value = getattr(self, name)
+            values = tuple(value) if isinstance(value, (list, tuple)) else (value,) * controlnets
+            if len(values) != controlnets:
+                raise ValueError(f"{name}={value!r}: {len(values)} values for {controlnets} ControlNets; "
+                                 "give one number or one per ControlNet")
+            for v in values:
+                if not (_is_number(v) and math.isfinite(v) and v >= 0) or (name != _CONTROL_FIELDS[1] and v > 1):
+                    rule = "a finite number >= 0" if name == _CONTROL_FIELDS[1] else "a number in [0, 1]"
+                    raise ValueError(f"{name}={value!r}: each must be {rule}")
+            out[name] = tuple(float(v) for v in values)
+        for k, (start, end) in enumerate(zip(out["control_guidance_start"], out["control_guidance_end"])):
+            if start >= end:
+                raise ValueError(f"control_guidance_start={start} >= control_guidance_end={end} (ControlNet {k}): "
+                                 "the start must come before the end")
+        return out
+
+    @property
+    def controlled(self) -> bool:
+        return bool(self.control_images)
 
     def _check_tiling(self) -> None:
         tiling = self.tiling
@@ -207,6 +252,9 @@ class Request:
         if self.source_size is not None:
             out["source_size"] = list(self.source_size)
         out["regions"] = [r.to_json() if isinstance(r, Region) else list(r) for r in self.regions or ()]
+        for name in _CONTROL_FIELDS:
+            if isinstance(out[name], tuple):
+                out[name] = list(out[name])
         return out
 
     @classmethod
@@ -223,10 +271,15 @@ class Request:
         if isinstance(values.get("prompt"), list):
             values["prompt"] = list(values["prompt"])
         values["regions"] = tuple(Region.from_json(r) for r in values.get("regions") or ())
+        for name in _CONTROL_FIELDS:
+            if isinstance(values.get(name), list):
+                values[name] = tuple(values[name])
         return cls(**values)
 
     def sampling_identity(self) -> dict[str, Any]:
         """The fields that decide the sampled values, as JSON: what a run directory holds checkpoints of."""
         data = self.to_json()
-        regions = {"regions": data["regions"]} if self.regions else {}  # absent: what earlier run directories hold
-        return {name: data[name] for name in _SAMPLING_FIELDS} | regions
+        # absent when unused: what earlier run directories hold
+        regions = {"regions": data["regions"]} if self.regions else {}
+        control = {name: data[name] for name in _CONTROL_FIELDS} if self.controlled else {}
+        return {name: data[name] for name in _SAMPLING_FIELDS} | regions | control

@@ -30,6 +30,7 @@ import torch
 from . import memory, models
 from .core import bands
 from .core.checkpoint import RunDir, RunInterrupted, sample_resumable
+from .core.control import TileControl
 from .core.regions import TileRegion
 from .core.sampler import UNetTileDenoiser, sample_banded
 from .core.vae import tiled_decode, tiled_encode, vae_scale_factor
@@ -37,6 +38,7 @@ from .io import stream
 from .io.output import save_image
 from .plan import Phase, RunPlan, Size
 from .regions import FEATHER, Region
+from .request import TILE
 
 
 def _resize(image: PIL.Image.Image, size: Size) -> PIL.Image.Image:
@@ -119,7 +121,8 @@ class Hooks:
 class Context:
     """Everything one call needs while it runs. ``owner``: what ``callback_on_step_end`` gets as its
     first argument (the pipeline, as in diffusers); ``run``: the run directory, if any; ``scratch_dir``:
-    where banded work goes without one (None: the system's temp dir)."""
+    where banded work goes without one (None: the system's temp dir); ``control_images``: per ControlNet
+    of the plan, its control image (PIL) or :data:`anysize.request.TILE`."""
 
     plan: RunPlan
     generator: torch.Generator
@@ -131,6 +134,7 @@ class Context:
     run: RunDir | None = None
     scratch_dir: Path | None = None
     scratch: contextlib.ExitStack | None = None
+    control_images: tuple = ()
 
     @contextlib.contextmanager
     def phase(self, phase: Phase) -> Iterator[None]:
@@ -274,12 +278,33 @@ def denoiser(model, prompt: str, negative_prompt: str | None, guidance_scale: fl
                             regions=tile_regions, **extra)
 
 
-def _phase_denoiser(ctx: Context, phase: Phase, prompt: str, **extra) -> UNetTileDenoiser:
+def _phase_denoiser(ctx: Context, phase: Phase, prompt: str, timesteps=None, image=None,
+                    **extra) -> UNetTileDenoiser:
     """:func:`denoiser` for a sampling phase of ``ctx``'s plan: its model, guidance, size and latent,
-    the request's negative prompt and regions."""
+    the request's negative prompt and regions, and the ControlNets that steer it (``timesteps``: the
+    ones the phase runs; ``image``: its input, the control image of a :data:`TILE` ControlNet)."""
     req = ctx.plan.request
+    controls = _controls(ctx, phase, timesteps, image) if phase.controls else ()
     return denoiser(phase.model, prompt, req.negative_prompt, phase.guidance_scale, phase.size,
-                    regions=req.regions, latent=phase.latent, **extra)
+                    regions=req.regions, latent=phase.latent, controls=controls, **extra)
+
+
+def _controls(ctx: Context, phase: Phase, timesteps, image: PIL.Image.Image | None) -> list[TileControl]:
+    """The phase's ControlNets with their control images resized to the phase's latent times the VAE
+    factor (Lanczos, as diffusers resizes a control image), held as uint8 (read as value / 255 a crop
+    at a time) on the host."""
+    req, f = ctx.plan.request, vae_scale_factor(phase.vae)
+    lat_h, lat_w = phase.latent
+    steps = tuple(float(t) for t in timesteps)
+    out = []
+    for k in phase.controls:
+        source = image if ctx.control_images[k] == TILE else ctx.control_images[k]
+        pixels = np.asarray(_resize(source.convert("RGB"), (lat_w * f, lat_h * f)))
+        tensor = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))[None]
+        out.append(TileControl(ctx.plan.controlnets[k], tensor, scale=req.controlnet_conditioning_scale[k],
+                               factor=f, start=req.control_guidance_start[k], end=req.control_guidance_end[k],
+                               timesteps=steps))
+    return out
 
 
 def _tile_region(model, region: Region, latent: tuple[int, int], time_ids: torch.Tensor | None) -> TileRegion:
@@ -317,8 +342,8 @@ def _sample(ctx: Context, phase: Phase, den, latents: torch.Tensor, stage: str, 
 def stage1(ctx: Context, phase: Phase, prompt: str) -> torch.Tensor:
     """Base model at the bucket (untiled), or at the request's ratio (panorama), tiled or not."""
     model = phase.model
-    den = _phase_denoiser(ctx, phase, prompt)
     model.scheduler.set_timesteps(phase.steps)
+    den = _phase_denoiser(ctx, phase, prompt, model.scheduler.timesteps)
     shape = (1, model.unet.config.in_channels, *phase.latent)
     latents = ctx.noise(shape, model.unet.dtype) * model.scheduler.init_noise_sigma
     return _sample(ctx, phase, den, latents, "base")
@@ -382,7 +407,7 @@ def img2img_pass(ctx: Context, phase: Phase, image: PIL.Image.Image, prompt: str
     timesteps = scheduler.timesteps[start * scheduler.order :]
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start * scheduler.order)
-    den = _phase_denoiser(ctx, phase, prompt)
+    den = _phase_denoiser(ctx, phase, prompt, timesteps, image)
     if phase.banded:
         work = _band_work(ctx, init.shape, phase.tiling.tile_size, dtype)
         noise, first = bands.NoiseStream(init.numel(), ctx.generator), timesteps[:1]

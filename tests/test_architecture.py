@@ -20,7 +20,7 @@ LAYERS = [
     ("anysize.plan", {"anysize.buckets", "anysize.core", "anysize.io", "anysize.memory", "anysize.request"}),
     ("anysize.memory", {"anysize.core"}),
     ("anysize.stages", {"anysize.core", "anysize.io", "anysize.memory", "anysize.models", "anysize.plan",
-                        "anysize.regions"}),
+                        "anysize.regions", "anysize.request"}),
 ]
 
 

@@ -340,3 +340,23 @@ def test_shapes_and_colours_are_all_recoverable():
         for w, h in [(64, 32), (512, 256)]:
             dets = detect_objects(render(sc, w, h))
             assert sorted(d.key for d in dets) == [(shape, color)] * 2, (shape, color, w, dets)
+
+
+def test_render_mask_is_the_objects_silhouettes():
+    """White where an object covers the pixel, black on the background, antialiased at the edges: the
+    render differs from an object-free render of the same background exactly where the mask is lit."""
+    import dataclasses
+
+    from anysize.train.scenes import render_mask
+
+    for seed in range(4):
+        scene = sample_scene(seed, 0.6)
+        empty = dataclasses.replace(scene, objects=())
+        mask = render_mask(scene, 120, 72)
+        assert mask.shape == (72, 120, 3) and (mask[..., 0] == mask[..., 2]).all()
+        change = np.abs(render(scene, 120, 72).astype(int) - render(empty, 120, 72).astype(int)).max(-1)
+        lit = mask[..., 0] > 0
+        assert (mask[..., 0][lit & (change == 0)] < 8).all()  # lit but unchanged: only faint antialiased edge
+        # unlit but changed: coverage under half a level of 255, which moves a bright pixel by a level or two
+        assert not ((change > 2) & ~lit).any()
+        assert (mask[..., 0] == 255).mean() > 0.02

@@ -193,3 +193,25 @@ def test_max_minutes_stops_checkpoints_exports_and_a_rerun_continues(tmp_path, v
     assert all(0 < e["data_s_per_step"] < e["step_s_per_step"] for e in logs)  # where a GPU run's time goes
     with pytest.raises(ValueError, match="max_minutes="):
         TrainConfig(task="base", output_dir=tmp_path, max_minutes=0)
+
+
+def test_controlnet_run_trains_only_the_controlnet_and_it_steers_the_pipeline(tmp_path, model_dirs):
+    """A ControlNet of the tiny base (factor-2 VAE: its condition embedding halves once) trains a few
+    steps on the scenes' silhouettes, leaves the base model as it was, and loads as a ControlNet."""
+    base = model_dirs[0]
+    trainer = Trainer(TrainConfig(task="controlnet", output_dir=tmp_path, init=base, steps=2, **QUICK))
+    assert trainer.trainable == [trainer.controlnet]
+    assert not any(p.requires_grad for m in trainer.frozen for p in m.parameters())
+    unet_before = {k: v.clone() for k, v in trainer.unet.state_dict().items()}
+    out = trainer.run()
+    assert all(torch.equal(unet_before[k], v) for k, v in trainer.unet.state_dict().items())
+    zero_convs = [p for p in trainer.controlnet.controlnet_down_blocks.parameters()]
+    assert any(p.abs().sum() > 0 for p in zero_convs)  # from_unet's zero convolutions have learnt
+    pipe = AnySizePipeline.from_pretrained(base=base, img2img=True, controlnet=out)
+    pipe.set_progress_bar_config(disable=True)
+    mask = PIL.Image.fromarray(np.zeros((64, 64, 3), np.uint8))
+    image = pipe("a red circle", width=64, height=64, num_inference_steps=2, control_image=mask,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+    with pytest.raises(ValueError, match="needs init"):
+        TrainConfig(task="controlnet", output_dir=tmp_path / "x")

@@ -112,3 +112,17 @@ def make_sdxl(directory: Path) -> Path:
     )
     pipe.save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+def make_controlnet(unet, seed: int = 3):
+    """A tiny ControlNet copied from ``unet``, whose conditioning embedding halves once (2 control px per
+    latent px: the tiny base's VAE factor), with random output convolutions (``from_unet`` zeroes them,
+    which would make every residual 0)."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16)).eval()
+    with torch.no_grad():
+        for p in list(net.controlnet_down_blocks.parameters()) + list(net.controlnet_mid_block.parameters()):
+            p.normal_(0, 0.05)
+    return net

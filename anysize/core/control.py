@@ -22,7 +22,8 @@ class TileControl:
 
     ``model``: a diffusers ``ControlNetModel`` (its ``conditioning_embedding`` must reduce by
     ``factor``); ``image``: (1 or B, C, H * factor, W * factor) for an H x W latent, in the range the
-    ControlNet was trained on (diffusers' pipelines: [0, 1]); ``scale``: ``conditioning_scale``;
+    ControlNet was trained on (diffusers' pipelines: [0, 1]), or uint8 (0..255, read as value / 255
+    one crop at a time: a quarter of float32's bytes for a large pass's whole control image); ``scale``: ``conditioning_scale``;
     ``start`` / ``end``: the fraction of ``timesteps`` (this phase's, in order) during which it acts, as
     diffusers' ``control_guidance_start`` / ``control_guidance_end``; with ``timesteps`` None it acts at
     every step."""
@@ -55,6 +56,8 @@ class TileControl:
             if crop.shape[-2:] != ((bottom - top) * f, (right - left) * f):
                 raise ValueError(f"control image {tuple(image.shape[-2:])} does not cover latent box "
                                  f"{(top, left, bottom, right)} at {f} px per latent px")
+            if crop.dtype == torch.uint8:
+                crop = crop.to(torch.float32) / 255.0  # as diffusers' VaeImageProcessor reads a PIL image
             parts.append(crop if crop.shape[0] == per else crop.expand(per, *crop.shape[1:]))
         return torch.cat(parts)
 

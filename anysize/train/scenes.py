@@ -526,17 +526,17 @@ def _pattern(pattern: str, du: np.ndarray, dv: np.ndarray, p: float, pixel: floa
     return np.zeros(shape)
 
 
-def _draw_object(img, obj: SceneObject, width, height, top, left, ss) -> None:
-    """Composite ``obj`` into ``img``, the (bottom-top, right-left, 3) float box at (top, left)."""
+def _object_cover(obj: SceneObject, width, height, top, left, h, w, ss):
+    """``obj``'s sub-sampled coverage (alpha) and shaded coverage (luminance) over the pixels it
+    touches inside the ``h x w`` box at (top, left): ``(y0, y1, x0, x1, alpha, lum)``, or None."""
     s = float(min(width, height))
     ox, oy, R = obj.cx * width, obj.cy * height, obj.r * s
-    h, w = img.shape[:2]
     x0 = max(left, int(math.floor(ox - R - 1)))
     x1 = min(left + w, int(math.ceil(ox + R + 1)))
     y0 = max(top, int(math.floor(oy - R - 1)))
     y1 = min(top + h, int(math.ceil(oy + R + 1)))
     if x0 >= x1 or y0 >= y1:
-        return
+        return None
     offs = (np.arange(ss) + 0.5) / ss
     xs = (np.arange(x0, x1, dtype=np.float64)[:, None] + offs[None, :]).reshape(1, -1)  # (1, w*ss)
     ys = (np.arange(y0, y1, dtype=np.float64)[:, None] + offs[None, :]).reshape(-1, 1)  # (h*ss, 1)
@@ -553,10 +553,35 @@ def _draw_object(img, obj: SceneObject, width, height, top, left, ss) -> None:
             lum += covshade[a::ss, b::ss]
     alpha /= ss * ss
     lum /= ss * ss
+    return y0, y1, x0, x1, alpha, lum
+
+
+def _draw_object(img, obj: SceneObject, width, height, top, left, ss) -> None:
+    """Composite ``obj`` into ``img``, the (bottom-top, right-left, 3) float box at (top, left)."""
+    h, w = img.shape[:2]
+    cover = _object_cover(obj, width, height, top, left, h, w, ss)
+    if cover is None:
+        return
+    y0, y1, x0, x1, alpha, lum = cover
     box = img[y0 - top : y1 - top, x0 - left : x1 - left]
     rgb = np.asarray(COLORS[obj.color], np.float64)
     box *= (1.0 - alpha)[..., None]
     box += lum[..., None] * rgb
+
+
+def render_mask(scene: Scene, width: int, height: int, supersample: int = 2) -> np.ndarray:
+    """The objects' silhouettes, white on black, antialiased like :func:`render`: (height, width, 3)
+    uint8. The condition of the default model's ControlNet (``anysize train controlnet``): where the
+    objects are and what shape, not their colour or pattern (the prompt says those)."""
+    mask = np.zeros((height, width))
+    for obj in scene.objects:
+        cover = _object_cover(obj, width, height, 0, 0, height, width, int(supersample))
+        if cover is not None:
+            y0, y1, x0, x1, alpha, _ = cover
+            box = mask[y0:y1, x0:x1]
+            box += alpha * (1.0 - box)  # a later object over an earlier one, as render composites them
+    gray = np.clip(np.rint(mask * 255), 0, 255).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=2)
 
 
 _BAND_PIXELS = 1 << 19  # pixels per row band: bounds memory at any size (~40 MB of temporaries)

@@ -1,7 +1,8 @@
 """Aspect-ratio bucketed diffusion training (ARAD, Zheng et al. 2023, sec. 3.2): one code path for
 the VAE, a text-to-image base model (ARAD buckets or the square-only baseline), the x4
-super-resolution model (SD x4-upscaler layout) and fine-tuning an existing Stable Diffusion model
-on a folder of captioned images.
+super-resolution model (SD x4-upscaler layout), a ControlNet of a trained base model (the scene's
+object silhouettes as its condition) and fine-tuning an existing Stable Diffusion model on a folder
+of captioned images.
 
 Every batch comes from one bucket of :mod:`anysize.buckets` (the module inference uses). Models are
 diffusers / transformers components saved in diffusers layout, so what this trains loads through
@@ -27,11 +28,13 @@ from tqdm.auto import tqdm
 
 from ..buckets import Bucket, arad_buckets, model_granularity, native_side, nearest_bucket
 from ..models import component_dir
-from .scenes import BACKGROUND_PHRASES, COLORS, NUMBER_WORDS, PATTERNS, PLURALS, SHAPES, SIZES, render, render_crop, sample_scene
+from .scenes import (BACKGROUND_PHRASES, COLORS, NUMBER_WORDS, PATTERNS, PLURALS, SHAPES, SIZES, render, render_crop,
+                     render_mask, sample_scene)
 from ..core.vae import vae_scale_factor
 from ..io.atomic import atomic_write, replace_dir
 
-TASKS = ("vae", "base", "upscaler")
+TASKS = ("vae", "base", "upscaler", "controlnet")
+CONTROL_CAPTION_DROP = 0.3  # share of ControlNet batches' captions left empty: it must also work from the mask alone
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -39,7 +42,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 class TrainConfig:
     """One training run. Sizes in image pixels.
 
-    task: "vae" (autoencoder), "base" (text-to-image), "upscaler" (x4 super-resolution).
+    task: "vae" (autoencoder), "base" (text-to-image), "upscaler" (x4 super-resolution), "controlnet"
+        (a ControlNet of the ``init`` base model, which stays frozen, on the scenes' object silhouettes:
+        :func:`anysize.train.scenes.render_mask`).
     output_dir: checkpoints and the final diffusers directory (``output_dir / "model"``).
     init: a diffusers directory to start from (fine-tuning); None builds a new small model.
     vae: a trained VAE directory for "base"/"upscaler" on new models (the VAE stays frozen).
@@ -97,6 +102,9 @@ class TrainConfig:
                 raise ValueError(f"{name}={value!r}: must be a positive integer")
         if self.task == "upscaler" and self.crop % 16:
             raise ValueError(f"crop={self.crop}: must be a multiple of 16 (x4 input through a factor-4 VAE)")
+        if self.task == "controlnet" and (self.init is None or self.data != "scenes"):
+            raise ValueError("task 'controlnet': needs init (the base model it steers) and data 'scenes' "
+                             "(its condition, the object silhouettes, comes from the scene renderer)")
         if self.decoder_only and (self.task != "vae" or self.init is None):
             raise ValueError("decoder_only: needs task 'vae' and init (the VAE whose encoder stays frozen)")
         if self.data != "scenes" and not Path(self.data).is_dir():
@@ -140,10 +148,15 @@ class SceneData:
             return np.stack([_render_job(j) for j in jobs])
         return np.stack(list(self.pool.map(_render_job, jobs, chunksize=max(1, len(jobs) // 32))))
 
-    def batch(self, bucket: Bucket, n: int) -> tuple[np.ndarray, list[str]]:
+    def batch(self, bucket: Bucket, n: int, masks: bool = False):
+        """``n`` scenes at ``bucket``: (images, captions), and their silhouettes (:func:`render_mask`)
+        with ``masks``."""
         w, h = bucket
         scenes = [sample_scene(self.rng, h / w) for _ in range(n)]
-        return self._render([(s, w, h, None) for s in scenes]), [s.caption for s in scenes]
+        images, captions = self._render([(s, w, h, None) for s in scenes]), [s.caption for s in scenes]
+        if not masks:
+            return images, captions
+        return images, captions, np.stack([render_mask(s, w, h) for s in scenes])
 
     def crops(self, size: int, n: int, scale_range=(2.0, 8.0)) -> np.ndarray:
         """Random ``size`` crops of scenes rendered at several times ``size`` (super-resolution data)."""
@@ -344,6 +357,9 @@ class Trainer:
             self.tokenizer = word_tokenizer(scene_vocabulary(), c.output_dir / "tokenizer")
         self.text_encoder = self._load("text_encoder", lambda: new_text_encoder(len(self.tokenizer)))
         dim = self.text_encoder.config.hidden_size
+        if c.task == "controlnet":
+            self._build_controlnet()
+            return
         if c.task == "base":
             self.unet = self._load("unet", lambda: new_unet(c.resolution // self._factor(), 4, dim))
             native = native_side(self.vae, self.unet)
@@ -362,6 +378,21 @@ class Trainer:
         self.text_encoder.requires_grad_(train_text)
         self.trainable = [self.unet] + ([self.text_encoder] if train_text else [])
         self.frozen = [self.vae] + ([] if train_text else [self.text_encoder])
+
+    def _build_controlnet(self) -> None:
+        """The init base model frozen; a ControlNet copied from its UNet's encoder (diffusers'
+        ``from_unet``: zero-initialised output convolutions, so training starts from the base model's
+        own output), whose condition embedding reduces by the VAE factor."""
+        from diffusers import ControlNetModel
+
+        c = self.config
+        self.unet = self._load("unet", None)
+        c.resolution = native_side(self.vae, self.unet)
+        channels = (16, 32, 64, 128, 256)[: int(math.log2(self._factor())) + 1]
+        self.controlnet = ControlNetModel.from_unet(self.unet, conditioning_embedding_out_channels=channels)
+        for m in (self.unet, self.text_encoder):
+            m.requires_grad_(False)
+        self.trainable, self.frozen = [self.controlnet], [self.vae, self.text_encoder, self.unet]
 
     def _factor(self) -> int:
         return vae_scale_factor(self.vae)
@@ -424,6 +455,8 @@ class Trainer:
             recon = self.vae.decode(posterior.sample()).sample
             error = F.l1_loss(recon, images) + F.mse_loss(recon, images)
             return error if c.decoder_only else error + 1e-6 * posterior.kl().mean()
+        if c.task == "controlnet":
+            return self._controlnet_loss()
         if c.task == "base":
             with self._timing("data"):
                 images, captions = self.data.batch(self._bucket(), c.batch_size)
@@ -444,6 +477,25 @@ class Trainer:
         labels = None if cond is None else level.to(device)
         pred = self.unet(x, t, encoder_hidden_states=self._encode_text(captions), class_labels=labels).sample
         return F.mse_loss(pred, target)
+
+    def _controlnet_loss(self) -> torch.Tensor:
+        """The frozen base model's epsilon loss with the ControlNet's residuals added, the silhouettes
+        (in [0, 1], as diffusers' ControlNet pipelines feed a control image) as its condition."""
+        c, device = self.config, self.device
+        with self._timing("data"):
+            images, captions, masks = self.data.batch(self._bucket(), c.batch_size, masks=True)
+        captions = [t if self.rng.random() > CONTROL_CAPTION_DROP else "" for t in captions]
+        latents = self._latents(to_tensor(images).to(device))
+        cond = torch.from_numpy(masks).permute(0, 3, 1, 2).float().div(255.0).to(device)
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        with torch.no_grad():
+            text = self._encode_text(captions)
+        down, mid = self.controlnet(noisy, t, encoder_hidden_states=text, controlnet_cond=cond, return_dict=False)
+        pred = self.unet(noisy, t, encoder_hidden_states=text, down_block_additional_residuals=down,
+                         mid_block_additional_residual=mid).sample
+        return F.mse_loss(pred, noise)
 
     # -- loop
     def run(self) -> Path:
@@ -543,6 +595,8 @@ class Trainer:
 
         if self.config.task == "vae":
             return _VaeOnly(self.vae, self._latent_scale())
+        if self.config.task == "controlnet":
+            return self.controlnet  # a diffusers ControlNetModel directory (config.json + safetensors)
         sched = DPMSolverMultistepScheduler.from_config(self.noise_scheduler.config)
         parts = dict(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet)
         if self.config.task == "base":
