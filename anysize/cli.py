@@ -28,9 +28,11 @@ from typing import Any  # noqa: E402
 from . import __version__  # noqa: E402
 from .buckets import BEYOND_BUCKETS  # noqa: E402
 from .io.output import check_output_path  # noqa: E402
+from .schedulers import SCHEDULERS  # noqa: E402  (no torch import)
 
 TILING = ("fstd", "overlap", "naive", "none")  # anysize.core.tiling.METHODS, named here without importing torch
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+SCHEDULER_NAMES = tuple(SCHEDULERS)
 MIN_SIDE = 8
 EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 COMMAND_FILE = "command.json"  # in a --run-dir: the command line that ``anysize resume`` runs again
@@ -237,6 +239,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     models.add_argument("--base", metavar="PATH", help="base model: diffusers directory, .safetensors file or hub id")
     models.add_argument("--upscaler", metavar="PATH", help="x4 upscaler model (SD x4-upscaler layout)")
     models.add_argument("--img2img", action="store_true", help="upscale img2img-style with the base model")
+    models.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None, metavar="NAME",
+                        help="stage 1's sampler (default: the base model's own): " + ", ".join(SCHEDULER_NAMES))
+    models.add_argument("--upscale-scheduler", choices=SCHEDULER_NAMES, default=None, metavar="NAME",
+                        help="stage 2's sampler (default: the stage-2 model's own, or --scheduler with --img2img)")
     models.add_argument("--device", default=None, metavar="D", help="cpu, cuda, cuda:1, mps (default: best available)")
     models.add_argument("--dtype", choices=DTYPES, default="auto", help="weights' dtype (default: float16 on GPUs)")
     models.add_argument("--allow-pickle", action="store_true",
@@ -507,7 +513,8 @@ def _load(args: argparse.Namespace):
         warnings.simplefilter("ignore", FutureWarning)  # the libraries' deprecation notices
         pipe = AnySizePipeline.from_pretrained(args.base, args.upscaler, device=args.device, dtype=args.dtype,
                                                allow_pickle=args.allow_pickle, img2img=args.img2img,
-                                               controlnet=args.controlnet)
+                                               controlnet=args.controlnet, scheduler=args.scheduler,
+                                               upscale_scheduler=args.upscale_scheduler)
     pipe.set_progress_bar_config(disable=args.quiet)
     return pipe
 

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import memory, models
+from . import infotext, memory, models, schedulers
 from . import plan as planning
 from .buckets import arad_buckets, model_granularity, native_side
 from .core import distributed
@@ -49,10 +49,11 @@ class AnySizeOutput:
 
 @dataclass(frozen=True)
 class _FileOutput:
-    """Where the last pass's decode streams to, and the metadata to store with it."""
+    """Where the last pass's decode streams to, the metadata to store with it, and its A1111 text."""
 
     path: Any
     metadata: dict
+    parameters: str | None = None
 
 
 def _fresh_generator() -> torch.Generator:
@@ -104,6 +105,7 @@ class AnySizePipeline:
             raise models.ModelLoadError(
                 "upscaler: not in the SD x4-upscaler layout (UNet in_channels = latent + 3 and a low_res_scheduler)")
         self.base, self.upscaler = base, upscaler
+        self.upscale_scheduler = None  # stage 2's scheduler instead of its model's own (set_scheduler)
         self.model_ids = model_ids or {}
         self.progress = True
         if base is not None:
@@ -119,8 +121,8 @@ class AnySizePipeline:
         self.controlnets = nets
 
     @classmethod
-    def from_pretrained(cls, base=None, upscaler=None, *, controlnet=None, device=None, dtype=None,
-                        allow_pickle: bool = False, img2img: bool = False) -> AnySizePipeline:
+    def from_pretrained(cls, base=None, upscaler=None, *, controlnet=None, scheduler=None, upscale_scheduler=None,
+                        device=None, dtype=None, allow_pickle: bool = False, img2img: bool = False) -> AnySizePipeline:
         """Load ``base`` and ``upscaler`` (diffusers directories, ``.safetensors`` files or hub ids);
         with neither, the embedded default model. ``img2img=True`` with no upscaler upscales with the
         base model; an upscaler alone serves :meth:`upscale` only. ``controlnet``: one ControlNet of the
@@ -142,7 +144,41 @@ class AnySizePipeline:
         if nets:
             ids["controlnet"] = [type(c).__name__ if isinstance(c, torch.nn.Module) else models.describe(c)
                                  for c in sources]
-        return cls(base_pipe, up_pipe, controlnet=nets or None, model_ids=ids)
+        pipe = cls(base_pipe, up_pipe, controlnet=nets or None, model_ids=ids)
+        for stage, chosen in (("base", scheduler), ("upscale", upscale_scheduler)):
+            if chosen is not None:
+                pipe.set_scheduler(chosen, stage=stage)
+        return pipe
+
+    # ------------------------------------------------------------------ samplers
+    @property
+    def scheduler(self):
+        """Stage 1's scheduler: the base model's (assigning it sets the base model's, as in diffusers)."""
+        return (self.base if self.base is not None else self.upscaler).scheduler
+
+    @scheduler.setter
+    def scheduler(self, value) -> None:
+        self.set_scheduler(value, stage="base")
+
+    def set_scheduler(self, scheduler, stage: str = "base") -> None:
+        """Sample ``stage`` ("base": stage 1, and stage 2's img2img passes unless "upscale" is set too;
+        "upscale": every stage-2 pass) with ``scheduler``: a diffusers scheduler instance, or a name of
+        :data:`anysize.schedulers.SCHEDULERS` ("dpm++2m-karras", "euler-a", ...) built from that
+        stage's model's own scheduler config (its betas, prediction type and spacing stay)."""
+        if stage not in ("base", "upscale"):
+            raise ValueError(f"stage={stage!r}: must be 'base' or 'upscale'")
+        model = self.base if stage == "base" else (self.upscaler or self.base)
+        if model is None:
+            raise ValueError(f"scheduler: this pipeline has no {'base model' if stage == 'base' else 'stage-2 model'}")
+        if isinstance(scheduler, str):
+            scheduler = schedulers.make(scheduler, model.scheduler.config)
+        elif not (hasattr(scheduler, "set_timesteps") and hasattr(scheduler, "step")):
+            raise ValueError(f"scheduler: a {type(scheduler).__name__} is not a diffusers scheduler or a name "
+                             f"({', '.join(schedulers.SCHEDULERS)})")
+        if stage == "base":
+            model.scheduler = scheduler
+        else:
+            self.upscale_scheduler = scheduler
 
     def set_progress_bar_config(self, disable: bool = False) -> None:
         self.progress = not disable
@@ -196,7 +232,8 @@ class AnySizePipeline:
         request = self._validate(request)
         run = planning.build(request, base_model=self.base, upscaler=self.upscaler,
                              buckets=getattr(self, "buckets", None), granularity=getattr(self, "granularity", 64),
-                             device=str(self.device), passes=passes, controlnets=self.controlnets)
+                             device=str(self.device), passes=passes, controlnets=self.controlnets,
+                             schedulers={"upscale": self.upscale_scheduler})
         mem = memory.plan_memory(run)
         if distributed.current() is not None:
             batch, tile = distributed.broadcast_object((mem.tile_batch_size, mem.vae_tile_size))
@@ -327,8 +364,10 @@ class AnySizePipeline:
                 negative = {"negative_prompt": req.negative_prompt} if req.call == "generate" else {}
                 infos.append({"prompt": text, **negative, **plan.info(), **self.model_ids})
                 stored = {**infos[-1], "request": dataclasses.replace(req, output_metadata=None).to_json()}
-                images.append(run_image(ctx, text, image, file and dataclasses.replace(
-                    file, metadata={**stored, **file.metadata})))
+                if file is not None:
+                    metadata = {**stored, **file.metadata}
+                    here = dataclasses.replace(file, metadata=metadata, parameters=infotext.parameters(metadata))
+                images.append(run_image(ctx, text, image, here if file is not None else None))
         if file is None:
             return AnySizeOutput(images=images, info=infos, memory_plan=plan.memory)
         return AnySizeOutput(images=[], info=infos, files=images, memory_plan=plan.memory)
@@ -345,7 +384,8 @@ class AnySizePipeline:
                 yield
                 return
             identity = {**req.sampling_identity(), "seed_state": generator_fingerprint(ctx.generator),
-                        "dtype": str(self.dtype), **self.model_ids}
+                        "dtype": str(self.dtype), **self.model_ids,
+                        "schedulers": [schedulers.short_name(p.scheduler) for p in ctx.plan.sampling]}
             ctx.run = RunDir(req.run_dir, identity, every=req.checkpoint_every)
             with ctx.run.stop_on_interrupt():
                 yield

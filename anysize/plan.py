@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from .buckets import choose_base_size, stretch_factor, stretch_note
 from .core.tiling import TilingConfig
 from .request import TILE, Request
+from .schedulers import short_name
 
 if TYPE_CHECKING:
     from .memory import MemoryPlan
@@ -113,6 +114,7 @@ class Phase:
     last: bool = False  # the last sampling phase, or its decode
     model: Any = field(default=None, compare=False, repr=False)  # the diffusers pipeline it runs
     controls: tuple[int, ...] = ()  # the ControlNets (indices into RunPlan.controlnets) that steer this phase
+    scheduler: Any = field(default=None, compare=False, repr=False)  # a sampling phase's diffusers scheduler
 
     @property
     def sampling(self) -> bool:
@@ -194,6 +196,9 @@ class RunPlan:
                        stretch=round(self.stretch, 4))
         out.update(passes=[list(p) for p in self.passes], tiling=req.method,
                    tile_batch_size=self.tile_batch_size, vae_tile_size=self.vae_tile_size)
+        for phase in self.sampling[:1] + self.sampling[1:2]:  # stage 1's, and stage 2's (one for all passes)
+            if phase.scheduler is not None:
+                out["scheduler" if phase.kind == "base" else "upscale_scheduler"] = short_name(phase.scheduler)
         if req.regions:
             out["regions"] = [r.to_json() for r in req.regions]
         if req.controlled:
@@ -230,7 +235,8 @@ def _streams(output_path) -> bool:
 
 
 def build(request: Request, *, base_model=None, upscaler=None, buckets=None, granularity: int = 64,
-          device: str = "cpu", passes: tuple[Size, ...] | None = None, controlnets: tuple = ()) -> RunPlan:
+          device: str = "cpu", passes: tuple[Size, ...] | None = None, controlnets: tuple = (),
+          schedulers: dict | None = None) -> RunPlan:
     """The :class:`RunPlan` of a validated ``request`` for these models (diffusers pipelines:
     ``base_model`` for stage 1 and img2img passes, ``upscaler`` an x4 super-resolution model or None),
     ``buckets`` and ``granularity`` stage 1's (:func:`anysize.buckets.arad_buckets`). ``passes``:
@@ -238,10 +244,12 @@ def build(request: Request, *, base_model=None, upscaler=None, buckets=None, gra
     ``controlnets``: ControlNets of the base model, one per ``request.control_images``; they steer the
     phases the base model samples (stage 1, for a control image that is not :data:`TILE`, and every
     img2img pass), never an x4 upscaler's, whose UNet is another model. A ControlNet that would steer
-    no phase is refused."""
+    no phase is refused. ``schedulers``: {"base": ..., "upscale": ...}, a stage's diffusers scheduler
+    instead of its model's own (None or absent: the model's)."""
     from .memory import banded_sampling  # torch-free; plan -> memory is one-way (memory reads plans by duck type)
 
     sr = upscaler is not None
+    chosen_schedulers = schedulers or {}
     config, streaming = request.tiling_config(), _streams(request.output_path)
     limit = request.latent_memory
     if limit is None and str(device).startswith("cuda"):
@@ -254,7 +262,8 @@ def build(request: Request, *, base_model=None, upscaler=None, buckets=None, gra
         if untiled:
             tiling = dataclasses.replace(tiling, method="none")
         banded = kind != "base" and banded_sampling(lat[0], lat[1], limit, tiling.method)
-        return Phase(kind, name, size, lat, tiling, banded, steps, guidance, model=model)
+        scheduler = chosen_schedulers.get("base" if kind == "base" else "upscale") or model.scheduler
+        return Phase(kind, name, size, lat, tiling, banded, steps, guidance, model=model, scheduler=scheduler)
 
     def decode(sampled: Phase, last: bool) -> Phase:
         return Phase("decode", f"{sampled.name} decode", sampled.size, sampled.latent, banded=sampled.banded,

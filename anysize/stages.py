@@ -217,7 +217,7 @@ def _output(ctx: Context, array, image, reference, file):
     elif req.color_fixed and ctx.plan.passes:
         array = adain_color_fix(array, reference)
     if file is not None:
-        return save_image(array, file.path, file.metadata)
+        return save_image(array, file.path, file.metadata, parameters=getattr(file, "parameters", None))
     if req.output_type == "pil":
         return PIL.Image.fromarray(array)
     if req.output_type == "np":
@@ -334,18 +334,18 @@ def _desc(ctx: Context, phase: Phase) -> str:
 
 
 def _sample(ctx: Context, phase: Phase, den, latents: torch.Tensor, stage: str, timesteps=None) -> torch.Tensor:
-    return sample_resumable(ctx.run, den, latents, phase.model.scheduler, phase.tiling, generator=ctx.generator,
+    return sample_resumable(ctx.run, den, latents, phase.scheduler, phase.tiling, generator=ctx.generator,
                             callback_on_step_end=ctx.step_end(stage), progress=ctx.progress,
                             desc=_desc(ctx, phase), timesteps=timesteps)
 
 
 def stage1(ctx: Context, phase: Phase, prompt: str) -> torch.Tensor:
     """Base model at the bucket (untiled), or at the request's ratio (panorama), tiled or not."""
-    model = phase.model
-    model.scheduler.set_timesteps(phase.steps)
-    den = _phase_denoiser(ctx, phase, prompt, model.scheduler.timesteps)
+    model, scheduler = phase.model, phase.scheduler
+    scheduler.set_timesteps(phase.steps)
+    den = _phase_denoiser(ctx, phase, prompt, scheduler.timesteps)
     shape = (1, model.unet.config.in_channels, *phase.latent)
-    latents = ctx.noise(shape, model.unet.dtype) * model.scheduler.init_noise_sigma
+    latents = ctx.noise(shape, model.unet.dtype) * scheduler.init_noise_sigma
     return _sample(ctx, phase, den, latents, "base")
 
 
@@ -362,9 +362,9 @@ def sr_pass(ctx: Context, phase: Phase, image: PIL.Image.Image, prompt: str):
     low = _image_tensor(_resize(image, (lat_w, lat_h)), ctx.device)
     low = model.low_res_scheduler.add_noise(low, ctx.noise(low.shape, torch.float32), level)
     den = _phase_denoiser(ctx, phase, prompt, cond=low.to(dtype), class_labels=level)
-    model.scheduler.set_timesteps(phase.steps)
+    phase.scheduler.set_timesteps(phase.steps)
     latents = ctx.noise(shape, dtype)
-    return _sample(ctx, phase, den, latents * model.scheduler.init_noise_sigma, "upscale")
+    return _sample(ctx, phase, den, latents * phase.scheduler.init_noise_sigma, "upscale")
 
 
 def _sr_pass_banded(ctx: Context, phase: Phase, image: PIL.Image.Image, prompt: str, shape,
@@ -385,8 +385,8 @@ def _sr_pass_banded(ctx: Context, phase: Phase, image: PIL.Image.Image, prompt: 
     bands.fill_planes(cond, low_rows)
     del pixels, low_rows  # on disk now
     den = _phase_denoiser(ctx, phase, prompt, cond=cond, class_labels=level)
-    model.scheduler.set_timesteps(phase.steps)
-    sigma, noise = model.scheduler.init_noise_sigma, bands.NoiseStream(math.prod(shape), ctx.generator)
+    phase.scheduler.set_timesteps(phase.steps)
+    sigma, noise = phase.scheduler.init_noise_sigma, bands.NoiseStream(math.prod(shape), ctx.generator)
     bands.fill_planes(work.init, lambda b, c, top, bottom: noise.take((bottom - top) * lat_w)
                       .view(bottom - top, lat_w).to(device, dtype) * sigma)
     return _sample_banded(ctx, phase, den, work)
@@ -401,7 +401,7 @@ def img2img_pass(ctx: Context, phase: Phase, image: PIL.Image.Image, prompt: str
     dtype = model.unet.dtype
     pixels = _Resized(image, (lat_w * f, lat_h * f))
     init = tiled_encode(model.vae, pixels, mode="fast").to(ctx.device, dtype) * model.vae.config.scaling_factor
-    scheduler, steps = model.scheduler, phase.steps
+    scheduler, steps = phase.scheduler, phase.steps
     scheduler.set_timesteps(steps)
     start = min(steps - 1, int(round(steps * (1 - req.strength))))
     timesteps = scheduler.timesteps[start * scheduler.order :]
@@ -446,6 +446,6 @@ def _sample_banded(ctx: Context, phase: Phase, den, work: bands.BandWork, timest
         if run is not None and run.stop_requested:
             raise RunInterrupted(f"interrupted at step {step} of {work.dir.name}; the run continues from there")
 
-    return sample_banded(den, work, phase.model.scheduler, phase.tiling, generator=ctx.generator,
+    return sample_banded(den, work, phase.scheduler, phase.tiling, generator=ctx.generator,
                          callback_on_step_end=ctx.step_end("upscale"), on_commit=stop, progress=ctx.progress,
                          desc=_desc(ctx, phase), timesteps=timesteps, device=ctx.device)

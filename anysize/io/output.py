@@ -5,7 +5,8 @@ scratch file, for images larger than memory): TIFF and Deep Zoom (``.dzi``) are 
 band of rows at a time; PNG, JPEG and WebP need the whole image in memory and so suit sizes that fit.
 
 Metadata is one JSON object (whatever dict the caller passes; the CLI passes the prompt, seed, sizes,
-steps, tiling, model ids and the anysize version): a PNG ``tEXt`` chunk keyed ``anysize``, the TIFF
+steps, tiling, model ids and the anysize version): a PNG ``tEXt`` chunk keyed ``anysize`` (beside
+A1111's ``parameters`` text when the caller gives it), the TIFF
 ``ImageDescription``, for JPEG and WebP the EXIF ``UserComment``, for Deep Zoom ``NAME_files/anysize.json``. JPEG keeps EXIF in one APP1
 segment of at most 64 KiB, so metadata longer than that (a very long prompt) is left out of a JPEG,
 with a warning, rather than failing the save.
@@ -37,6 +38,7 @@ FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp", ".ti
 STREAMING = ("tiff", "dzi")  # formats written band by band, never holding the whole image
 MAX_SIDE = {"jpeg": 65500, "webp": 16383}  # what the encoders accept per side
 METADATA_KEY = "anysize"
+PARAMETERS_KEY = "parameters"  # A1111's settings text
 _JPEG_EXIF_LIMIT = 65000  # one APP1 segment holds 65533 bytes, with the EXIF header and IFDs
 _EXIF_ASCII = b"ASCII\0\0\0"  # UserComment's character-code prefix
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -74,10 +76,13 @@ def check_output_path(path: str | os.PathLike, size: Size | None = None) -> Path
     return target
 
 
-def save_image(image: ImageLike, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+def save_image(image: ImageLike, path: str | os.PathLike, metadata: dict | None = None,
+               parameters: str | None = None) -> Path:
     """Write ``image`` (PIL, a uint8 HW / HWC array, or a :class:`anysize.io.stream.Raster`) to ``path``
     atomically, in the format of its extension, with ``metadata`` embedded as JSON; returns the path.
-    ``.tif``: tiled, with a pyramid of reduced levels; ``.dzi``: Deep Zoom tiles beside it."""
+    ``.tif``: tiled, with a pyramid of reduced levels; ``.dzi``: Deep Zoom tiles beside it.
+    ``parameters``: A1111's settings text (:mod:`anysize.infotext`), written in a PNG as the
+    ``parameters`` chunk A1111's PNG Info reads (other formats: the JSON only)."""
     target = check_output_path(path, _size(image))
     fmt = output_format(target)
     text = json.dumps(metadata or {}, ensure_ascii=True, default=str)
@@ -96,7 +101,7 @@ def save_image(image: ImageLike, path: str | os.PathLike, metadata: dict | None 
     else:
         if isinstance(image, (stream.Raster, stream.ArrayRows)):
             image = image.read(0, image.height)
-        atomic_write(target, lambda f: _write_pillow(f, _as_pil(image, fmt), fmt, text))
+        atomic_write(target, lambda f: _write_pillow(f, _as_pil(image, fmt), fmt, text, parameters))
     return target
 
 
@@ -159,9 +164,11 @@ def _as_pil(image: ImageLike, fmt: str) -> PIL.Image.Image:
 
 
 # ---------------------------------------------------------------------- writers
-def _write_pillow(f: BinaryIO, image: PIL.Image.Image, fmt: str, text: str) -> None:
+def _write_pillow(f: BinaryIO, image: PIL.Image.Image, fmt: str, text: str, parameters: str | None = None) -> None:
     if fmt == "png":
         info = PngImagePlugin.PngInfo()
+        if parameters:
+            info.add_text(PARAMETERS_KEY, parameters)  # tEXt, or iTXt (UTF-8) for text beyond Latin-1
         info.add_text(METADATA_KEY, text)
         image.save(f, format="PNG", pnginfo=info, compress_level=6)
         return
