@@ -108,6 +108,20 @@ def _region(text: str) -> tuple:
         raise argparse.ArgumentTypeError(str(e).removeprefix(f"--region {text!r}: ")) from None
 
 
+def _lora(text: str) -> tuple[str, float]:
+    """``PATH`` or ``PATH:SCALE`` (a finite number); a path that itself holds a colon needs the scale."""
+    path, sep, scale = text.rpartition(":")
+    if not sep or not path:
+        return text, 1.0
+    try:
+        value = float(scale)
+    except ValueError:
+        return text, 1.0  # a colon of the path itself (C:\...)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"'{text}': the scale after ':' must be a finite number")
+    return path, value
+
+
 def _bytes_or_zero(text: str) -> int:
     return 0 if text.strip() == "0" else _bytes(text)
 
@@ -239,6 +253,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     models.add_argument("--base", metavar="PATH", help="base model: diffusers directory, .safetensors file or hub id")
     models.add_argument("--upscaler", metavar="PATH", help="x4 upscaler model (SD x4-upscaler layout)")
     models.add_argument("--img2img", action="store_true", help="upscale img2img-style with the base model")
+    models.add_argument("--lora", type=_lora, action="append", default=None, metavar="PATH[:SCALE]",
+                        help="a LoRA of the base model (.safetensors, kohya/A1111 or diffusers format) and its "
+                             "scale (default 1); repeatable")
     models.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None, metavar="NAME",
                         help="stage 1's sampler (default: the base model's own): " + ", ".join(SCHEDULER_NAMES))
     models.add_argument("--upscale-scheduler", choices=SCHEDULER_NAMES, default=None, metavar="NAME",
@@ -515,6 +532,8 @@ def _load(args: argparse.Namespace):
                                                allow_pickle=args.allow_pickle, img2img=args.img2img,
                                                controlnet=args.controlnet, scheduler=args.scheduler,
                                                upscale_scheduler=args.upscale_scheduler)
+        if args.lora:
+            pipe.load_loras(args.lora, allow_pickle=args.allow_pickle)
     pipe.set_progress_bar_config(disable=args.quiet)
     return pipe
 

@@ -245,3 +245,23 @@ def check_controlnet(net, base, index: int = 0) -> None:
         if got != want:
             raise ModelLoadError(f"{name}: {what} is {got}, the base model's is {want}; this ControlNet was "
                                  "made for another base model")
+
+
+# ---------------------------------------------------------------------- LoRA
+def load_lora(pipe, source, adapter_name: str, *, allow_pickle: bool = False) -> None:
+    """Load a LoRA file (kohya / A1111 or diffusers format) into ``pipe`` through diffusers'
+    ``load_lora_weights`` as ``adapter_name``; a one-line :class:`ModelLoadError` when it fails."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"lora {source}: no such file or directory")
+    _refuse_pickle(path, allow_pickle)
+    if path.is_file() and path.suffix.lower() != ".safetensors" and not allow_pickle:
+        raise ModelLoadError(f"lora {path}: not a .safetensors file")
+    try:
+        if path.is_file():
+            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name)
+        else:
+            pipe.load_lora_weights(str(path), adapter_name=adapter_name, use_safetensors=not allow_pickle or None)
+    except Exception as exc:  # diffusers and peft raise many kinds; the user needs one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"lora {source}: could not load: {first}") from exc

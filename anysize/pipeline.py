@@ -46,6 +46,18 @@ class AnySizeOutput:
     files: list[Any] = field(default_factory=list)
     memory_plan: memory.MemoryPlan | None = None  # the tile batch and VAE tile chosen, each phase's estimate
 
+    def to_tuple(self) -> tuple:
+        """``(images,)``, as a diffusers output's ``to_tuple()`` (``return_dict=False``)."""
+        return (self.images,)
+
+    def __getitem__(self, key):
+        """``out[0]`` and ``out["images"]`` are the images, as for a diffusers pipeline's output."""
+        if isinstance(key, str):
+            if key not in ("images", "info", "files", "memory_plan"):
+                raise KeyError(key)
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
 
 @dataclass(frozen=True)
 class _FileOutput:
@@ -79,6 +91,13 @@ def _control_inputs(control_image) -> tuple:
         except ValueError as exc:
             raise ValueError(f"control_image[{k}]: {exc}") from None
     return tuple(out)
+
+
+def _pipe_id(pipe) -> str:
+    """A loaded pipeline's id for metadata: where it was loaded from, and its class."""
+    source = getattr(getattr(pipe, "config", None), "_name_or_path", None)
+    name = type(pipe).__name__
+    return f"{Path(source).name} ({name})" if source else name
 
 
 def _digests(controls: tuple) -> tuple:
@@ -149,6 +168,54 @@ class AnySizePipeline:
             if chosen is not None:
                 pipe.set_scheduler(chosen, stage=stage)
         return pipe
+
+    @classmethod
+    def from_pipe(cls, pipe, upscaler=None, *, controlnet=None, scheduler=None,
+                  upscale_scheduler=None) -> AnySizePipeline:
+        """Wrap already-loaded diffusers pipelines, sharing their modules (no weight is copied):
+        ``pipe`` a text-to-image pipeline (SD 1.x/2.x, SDXL; a ControlNet pipeline brings its
+        ControlNets), ``upscaler`` a loaded ``StableDiffusionUpscalePipeline`` or None (img2img with
+        ``pipe``). LoRAs, textual inversions and schedulers set on ``pipe`` with diffusers' own calls
+        (``load_lora_weights``, ``set_adapters``, ``load_textual_inversion``) act here too."""
+        for role, model in (("pipe", pipe), ("upscaler", upscaler)):
+            if model is None:
+                continue
+            missing = [n for n in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+                       if getattr(model, n, None) is None]
+            if missing or not callable(getattr(model, "encode_prompt", None)):
+                what = f"has no {', '.join(missing)}" if missing else "has no encode_prompt"
+                raise models.ModelLoadError(f"{role}: a {type(model).__name__} {what}; pass a diffusers Stable "
+                                            "Diffusion (1.x/2.x, SDXL) pipeline")
+        own = getattr(pipe, "controlnet", None)
+        if controlnet is None and own is not None:
+            controlnet = list(getattr(own, "nets", [own]))  # MultiControlNetModel holds a list
+        ids = {"base": _pipe_id(pipe), "upscaler": _pipe_id(upscaler) if upscaler is not None else "base (img2img)"}
+        if controlnet is not None:
+            nets = controlnet if isinstance(controlnet, (list, tuple)) else [controlnet]
+            ids["controlnet"] = [type(n).__name__ for n in nets]
+        wrapped = cls(pipe, upscaler, controlnet=controlnet, model_ids=ids)
+        for stage, chosen in (("base", scheduler), ("upscale", upscale_scheduler)):
+            if chosen is not None:
+                wrapped.set_scheduler(chosen, stage=stage)
+        return wrapped
+
+    def load_loras(self, loras, *, allow_pickle: bool = False) -> None:
+        """Load LoRA files into the base model through diffusers (``load_lora_weights``, PEFT) and set
+        their scales (``set_adapters``): ``loras`` a list of ``path`` or ``(path, scale)``. Safetensors
+        only unless ``allow_pickle``. One-line :class:`~anysize.models.ModelLoadError` on failure."""
+        if self.base is None:
+            raise models.ModelLoadError("lora: adapts a base model; this pipeline has none")
+        names, weights, ids = [], [], []
+        for item in loras:
+            path, scale = (item, 1.0) if not isinstance(item, (list, tuple)) else (item[0], float(item[1]))
+            name = f"anysize_lora_{len(names)}"
+            models.load_lora(self.base, path, name, allow_pickle=allow_pickle)
+            names.append(name)
+            weights.append(scale)
+            ids.append(f"{models.describe(path)}:{scale:g}")
+        if names:
+            self.base.set_adapters(names, adapter_weights=weights)
+            self.model_ids["lora"] = ids
 
     # ------------------------------------------------------------------ samplers
     @property
@@ -254,7 +321,7 @@ class AnySizePipeline:
 
     # ------------------------------------------------------------------ public calls
     @torch.no_grad()
-    def __call__(self, prompt, width: int = 1024, height: int = 1024, *, generator: torch.Generator | None = None,
+    def __call__(self, prompt, height: int = 1024, width: int = 1024, *, generator: torch.Generator | None = None,
                  num_inference_steps: int = 30, upscale_inference_steps: int = 20, guidance_scale: float = 7.5,
                  upscale_guidance_scale: float | None = None, negative_prompt: str | None = None,
                  tiling: str | TilingConfig = "fstd", tile_size: int | None = None,
@@ -266,7 +333,8 @@ class AnySizePipeline:
                  control_image=None, controlnet_conditioning_scale: float | list[float] = 1.0,
                  control_guidance_start: float | list[float] = 0.0,
                  control_guidance_end: float | list[float] = 1.0, hooks=None) -> AnySizeOutput:
-        """Generate one image of exactly ``width x height`` pixels per prompt.
+        """Generate one image of exactly ``width x height`` pixels per prompt. Positionally
+        ``(prompt, height, width)``, diffusers' order.
 
         Stage 1 uses ``num_inference_steps`` and ``guidance_scale``; stage 2 ``upscale_inference_steps``,
         ``upscale_guidance_scale`` (default ``guidance_scale``) and ``noise_level`` (x4 upscaler) or

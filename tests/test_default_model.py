@@ -38,7 +38,7 @@ def test_default_model_loads_offline_and_makes_the_requested_size(monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     pipe = AnySizePipeline.from_pretrained(dtype=torch.float32, device="cpu")
     pipe.progress = False
-    out = pipe("two large red circles on grass", 150, 70, num_inference_steps=3, upscale_inference_steps=2,
+    out = pipe("two large red circles on grass", width=150, height=70, num_inference_steps=3, upscale_inference_steps=2,
                guidance_scale=4.0, generator=torch.Generator().manual_seed(0), output_type="np")
     image = out.images[0]
     assert image.shape == (70, 150, 3)

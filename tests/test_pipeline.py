@@ -55,7 +55,7 @@ def test_an_x4_upscaler_leaves_enlargements_of_2x_or_less_to_a_resize(pipe, mode
     img2img = AnySizePipeline.from_pretrained(base=model_dirs[0], img2img=True, device="cpu")
     assert img2img.stage2_passes((64, 64), (80, 80)) == ((80, 80),)  # img2img works at the target's size
     bucket = pipe.plan(100, 100).base
-    out = pipe("a red circle", 2 * bucket[0], 2 * bucket[1], num_inference_steps=2,
+    out = pipe("a red circle", width=2 * bucket[0], height=2 * bucket[1], num_inference_steps=2,
                generator=torch.Generator().manual_seed(0))
     assert out.info[0]["passes"] == []
     assert out.images[0].size == (2 * bucket[0], 2 * bucket[1])

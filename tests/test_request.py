@@ -68,7 +68,7 @@ def test_the_plan_lists_every_phase_the_memory_planner_estimates(pipe):
 
 
 def test_plan_then_run_is_the_call(pipe):
-    call = pipe("two red circles", 150, 70, generator=gen(3), output_type="np", **FAST).images[0]
+    call = pipe("two red circles", width=150, height=70, generator=gen(3), output_type="np", **FAST).images[0]
     plan = pipe.plan_run(Request("two red circles", 150, 70, output_type="np", **FAST))
     np.testing.assert_array_equal(pipe.run(plan, generator=gen(3)).images[0], call)
     with pytest.raises(ValueError, match="needs its input image"):
@@ -87,7 +87,7 @@ def test_hooks_see_each_phase_start_and_end_in_order(pipe):
             events.append(("end", phase.name))
 
     only_end = type("OnlyEnd", (), {"on_phase_end": lambda self, phase: events.append(("also", phase.name))})()
-    out = pipe("x", 300, 77, generator=gen(), hooks=[Recorder(), only_end], **FAST)
+    out = pipe("x", width=300, height=77, generator=gen(), hooks=[Recorder(), only_end], **FAST)
     names = [s.name for s in out.memory_plan.stages]
     expected = [e for n in names for e in (("start", n), ("end", n), ("also", n))]
     assert events == expected
@@ -98,7 +98,7 @@ def test_hooks_see_each_phase_start_and_end_in_order(pipe):
             raise RuntimeError("stop here")
 
     with pytest.raises(RuntimeError, match="stop here"):
-        pipe("x", 300, 77, generator=gen(), hooks=Recorder(), callback_on_step_end=failing, **FAST)
+        pipe("x", width=300, height=77, generator=gen(), hooks=Recorder(), callback_on_step_end=failing, **FAST)
     assert events[-2:] == [("start", "pass 1"), ("end", "pass 1")]  # the end hook runs when the phase fails
 
 
@@ -118,7 +118,7 @@ def test_tiling_takes_a_tiling_config(pipe):
 
 def test_calls_are_reentrant_and_leave_no_state_on_the_pipeline(pipe):
     before = dict(vars(pipe))
-    alone = pipe("a", 300, 77, generator=gen(5), output_type="np", **FAST).images[0]
+    alone = pipe("a", width=300, height=77, generator=gen(5), output_type="np", **FAST).images[0]
     inner = []
 
     def nested(owner, step, timestep, kwargs):  # a call from inside another call's step
@@ -126,7 +126,7 @@ def test_calls_are_reentrant_and_leave_no_state_on_the_pipeline(pipe):
             inner.append(owner("b", 64, 64, generator=gen(6), output_type="np", **FAST).images[0])
         return None
 
-    outer = pipe("a", 300, 77, generator=gen(5), output_type="np", callback_on_step_end=nested, **FAST).images[0]
+    outer = pipe("a", width=300, height=77, generator=gen(5), output_type="np", callback_on_step_end=nested, **FAST).images[0]
     assert inner and inner[0].shape == (64, 64, 3)
     np.testing.assert_array_equal(outer, alone)
     assert vars(pipe).keys() == before.keys() and all(vars(pipe)[k] is v for k, v in before.items())
@@ -136,7 +136,7 @@ def test_the_file_stores_its_request(pipe, tmp_path):
     from anysize.io.output import read_metadata
 
     path = tmp_path / "o.png"
-    pipe("two red circles", 150, 70, generator=gen(2), output_path=path, output_metadata={"seed": 2}, **FAST)
+    pipe("two red circles", width=150, height=70, generator=gen(2), output_path=path, output_metadata={"seed": 2}, **FAST)
     meta = read_metadata(path)
     request = Request.from_json(meta["request"])
     assert meta["seed"] == 2 and request.output_metadata is None

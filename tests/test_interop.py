@@ -1,0 +1,125 @@
+"""Bringing what diffusers users have: their loaded pipelines, LoRAs, diffusers' call order and outputs."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionUpscalePipeline
+
+from anysize import AnySizePipeline, cli
+from anysize.models import ModelLoadError
+
+FAST = dict(num_inference_steps=2, upscale_inference_steps=2, guidance_scale=3.0)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def load(path):
+    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def lora_file(model_dirs, tmp_path_factory):
+    """A LoRA of the tiny base's attention projections (random, non-zero B), in diffusers' format."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(5)
+    donor = load(model_dirs[0])
+    donor.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                      target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    out = tmp_path_factory.mktemp("lora")
+    StableDiffusionPipeline.save_lora_weights(
+        out, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(donor.unet)),
+        safe_serialization=True)
+    return out / "pytorch_lora_weights.safetensors"
+
+
+def test_from_pipe_wraps_a_loaded_pipeline_without_copying(model_dirs):
+    sd = load(model_dirs[0])
+    wrapped = AnySizePipeline.from_pipe(sd)
+    assert wrapped.base is sd and wrapped.upscaler is None
+    assert wrapped.base.unet is sd.unet and wrapped.base.vae is sd.vae  # the same modules
+    loaded = AnySizePipeline.from_pretrained(base=model_dirs[0], img2img=True)
+    for p in (wrapped, loaded):
+        p.set_progress_bar_config(disable=True)
+    a = wrapped("a red circle", width=128, height=96, generator=gen(1), output_type="np", **FAST).images[0]
+    b = loaded("a red circle", width=128, height=96, generator=gen(1), output_type="np", **FAST).images[0]
+    assert np.array_equal(a, b)
+    assert wrapped.model_ids["base"] == "base (StableDiffusionPipeline)"
+
+
+def test_from_pipe_takes_an_upscaler_pipeline_and_a_scheduler_name(model_dirs):
+    up = StableDiffusionUpscalePipeline.from_pretrained(model_dirs[1])
+    wrapped = AnySizePipeline.from_pipe(load(model_dirs[0]), up, scheduler="dpm++2m-karras")
+    assert wrapped.upscaler is up and type(wrapped.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert wrapped.scheduler.config.use_karras_sigmas
+
+
+def test_from_pipe_brings_a_controlnet_pipelines_controlnets(model_dirs):
+    import tiny_models
+    from diffusers import StableDiffusionControlNetPipeline
+
+    sd = load(model_dirs[0])
+    net = tiny_models.make_controlnet(sd.unet)
+    cn = StableDiffusionControlNetPipeline(**{k: getattr(sd, k) for k in ("vae", "text_encoder", "tokenizer", "unet",
+                                                                            "scheduler")},
+                                           controlnet=net, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
+    assert AnySizePipeline.from_pipe(cn).controlnets == (net,)
+
+
+def test_from_pipe_refuses_what_is_not_a_stable_diffusion_pipeline(model_dirs):
+    with pytest.raises(ModelLoadError, match="pipe: a object has no unet, vae"):
+        AnySizePipeline.from_pipe(object())
+
+
+def test_lora_changes_the_image_and_scale_zero_is_bit_identical(model_dirs, lora_file):
+    def run(loras):
+        pipe = AnySizePipeline.from_pretrained(base=model_dirs[0], img2img=True)
+        pipe.set_progress_bar_config(disable=True)
+        if loras:
+            pipe.load_loras(loras)
+        out = pipe("a red circle", width=128, height=96, generator=gen(2), output_type="np", **FAST)
+        return out.images[0], out.info[0]
+
+    plain, _ = run([])
+    full, info = run([(lora_file, 1.0)])
+    zero, _ = run([(lora_file, 0.0)])
+    assert not np.array_equal(plain, full)
+    assert np.array_equal(plain, zero)
+    assert info["lora"] == [f"{lora_file}:1"]
+
+
+def test_cli_lora_option(model_dirs, lora_file, tmp_path, capsys):
+    from anysize.io.output import read_metadata
+
+    out = tmp_path / "o.png"
+    code = cli.main(["generate", "a red circle", "--size", "128x96", "-o", str(out), "--base", str(model_dirs[0]),
+                     "--img2img", "--lora", f"{lora_file}:0.5", "--steps", "2", "--upscale-steps", "2", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert read_metadata(out)["lora"] == [f"{lora_file}:0.5"]
+    code = cli.main(["generate", "a red circle", "--size", "128x96", "-o", str(out), "--base", str(model_dirs[0]),
+                     "--lora", str(tmp_path / "missing.safetensors")])
+    err = capsys.readouterr().err
+    assert code != 0 and "missing.safetensors: no such file" in err and len(err.strip().splitlines()) == 1
+
+
+def test_lora_pickle_files_are_refused(model_dirs, tmp_path):
+    pipe = AnySizePipeline.from_pretrained(base=model_dirs[0], img2img=True)
+    bad = tmp_path / "lora.ckpt"
+    bad.write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="pickle checkpoint"):
+        pipe.load_loras([bad])
+
+
+def test_positional_order_is_diffusers_and_the_output_indexes_like_diffusers(pipe):
+    out = pipe("a red circle", 64, 128, generator=gen(0), **FAST)  # (prompt, height, width)
+    assert out.images[0].size == (128, 64)
+    assert out[0] is out.images and out["images"] is out.images and out.to_tuple() == (out.images,)
+    with pytest.raises(KeyError):
+        out["nsfw_content_detected"]
