@@ -197,6 +197,10 @@ def _add_request(p: argparse.ArgumentParser, steps: int) -> None:
                    help="checkpoint the run in DIR; after a crash or Ctrl-C, 'anysize resume DIR' continues it")
     p.add_argument("--checkpoint-every", type=_int_at_least(1), default=1, metavar="N",
                    help="with --run-dir: save a checkpoint every N sampling steps (default 1)")
+    p.add_argument("--from-image", default=None, metavar="FILE",
+                   help="run again the command that made FILE (an anysize output: its metadata holds the "
+                        "command line, seed included); options given here replace its single-valued ones and "
+                        "add to its repeatable ones, e.g. '--from-image out.png -o again.png --steps 40'")
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -491,6 +495,52 @@ def _remember_command(args: argparse.Namespace, seed: int) -> None:
     atomic_write(run_dir / COMMAND_FILE, lambda f: f.write(data))
 
 
+def _replayable_argv(args: argparse.Namespace, seed: int) -> list[str]:
+    """The command line with the seed made explicit and every argument that names an existing file or
+    directory made absolute, so ``--from-image`` replays it from any directory."""
+    out = []
+    for token in args.argv:
+        flag, eq, value = token.partition("=")
+        if token == "--quiet":
+            continue
+        if eq and flag.startswith("--") and Path(value).exists():
+            out.append(f"{flag}={Path(value).resolve()}")
+        elif not token.startswith("-") and Path(token).exists() and token != args.command:
+            out.append(str(Path(token).resolve()))
+        else:
+            out.append(token)
+    return out + (["--seed", str(seed)] if args.seed is None else [])
+
+
+def _from_image(argv: list[str]) -> list[str]:
+    """``argv`` with ``--from-image FILE`` replaced by the command line stored in FILE's metadata
+    (then the rest of ``argv``, whose options come later and so take precedence)."""
+    if "--from-image" not in argv and not any(a.startswith("--from-image=") for a in argv):
+        return argv
+    rest, source = [], None
+    tokens = iter(argv)
+    for token in tokens:
+        if token == "--from-image":
+            source = next(tokens, None)
+        elif token.startswith("--from-image="):
+            source = token.partition("=")[2]
+        else:
+            rest.append(token)
+    if not source:
+        raise UsageError("--from-image: expected a file")
+    from .io.output import read_metadata
+
+    try:
+        stored = read_metadata(source).get("argv")
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--from-image '{source}': cannot be read ({_one_line(str(exc))})") from None
+    if not (isinstance(stored, list) and stored and all(isinstance(a, str) for a in stored)):
+        raise UsageError(f"--from-image '{source}': holds no anysize command line (not made by the anysize CLI)")
+    if rest and rest[0] != stored[0]:
+        raise UsageError(f"--from-image '{source}': was made by 'anysize {stored[0]}', not '{rest[0]}'")
+    return stored + rest[1:]
+
+
 def _add_view(sub) -> None:
     p = sub.add_parser("view", help="pan and zoom a result in the browser (a local server)",
                        description="Serve OUT as a Deep Zoom image with OpenSeadragon (shipped with anysize, no "
@@ -595,7 +645,8 @@ def _file_kwargs(args: argparse.Namespace, pipe, seed: int, out: Path, extra: di
     """The pipeline writes the file itself (decoding tile by tile into it); its metadata: the pipeline's
     info, then the settings and the version."""
     metadata = {"command": args.command, "seed": seed, **extra, "tile_size": args.tile_size,
-                "device": str(pipe.device), "dtype": str(pipe.dtype).removeprefix("torch."), "version": __version__}
+                "device": str(pipe.device), "dtype": str(pipe.dtype).removeprefix("torch."), "version": __version__,
+                "argv": _replayable_argv(args, seed)}
     if pipe.upscaler is None:
         metadata["strength"] = args.strength
     from .core import distributed
@@ -679,6 +730,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = _attach_size_values(list(sys.argv[1:] if argv is None else argv))
     args, joined = None, False
     try:
+        args_list = _from_image(args_list)
         args, unknown = build_parser().parse_known_args(args_list)
         if unknown:
             raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")

@@ -340,3 +340,29 @@ def test_unexpected_error_is_one_line_with_its_type(capsys, tmp_path, monkeypatc
     monkeypatch.setenv("ANYSIZE_DEBUG", "1")
     with pytest.raises(KeyError):
         cli.main(["generate", "x", "--size", "96x64", "-o", str(tmp_path / "o.png"), "--quiet", *FAST, *models])
+
+
+def test_from_image_runs_the_stored_command_again(model_dirs, tmp_path, capsys, monkeypatch):
+    """The PNG's metadata holds the command line (seed made explicit, paths made absolute): replayed
+    from another directory it gives the same pixels; later options replace the stored ones."""
+    main = cli.main
+    monkeypatch.chdir(tmp_path)
+    first = ["generate", "a red circle", "--size", "128x96", "-o", "first.png", "--base", str(model_dirs[0]),
+             "--img2img", "--steps", "2", "--upscale-steps", "2", "--quiet"]  # no --seed: a random one, stored
+    assert main(first) == 0, capsys.readouterr().err
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["generate", "--from-image", str(tmp_path / "first.png"), "-o", "again.png", "--quiet"]) == 0
+    with PIL.Image.open(tmp_path / "first.png") as a, PIL.Image.open(elsewhere / "again.png") as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert main(["generate", "--from-image", str(tmp_path / "first.png"), "-o", "other.png", "--seed", "99",
+                 "--quiet"]) == 0
+    with PIL.Image.open(tmp_path / "first.png") as a, PIL.Image.open(elsewhere / "other.png") as b:
+        assert not np.array_equal(np.asarray(a), np.asarray(b))
+    PIL.Image.new("RGB", (8, 8)).save(elsewhere / "plain.png")
+    capsys.readouterr()
+    assert main(["generate", "--from-image", "plain.png", "-o", "x.png"]) == 2
+    assert "holds no anysize command line" in capsys.readouterr().err
+    assert main(["upscale", "--from-image", str(tmp_path / "first.png"), "-o", "x.png"]) == 2
+    assert "was made by 'anysize generate', not 'upscale'" in capsys.readouterr().err
