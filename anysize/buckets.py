@@ -16,6 +16,38 @@ ARAD_RATIOS = (0.5, 0.5625, 0.625, 0.75, 1.0, 4 / 3, 1.6, 16 / 9, 2.0)
 
 Bucket = tuple[int, int]
 
+# SDXL's training sizes (Podell et al. 2023, appendix), the ones its users know: the buckets an SDXL
+# base at its native 1024^2 gets by default, instead of ARAD's nine ratios at 1024^2.
+SDXL_BUCKETS: tuple[Bucket, ...] = (
+    (1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),
+    (1536, 640), (640, 1536),
+)
+
+
+def parse_buckets(text: str) -> list[Bucket]:
+    """``"1024x1024,1216x832,..."`` -> [(1024, 1024), (1216, 832), ...]; ValueError naming a bad item."""
+    out = []
+    for item in text.split(","):
+        w, sep, h = item.strip().lower().partition("x")
+        if not (sep and w.isdigit() and h.isdigit() and int(w) > 0 and int(h) > 0):
+            raise ValueError(f"bucket {item.strip()!r}: must be WIDTHxHEIGHT with positive integers")
+        out.append((int(w), int(h)))
+    return out
+
+
+def check_buckets(buckets, granularity: int) -> list[Bucket]:
+    """A model's own bucket list, checked: non-empty (width, height) pairs of positive integers, each
+    side a multiple of ``granularity`` (so every UNet level stays whole)."""
+    out = [tuple(b) for b in buckets]
+    if not out:
+        raise ValueError("buckets: the list is empty")
+    for b in out:
+        if len(b) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in b):
+            raise ValueError(f"bucket {b!r}: must be (width, height) with positive integers")
+        if b[0] % granularity or b[1] % granularity:
+            raise ValueError(f"bucket {b[0]}x{b[1]}: sides must be multiples of {granularity} px for this model")
+    return sorted(set(out), key=lambda b: b[1] / b[0])
+
 
 def model_granularity(vae, unet) -> int:
     """Image px that keep every UNet level whole: VAE factor x UNet downsampling (64 px for SD)."""

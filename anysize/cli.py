@@ -122,6 +122,15 @@ def _lora(text: str) -> tuple[str, float]:
     return path, value
 
 
+def _buckets_list(text: str) -> list[tuple[int, int]]:
+    from .buckets import parse_buckets  # no torch import
+
+    try:
+        return parse_buckets(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _bytes_or_zero(text: str) -> int:
     return 0 if text.strip() == "0" else _bytes(text)
 
@@ -179,6 +188,9 @@ def _add_upscale(sub) -> None:
     p.add_argument("image", metavar="IMAGE", help="input image (any format Pillow reads)")
     _add_request(p, steps=20)
     p.add_argument("--prompt", default="", metavar="TEXT", help="what the image shows (default: empty)")
+    p.add_argument("--negative", default=None, metavar="TEXT", help="negative prompt")
+    p.add_argument("--guidance", type=_float_in(0, math.inf), default=1.0, metavar="X",
+                   help="classifier-free guidance scale (default 1: off, as for upscalers trained without captions)")
     _add_run_options(p)
     p.set_defaults(run=_upscale)
 
@@ -253,6 +265,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="match stage 2's colour statistics to its input's (default adain)")
     p.add_argument("--strength", type=_float_in(0, 1, low_open=True), default=0.3, metavar="X",
                    help="img2img upscaling: how much each pass may change (default 0.3)")
+    p.add_argument("--noise-level", type=_int_at_least(0), default=20, metavar="N",
+                   help="x4 upscaler: the noise added to its low-resolution input (default 20; at most the "
+                        "upscaler's max_noise_level)")
     models = p.add_argument_group("models")
     models.add_argument("--base", metavar="PATH", help="base model: diffusers directory, .safetensors file or hub id")
     models.add_argument("--upscaler", metavar="PATH", help="x4 upscaler model (SD x4-upscaler layout)")
@@ -260,6 +275,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     models.add_argument("--lora", type=_lora, action="append", default=None, metavar="PATH[:SCALE]",
                         help="a LoRA of the base model (.safetensors, kohya/A1111 or diffusers format) and its "
                              "scale (default 1); repeatable")
+    models.add_argument("--buckets", type=_buckets_list, default=None, metavar="WxH,WxH,...",
+                        help="stage 1's sizes (default: SDXL's training sizes for SDXL, else ARAD's nine ratios "
+                             "at the base model's native area)")
     models.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None, metavar="NAME",
                         help="stage 1's sampler (default: the base model's own): " + ", ".join(SCHEDULER_NAMES))
     models.add_argument("--upscale-scheduler", choices=SCHEDULER_NAMES, default=None, metavar="NAME",
@@ -295,7 +313,8 @@ def _upscale(args: argparse.Namespace) -> int:
     source = _read_image(args.image, "IMAGE")
     extra = {"steps": args.steps, "source": str(args.image), "source_size": list(source.size)}
     return _run(args, source, extra, call="upscale", prompt=args.prompt, num_inference_steps=None,
-                upscale_inference_steps=args.steps, guidance_scale=1.0, source_size=source.size)
+                upscale_inference_steps=args.steps, guidance_scale=args.guidance, negative_prompt=args.negative,
+                source_size=source.size)
 
 
 def _run(args: argparse.Namespace, source, extra: dict, **request) -> int:
@@ -310,7 +329,8 @@ def _run(args: argparse.Namespace, source, extra: dict, **request) -> int:
     if source is not None:
         request["source_digest"] = image_digest(source)
     seed = _pick_seed(args)
-    request = Request(width=args.size[0], height=args.size[1], strength=args.strength, tiling=_tiling(args),
+    request = Request(width=args.size[0], height=args.size[1], strength=args.strength,
+                      noise_level=args.noise_level, tiling=_tiling(args),
                       tile_size=args.tile_size, tile_batch_size=args.tile_batch, vae_tile_size=args.vae_tile,
                       max_memory=args.max_memory, latent_memory=args.latent_memory, color_fix=args.color_fix,
                       regions=tuple(args.region or ()), **_control_kwargs(args, controls),
@@ -581,7 +601,7 @@ def _load(args: argparse.Namespace):
         pipe = AnySizePipeline.from_pretrained(args.base, args.upscaler, device=args.device, dtype=args.dtype,
                                                allow_pickle=args.allow_pickle, img2img=args.img2img,
                                                controlnet=args.controlnet, scheduler=args.scheduler,
-                                               upscale_scheduler=args.upscale_scheduler)
+                                               upscale_scheduler=args.upscale_scheduler, buckets=args.buckets)
         if args.lora:
             pipe.load_loras(args.lora, allow_pickle=args.allow_pickle)
     pipe.set_progress_bar_config(disable=args.quiet)
@@ -725,10 +745,23 @@ def _join_process_group(args: argparse.Namespace) -> bool:
     return True
 
 
+_PYTHON_SHOWWARNING = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """anysize's own warnings (a prompt a model cannot read, metadata left out of a JPEG) as one line;
+    the libraries' as Python prints them."""
+    if "anysize" in str(filename).replace("\\", "/").split("/") or category.__name__ == "PromptWarning":
+        print(f"anysize: warning: {message}", file=sys.stderr if file is None else file)
+        return
+    _PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0, 1 runtime error, 2 bad argument, 130 interrupted)."""
     args_list = _attach_size_values(list(sys.argv[1:] if argv is None else argv))
     args, joined = None, False
+    shown, warnings.showwarning = warnings.showwarning, _show_warning
     try:
         args_list = _from_image(args_list)
         args, unknown = build_parser().parse_known_args(args_list)
@@ -749,6 +782,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         return _error(_message(exc), _exit_code(exc))
     finally:
+        warnings.showwarning = shown
         if joined:
             from .core import distributed
 

@@ -73,6 +73,16 @@ def _dir_has_only_pickle(path: Path) -> bool:
     return bool(weights) and not any(p.suffix.lower() == ".safetensors" for p in weights)
 
 
+def _no_safety_checker(path: Path) -> dict:
+    """Keywords that skip loading an SD directory's safety checker (a 303M-parameter CLIP that anysize
+    never runs; it filters nothing in a tiled output); none for pipelines without one."""
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
+
+
 def load_pipeline(source: str | os.PathLike, *, device: torch.device, dtype: torch.dtype,
                   allow_pickle: bool = False, role: str = "model"):
     """A diffusers pipeline from a directory, a single ``.safetensors`` file, or a hub id.
@@ -95,8 +105,8 @@ def load_pipeline(source: str | os.PathLike, *, device: torch.device, dtype: tor
             with warnings.catch_warnings():  # the x4 class's scaling_factor reset, undone below
                 warnings.filterwarnings("ignore", message=".*scaling_factor.*", category=FutureWarning)
                 pipe = DiffusionPipeline.from_pretrained(
-                    path, dtype=dtype, use_safetensors=not allow_pickle or None, local_files_only=True
-                )
+                    path, dtype=dtype, use_safetensors=not allow_pickle or None, local_files_only=True,
+                    **_no_safety_checker(path))
         elif path.is_file():
             _refuse_pickle(path, allow_pickle)
             if path.suffix.lower() != ".safetensors" and not allow_pickle:
@@ -265,3 +275,29 @@ def load_lora(pipe, source, adapter_name: str, *, allow_pickle: bool = False) ->
     except Exception as exc:  # diffusers and peft raise many kinds; the user needs one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"lora {source}: could not load: {first}") from exc
+
+
+# ---------------------------------------------------------------------- prompts
+def prompt_problems(pipe, prompt: str) -> list[str]:
+    """What ``pipe``'s text encoder will not read of ``prompt``, one line each: tokens past its window
+    (cut by diffusers' ``encode_prompt``), and words its tokenizer does not know (a word-level
+    vocabulary such as the default model's maps them to its unknown token)."""
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if tokenizer is None or not prompt:
+        return []
+    out = []
+    ids = tokenizer(prompt, truncation=False).input_ids
+    limit = int(tokenizer.model_max_length)
+    if len(ids) > limit:
+        kept = tokenizer.decode(ids[1 : limit - 1], skip_special_tokens=True)
+        out.append(f"prompt: {len(ids)} tokens, but the text encoder reads {limit}; it sees only "
+                   f"{kept!r}, the rest is cut")
+    unk = tokenizer.unk_token_id
+    if unk is not None and unk not in {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}:
+        words = [w for w in dict.fromkeys(prompt.replace(",", " ").split())
+                 if unk in tokenizer(w, add_special_tokens=False).input_ids]
+        if words:
+            out.append(f"prompt: the model does not know {', '.join(repr(w) for w in words)}; each reads as the "
+                       "unknown token (the default model knows only its scene vocabulary: "
+                       "anysize.train.trainer.scene_vocabulary())")
+    return out

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -24,7 +25,7 @@ import torch
 
 from . import infotext, memory, models, schedulers
 from . import plan as planning
-from .buckets import arad_buckets, model_granularity, native_side
+from .buckets import SDXL_BUCKETS, arad_buckets, check_buckets, model_granularity, native_side
 from .core import distributed
 from .core.checkpoint import RunDir, generator_fingerprint
 from .core.tiling import TilingConfig
@@ -66,6 +67,10 @@ class _FileOutput:
     path: Any
     metadata: dict
     parameters: str | None = None
+
+
+class PromptWarning(UserWarning):
+    """Part of a prompt that a model will not read (past its text encoder's window, or unknown words)."""
 
 
 def _fresh_generator() -> torch.Generator:
@@ -112,10 +117,12 @@ class AnySizePipeline:
     ``upscaler``: a pipeline in the SD x4-upscaler layout, or None to upscale img2img-style with the
     base model itself (``strength``), as Tiled Diffusion and Ultimate SD Upscale users do.
     ``controlnet``: a diffusers ``ControlNetModel`` of the base model, or a list of them; each call
-    then passes one ``control_image`` per ControlNet.
+    then passes one ``control_image`` per ControlNet. ``buckets``: stage 1's sizes, ``[(width,
+    height), ...]`` (default: SDXL's training sizes for an SDXL base at 1024^2, else ARAD's nine ratios
+    at the base's native area).
     """
 
-    def __init__(self, base=None, upscaler=None, *, controlnet=None, model_ids: dict | None = None):
+    def __init__(self, base=None, upscaler=None, *, controlnet=None, buckets=None, model_ids: dict | None = None):
         if base is None and upscaler is None:
             raise models.ModelLoadError("base and upscaler: at least one model is needed")
         if base is not None and models.model_kind(base).is_upscaler:
@@ -131,7 +138,15 @@ class AnySizePipeline:
             self.base_factor = vae_scale_factor(base.vae)
             self.base_tile = int(base.unet.config.sample_size)
             self.granularity = model_granularity(base.vae, base.unet)
-            self.buckets = arad_buckets(native_side(base.vae, base.unet) ** 2, granularity=self.granularity)
+            side = native_side(base.vae, base.unet)
+            if buckets is not None:
+                self.buckets = check_buckets(buckets, self.granularity)
+            elif models.model_kind(base).is_sdxl and side == 1024 and self.granularity <= 64:
+                self.buckets = check_buckets(SDXL_BUCKETS, self.granularity)
+            else:
+                self.buckets = arad_buckets(side**2, granularity=self.granularity)
+        elif buckets is not None:
+            raise models.ModelLoadError("buckets: are stage 1's sizes; this pipeline has no base model")
         nets = () if controlnet is None else tuple(controlnet) if isinstance(controlnet, (list, tuple)) else (controlnet,)
         if nets and base is None:
             raise models.ModelLoadError("controlnet: steers a base model; this pipeline has none")
@@ -141,7 +156,8 @@ class AnySizePipeline:
 
     @classmethod
     def from_pretrained(cls, base=None, upscaler=None, *, controlnet=None, scheduler=None, upscale_scheduler=None,
-                        device=None, dtype=None, allow_pickle: bool = False, img2img: bool = False) -> AnySizePipeline:
+                        buckets=None, device=None, dtype=None, allow_pickle: bool = False,
+                        img2img: bool = False) -> AnySizePipeline:
         """Load ``base`` and ``upscaler`` (diffusers directories, ``.safetensors`` files or hub ids);
         with neither, the embedded default model. ``img2img=True`` with no upscaler upscales with the
         base model; an upscaler alone serves :meth:`upscale` only. ``controlnet``: one ControlNet of the
@@ -163,15 +179,15 @@ class AnySizePipeline:
         if nets:
             ids["controlnet"] = [type(c).__name__ if isinstance(c, torch.nn.Module) else models.describe(c)
                                  for c in sources]
-        pipe = cls(base_pipe, up_pipe, controlnet=nets or None, model_ids=ids)
+        pipe = cls(base_pipe, up_pipe, controlnet=nets or None, buckets=buckets, model_ids=ids)
         for stage, chosen in (("base", scheduler), ("upscale", upscale_scheduler)):
             if chosen is not None:
                 pipe.set_scheduler(chosen, stage=stage)
         return pipe
 
     @classmethod
-    def from_pipe(cls, pipe, upscaler=None, *, controlnet=None, scheduler=None,
-                  upscale_scheduler=None) -> AnySizePipeline:
+    def from_pipe(cls, pipe, upscaler=None, *, controlnet=None, scheduler=None, upscale_scheduler=None,
+                  buckets=None) -> AnySizePipeline:
         """Wrap already-loaded diffusers pipelines, sharing their modules (no weight is copied):
         ``pipe`` a text-to-image pipeline (SD 1.x/2.x, SDXL; a ControlNet pipeline brings its
         ControlNets), ``upscaler`` a loaded ``StableDiffusionUpscalePipeline`` or None (img2img with
@@ -193,7 +209,7 @@ class AnySizePipeline:
         if controlnet is not None:
             nets = controlnet if isinstance(controlnet, (list, tuple)) else [controlnet]
             ids["controlnet"] = [type(n).__name__ for n in nets]
-        wrapped = cls(pipe, upscaler, controlnet=controlnet, model_ids=ids)
+        wrapped = cls(pipe, upscaler, controlnet=controlnet, buckets=buckets, model_ids=ids)
         for stage, chosen in (("base", scheduler), ("upscale", upscale_scheduler)):
             if chosen is not None:
                 wrapped.set_scheduler(chosen, stage=stage)
@@ -427,6 +443,7 @@ class AnySizePipeline:
                       hooks=hook_list(hooks), progress=self.progress, scratch_dir=file and Path(file.path).parent,
                       control_images=controls)
         images, infos = [], []
+        self._warn_prompts(plan)
         with self._running(ctx):
             for text in req.prompts:
                 negative = {"negative_prompt": req.negative_prompt} if req.call == "generate" else {}
@@ -439,6 +456,19 @@ class AnySizePipeline:
         if file is None:
             return AnySizeOutput(images=images, info=infos, memory_plan=plan.memory)
         return AnySizeOutput(images=[], info=infos, files=images, memory_plan=plan.memory)
+
+    def _warn_prompts(self, plan: RunPlan) -> None:
+        """A warning for each prompt part a model of the plan cannot read (never cut silently)."""
+        req = plan.request
+        texts = [*req.prompts, *([req.negative_prompt] if req.negative_prompt else []),
+                 *(r.prompt for r in req.regions)]
+        seen = set()
+        for model in {id(p.model): p.model for p in plan.sampling}.values():
+            for text in texts:
+                for line in models.prompt_problems(model, text):
+                    if line not in seen:
+                        seen.add(line)
+                        warnings.warn(line, PromptWarning, stacklevel=3)
 
     @contextlib.contextmanager
     def _running(self, ctx: Context):

@@ -70,3 +70,33 @@ def test_choose_base_size_stretches_the_nearest_bucket_by_default():
 def test_bucket_errors_name_the_argument(call, msg):
     with pytest.raises(ValueError, match=msg):
         call()
+
+
+def test_a_models_own_buckets_and_sdxls_by_default(pipe, tmp_path):
+    import tiny_models
+    from diffusers import StableDiffusionXLPipeline
+
+    from anysize import AnySizePipeline
+    from anysize.buckets import SDXL_BUCKETS, check_buckets, parse_buckets
+
+    own = AnySizePipeline(pipe.base, None, buckets=[(64, 32), (32, 64), (48, 48)])
+    assert own.plan(1000, 480).base == (64, 32) and own.plan(300, 700).base == (32, 64)
+    assert parse_buckets("1024x1024, 1216X832") == [(1024, 1024), (1216, 832)]
+    with pytest.raises(ValueError, match="bucket '12x'"):
+        parse_buckets("64x64,12x")
+    with pytest.raises(ValueError, match="multiples of 4 px"):
+        check_buckets([(64, 30)], 4)
+    with pytest.raises(ValueError, match="empty"):
+        check_buckets([], 4)
+    sdxl = StableDiffusionXLPipeline.from_pretrained(tiny_models.make_sdxl(tmp_path / "sdxl"))
+    assert AnySizePipeline(sdxl).buckets != check_buckets(SDXL_BUCKETS, 4)  # native 64 px: ARAD's ratios
+    sdxl.unet.register_to_config(sample_size=512)  # native 1024^2, as SDXL's own
+    assert AnySizePipeline(sdxl).buckets == check_buckets(SDXL_BUCKETS, 4)
+    assert AnySizePipeline(sdxl).plan(1920, 1080).base == (1344, 768)
+
+
+def test_cli_refuses_bad_buckets(capsys):
+    from anysize import cli
+
+    assert cli.main(["generate", "x", "--size", "64x64", "-o", "x.png", "--buckets", "64x64,0x3"]) == 2
+    assert "bucket '0x3'" in capsys.readouterr().err

@@ -366,3 +366,17 @@ def test_from_image_runs_the_stored_command_again(model_dirs, tmp_path, capsys, 
     assert "holds no anysize command line" in capsys.readouterr().err
     assert main(["upscale", "--from-image", str(tmp_path / "first.png"), "-o", "x.png"]) == 2
     assert "was made by 'anysize generate', not 'upscale'" in capsys.readouterr().err
+
+
+def test_upscale_takes_guidance_negative_prompt_and_noise_level(model_dirs, tmp_path, capsys):
+    src = tmp_path / "src.png"
+    PIL.Image.fromarray((np.random.default_rng(0).random((24, 32, 3)) * 255).astype(np.uint8)).save(src)
+    out = tmp_path / "big.png"
+    code = cli.main(["upscale", str(src), "--size", "128x96", "-o", str(out), "--upscaler", str(model_dirs[1]),
+                     "--steps", "2", "--guidance", "2.5", "--negative", "blurry", "--noise-level", "40", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    request = read_metadata(out)["request"]
+    assert (request["guidance_scale"], request["negative_prompt"], request["noise_level"]) == (2.5, "blurry", 40)
+    code = cli.main(["upscale", str(src), "--size", "128x96", "-o", str(out), "--upscaler", str(model_dirs[1]),
+                     "--noise-level", "999"])
+    assert code != 0 and "noise_level=999: must be <= the upscaler's max_noise_level 350" in capsys.readouterr().err

@@ -123,3 +123,29 @@ def test_positional_order_is_diffusers_and_the_output_indexes_like_diffusers(pip
     assert out[0] is out.images and out["images"] is out.images and out.to_tuple() == (out.images,)
     with pytest.raises(KeyError):
         out["nsfw_content_detected"]
+
+
+def test_prompts_are_never_cut_silently(pipe, recwarn):
+    """The tiny text encoder reads 16 tokens (one a character): a longer prompt warns, naming what it reads."""
+    from anysize.pipeline import PromptWarning
+
+    pipe("a red circle on grass", width=64, height=64, generator=gen(0), **FAST)
+    messages = [str(w.message) for w in recwarn if issubclass(w.category, PromptWarning)]
+    assert messages and all("the text encoder reads 16" in m for m in messages)
+    assert "it sees only 'a red circle on gr'" in messages[0]
+    recwarn.clear()
+    pipe("a red", width=64, height=64, generator=gen(0), **FAST)
+    assert not [w for w in recwarn if issubclass(w.category, PromptWarning)]
+
+
+def test_the_default_models_unknown_words_are_named(capsys):
+    from transformers import AutoTokenizer
+
+    from anysize.models import DEFAULT_MODEL_DIR, prompt_problems
+
+    class Model:  # what prompt_problems reads of a pipeline
+        tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR / "base" / "tokenizer")
+
+    (line,) = prompt_problems(Model, "a lighthouse on a cliff, two red circles")
+    assert "does not know 'lighthouse', 'cliff';" in line
+    assert prompt_problems(Model, "two red circles on grass") == []
