@@ -171,6 +171,9 @@ def _add_generate(sub) -> None:
                    help="guidance of stage 2 (default: --guidance); 1 turns it off, as for upscalers "
                         "trained without captions (the default model's)")
     p.add_argument("--negative", default=None, metavar="TEXT", help="negative prompt")
+    p.add_argument("--count", type=_int_at_least(1), default=1, metavar="N",
+                   help="make N images with seeds SEED, SEED+1, ... (as A1111's batch count), written to "
+                        "OUT-0001.png, OUT-0002.png, ... (default 1: OUT itself)")
     _add_panorama(p)
     _add_run_options(p)
     p.set_defaults(run=_generate)
@@ -337,10 +340,30 @@ def _run(args: argparse.Namespace, source, extra: dict, **request) -> int:
                       **_file_kwargs(args, pipe, seed, out, extra), **request)
     plan = pipe.plan_run(request)
     _say(args, plan.memory.describe())
-    _say(args, f"{plan.describe()}; seed {seed}")
+    count = getattr(args, "count", 1)
+    seeds = f"seeds {seed}..{seed + count - 1}" if count > 1 else f"seed {seed}"
+    _say(args, f"{plan.describe()}; {seeds}")
     if args.run_dir is not None:
+        if count > 1:
+            raise UsageError("--run-dir: holds one image; pass --count 1 (the default)")
         plan = dataclasses.replace(plan, request=dataclasses.replace(plan.request, **_run_kwargs(args, seed)))
-    return _done(pipe.run(plan, image=source, generator=_generator(seed), control_image=controls))
+    code = 0
+    for k in range(count):  # image k: seed + k, as A1111 numbers a batch, its own file and metadata
+        this = plan if count == 1 else _numbered_plan(plan, out, k, seed)
+        code = _done(pipe.run(this, image=source, generator=_generator(seed + k), control_image=controls))
+    return code
+
+
+def _numbered_plan(plan, out: Path, k: int, seed: int):
+    """Image ``k`` of a ``--count`` batch: ``OUT-0001.png``... with its own seed in its metadata, and a
+    command line that makes it alone (``--seed`` and ``--count 1`` after the stored options)."""
+    req = plan.request
+    if req.output_path is None:  # under torchrun, ranks other than 0 keep latents
+        return plan
+    meta = dict(req.output_metadata or {})
+    meta.update(seed=seed + k, argv=[*meta.get("argv", []), "--seed", str(seed + k), "--count", "1"])
+    path = out.with_name(f"{out.stem}-{k + 1:04d}{out.suffix}")
+    return dataclasses.replace(plan, request=dataclasses.replace(req, output_path=path, output_metadata=meta))
 
 
 def _control_images(args: argparse.Namespace) -> tuple:

@@ -164,6 +164,14 @@ def component_dir(root: str | os.PathLike, name: str) -> Path:
     return sub if sub.is_dir() else Path(root)
 
 
+def default_controlnet_path() -> Path:
+    """The embedded default model's ControlNet (object silhouettes); a clear error while it is not shipped."""
+    path = DEFAULT_MODEL_DIR / "controlnet"
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"controlnet default: not in this install ({path} is missing)")
+    return path
+
+
 def default_model_paths() -> tuple[Path, Path]:
     """(base, upscaler) directories of the embedded default model; a clear error while it is not shipped."""
     base, up = DEFAULT_MODEL_DIR / "base", DEFAULT_MODEL_DIR / "upscaler"
@@ -198,11 +206,14 @@ def controlnet_factor(net) -> int:
 
 def load_controlnet(source, *, device: torch.device, dtype: torch.dtype, allow_pickle: bool = False):
     """A diffusers ``ControlNetModel`` from a directory (``config.json`` + weights), a single
-    ``.safetensors`` file, a hub id, or a loaded model (moved to ``device`` / ``dtype``). Raises
-    :class:`ModelLoadError` with one line."""
+    ``.safetensors`` file, a hub id, a loaded model (moved to ``device`` / ``dtype``), or "default":
+    the default model's (its condition: object silhouettes, white on black,
+    :func:`anysize.train.scenes.render_mask`). Raises :class:`ModelLoadError` with one line."""
     from diffusers import ControlNetModel
     from diffusers.utils import logging as dlogging
 
+    if isinstance(source, str) and source == "default":
+        source = default_controlnet_path()
     if isinstance(source, torch.nn.Module):
         if not hasattr(getattr(source, "config", None), "conditioning_embedding_out_channels"):
             raise ModelLoadError(f"controlnet: a {type(source).__name__} is not a diffusers ControlNetModel")

@@ -98,6 +98,18 @@ def _control_inputs(control_image) -> tuple:
     return tuple(out)
 
 
+def _generators(generator, count: int) -> list[torch.Generator]:
+    """One generator per image: a list as given (its length checked), else the one generator (or a
+    fresh one) for every image, drawn from in turn."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != count or not all(isinstance(g, torch.Generator) for g in generator):
+            raise ValueError(f"generator: a list of {len(generator)}, but this call makes {count} image"
+                             f"{'s' if count > 1 else ''}; pass one torch.Generator per image, or one for all")
+        return list(generator)
+    one = generator if generator is not None else _fresh_generator()
+    return [one] * count
+
+
 def _pipe_id(pipe) -> str:
     """A loaded pipeline's id for metadata: where it was loaded from, and its class."""
     source = getattr(getattr(pipe, "config", None), "_name_or_path", None)
@@ -177,7 +189,8 @@ class AnySizePipeline:
         sources = [] if controlnet is None else list(controlnet) if isinstance(controlnet, (list, tuple)) else [controlnet]
         nets = [models.load_controlnet(c, **kw) for c in sources]
         if nets:
-            ids["controlnet"] = [type(c).__name__ if isinstance(c, torch.nn.Module) else models.describe(c)
+            ids["controlnet"] = [type(c).__name__ if isinstance(c, torch.nn.Module) else
+                                 "default (object silhouettes)" if c == "default" else models.describe(c)
                                  for c in sources]
         pipe = cls(base_pipe, up_pipe, controlnet=nets or None, buckets=buckets, model_ids=ids)
         for stage, chosen in (("base", scheduler), ("upscale", upscale_scheduler)):
@@ -337,7 +350,8 @@ class AnySizePipeline:
 
     # ------------------------------------------------------------------ public calls
     @torch.no_grad()
-    def __call__(self, prompt, height: int = 1024, width: int = 1024, *, generator: torch.Generator | None = None,
+    def __call__(self, prompt, height: int = 1024, width: int = 1024, *,
+                 generator: torch.Generator | list[torch.Generator] | None = None, num_images_per_prompt: int = 1,
                  num_inference_steps: int = 30, upscale_inference_steps: int = 20, guidance_scale: float = 7.5,
                  upscale_guidance_scale: float | None = None, negative_prompt: str | None = None,
                  tiling: str | TilingConfig = "fstd", tile_size: int | None = None,
@@ -349,8 +363,9 @@ class AnySizePipeline:
                  control_image=None, controlnet_conditioning_scale: float | list[float] = 1.0,
                  control_guidance_start: float | list[float] = 0.0,
                  control_guidance_end: float | list[float] = 1.0, hooks=None) -> AnySizeOutput:
-        """Generate one image of exactly ``width x height`` pixels per prompt. Positionally
-        ``(prompt, height, width)``, diffusers' order.
+        """Generate ``num_images_per_prompt`` images of exactly ``width x height`` pixels per prompt.
+        Positionally ``(prompt, height, width)``, diffusers' order. ``generator``: one for all images (drawn
+        from in turn), or a list of one per image (prompt-major), as in diffusers.
 
         Stage 1 uses ``num_inference_steps`` and ``guidance_scale``; stage 2 ``upscale_inference_steps``,
         ``upscale_guidance_scale`` (default ``guidance_scale``) and ``noise_level`` (x4 upscaler) or
@@ -418,7 +433,7 @@ class AnySizePipeline:
                         callback_on_step_end=callback_on_step_end, hooks=hooks, control_image=controls)
 
     @torch.no_grad()
-    def run(self, plan: RunPlan, *, image=None, generator: torch.Generator | None = None,
+    def run(self, plan: RunPlan, *, image=None, generator: torch.Generator | list[torch.Generator] | None = None,
             callback_on_step_end: Callable | None = None, hooks=None, control_image=None) -> AnySizeOutput:
         """Run a plan of :meth:`plan_run` (``image``: an upscale plan's input; ``control_image``: its
         control images, as in :meth:`__call__`); what :meth:`__call__` and :meth:`upscale` do after
@@ -438,14 +453,16 @@ class AnySizePipeline:
         file = None
         if req.output_path is not None:
             file = _FileOutput(check_output_path(req.output_path, req.size), dict(req.output_metadata or {}))
-        generator = generator if generator is not None else _fresh_generator()
-        ctx = Context(plan, generator, self.device, owner=self, callback=callback_on_step_end,
+        count = len(req.prompts) * req.num_images_per_prompt
+        generators = _generators(generator, count)
+        ctx = Context(plan, generators[0], self.device, owner=self, callback=callback_on_step_end,
                       hooks=hook_list(hooks), progress=self.progress, scratch_dir=file and Path(file.path).parent,
                       control_images=controls)
         images, infos = [], []
         self._warn_prompts(plan)
         with self._running(ctx):
-            for text in req.prompts:
+            for k, text in enumerate(t for t in req.prompts for _ in range(req.num_images_per_prompt)):
+                ctx.generator = generators[k]
                 negative = {"negative_prompt": req.negative_prompt} if req.call == "generate" else {}
                 infos.append({"prompt": text, **negative, **plan.info(), **self.model_ids})
                 stored = {**infos[-1], "request": dataclasses.replace(req, output_metadata=None).to_json()}

@@ -85,6 +85,7 @@ class Request:
     output_metadata: dict | None = field(default=None, hash=False)
     run_dir: str | None = None
     checkpoint_every: int = 1
+    num_images_per_prompt: int = 1
     regions: tuple = field(default=(), hash=False)  # region prompts (anysize.regions); validate() normalizes
     # ControlNet: per ControlNet of the pipeline, its control image's digest (or TILE) and its settings;
     # a number for all of them or one per ControlNet (validate() makes them tuples)
@@ -155,7 +156,8 @@ class Request:
                                      ("noise_level", self.noise_level, 0),
                                      ("max_memory", _or(self.max_memory, 1), 1),
                                      ("latent_memory", _or(self.latent_memory, 0), 0),
-                                     ("checkpoint_every", self.checkpoint_every, 1)):
+                                     ("checkpoint_every", self.checkpoint_every, 1),
+                                     ("num_images_per_prompt", self.num_images_per_prompt, 1)):
             if not _is_int(value) or value < minimum:
                 raise ValueError(f"{name}={value!r}: must be an integer >= {minimum}")
         if self.panorama not in BEYOND_BUCKETS:
@@ -179,6 +181,12 @@ class Request:
             raise ValueError(f"color_fix={self.color_fix!r}: must be one of {', '.join(COLOR_FIXES)} or None")
         if not generate and self.source_size is None:
             raise ValueError("source_size: an upscale request needs the input image's (width, height)")
+        if self.num_images_per_prompt > 1 and not generate:
+            raise ValueError("num_images_per_prompt: upscale makes one image from one input")
+        for name in ("output_path", "run_dir"):
+            if self.num_images_per_prompt > 1 and getattr(self, name) is not None:
+                raise ValueError(f"num_images_per_prompt={self.num_images_per_prompt}: {name} holds one image; "
+                                 "run once per image (the CLI's --count writes one file per image)")
         self._check_output()
         regions = normalize(self.regions, self.width, self.height)
         checked = dataclasses.replace(self, regions=regions, **self._check_control(controlnets))

@@ -380,3 +380,21 @@ def test_upscale_takes_guidance_negative_prompt_and_noise_level(model_dirs, tmp_
     code = cli.main(["upscale", str(src), "--size", "128x96", "-o", str(out), "--upscaler", str(model_dirs[1]),
                      "--noise-level", "999"])
     assert code != 0 and "noise_level=999: must be <= the upscaler's max_noise_level 350" in capsys.readouterr().err
+
+
+def test_count_makes_numbered_files_with_consecutive_seeds(model_dirs, tmp_path, capsys, monkeypatch):
+    """--count 3 --seed 5: OUT-0001..3 with seeds 5, 6, 7; the second equals a single run at seed 6,
+    and --from-image of it makes that one image again."""
+    monkeypatch.chdir(tmp_path)
+    base = ["generate", "a red circle", "--size", "128x96", "--base", str(model_dirs[0]), "--img2img", "--steps",
+            "2", "--upscale-steps", "2", "--quiet"]
+    assert cli.main([*base, "-o", "b.png", "--seed", "5", "--count", "3"]) == 0, capsys.readouterr().err
+    files = sorted(tmp_path.glob("b-*.png"))
+    assert [f.name for f in files] == ["b-0001.png", "b-0002.png", "b-0003.png"] and not (tmp_path / "b.png").exists()
+    assert [read_metadata(f)["seed"] for f in files] == [5, 6, 7]
+    assert cli.main([*base, "-o", "single.png", "--seed", "6"]) == 0
+    assert cli.main(["generate", "--from-image", "b-0002.png", "-o", "again.png", "--quiet"]) == 0
+    pixels = [np.asarray(PIL.Image.open(tmp_path / n)) for n in ("b-0002.png", "single.png", "again.png")]
+    assert np.array_equal(pixels[0], pixels[1]) and np.array_equal(pixels[0], pixels[2])
+    assert not np.array_equal(pixels[0], np.asarray(PIL.Image.open(files[0])))
+    assert not list(tmp_path.glob("again-*.png"))

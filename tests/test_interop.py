@@ -149,3 +149,17 @@ def test_the_default_models_unknown_words_are_named(capsys):
     (line,) = prompt_problems(Model, "a lighthouse on a cliff, two red circles")
     assert "does not know 'lighthouse', 'cliff';" in line
     assert prompt_problems(Model, "two red circles on grass") == []
+
+
+def test_num_images_per_prompt_and_a_list_of_generators(pipe):
+    """Two prompts x two images: with one generator per image, each image is what a call of its own
+    with that generator makes."""
+    out = pipe(["a red circle", "a blue square"], width=96, height=64, num_images_per_prompt=2,
+               generator=[gen(s) for s in (1, 2, 3, 4)], output_type="np", **FAST)
+    assert len(out.images) == 4 and [i["prompt"] for i in out.info] == ["a red circle"] * 2 + ["a blue square"] * 2
+    alone = pipe("a blue square", width=96, height=64, generator=gen(3), output_type="np", **FAST).images[0]
+    assert np.array_equal(out.images[2], alone) and not np.array_equal(out.images[2], out.images[3])
+    with pytest.raises(ValueError, match="a list of 3, but this call makes 4 images"):
+        pipe(["a", "b"], width=96, height=64, num_images_per_prompt=2, generator=[gen(), gen(), gen()], **FAST)
+    with pytest.raises(ValueError, match="num_images_per_prompt=0"):
+        pipe("a", width=96, height=64, num_images_per_prompt=0, **FAST)
