@@ -171,6 +171,10 @@ def _add_generate(sub) -> None:
                    help="guidance of stage 2 (default: --guidance); 1 turns it off, as for upscalers "
                         "trained without captions (the default model's)")
     p.add_argument("--negative", default=None, metavar="TEXT", help="negative prompt")
+    p.add_argument("--clip-skip", type=_int_at_least(0), default=None, metavar="N",
+                   help="read the prompt from the text encoder's N-th layer from the end (as A1111's and "
+                        "diffusers' clip skip)")
+    p.add_argument("--eta", type=_float_in(0, 1), default=None, metavar="X", help="DDIM's eta (default 0)")
     p.add_argument("--count", type=_int_at_least(1), default=1, metavar="N",
                    help="make N images with seeds SEED, SEED+1, ... (as A1111's batch count), written to "
                         "OUT-0001.png, OUT-0002.png, ... (default 1: OUT itself)")
@@ -309,7 +313,8 @@ def _generate(args: argparse.Namespace) -> int:
              "upscale_guidance": args.guidance if args.upscale_guidance is None else args.upscale_guidance}
     return _run(args, None, extra, call="generate", prompt=args.prompt, num_inference_steps=args.steps,
                 upscale_inference_steps=args.upscale_steps, guidance_scale=args.guidance,
-                upscale_guidance_scale=args.upscale_guidance, negative_prompt=args.negative, panorama=args.panorama)
+                upscale_guidance_scale=args.upscale_guidance, negative_prompt=args.negative, panorama=args.panorama,
+                clip_skip=args.clip_skip, eta=args.eta)
 
 
 def _upscale(args: argparse.Namespace) -> int:

@@ -63,6 +63,10 @@ def parameters(metadata: dict[str, Any]) -> str | None:
         pairs += [("CFG scale", upscale_cfg)]
     if metadata.get("seed") is not None:
         pairs.append(("Seed", metadata["seed"]))
+    if request.get("eta") is not None:
+        pairs.append(("Eta", request["eta"]))
+    if request.get("clip_skip") is not None:
+        pairs.append(("Clip skip", request["clip_skip"]))
     pairs.append(("Size", _size((request.get("width"), request.get("height")))))
     if metadata.get("base") not in (None, "none"):
         pairs.append(("Model", metadata["base"]))

@@ -110,6 +110,24 @@ def _generators(generator, count: int) -> list[torch.Generator]:
     return [one] * count
 
 
+def _stage1_latents(latents, plan: RunPlan, count: int) -> list:
+    """Per image, the caller's stage-1 noise (one row of ``latents``, or the one row for all) or None."""
+    if latents is None:
+        return [None] * count
+    base = next((p for p in plan.sampling if p.kind == "base"), None)
+    if base is None:
+        raise ValueError("latents: are stage 1's starting noise; an upscale has no stage 1")
+    if plan.request.run_dir is not None:
+        raise ValueError("latents: a run directory cannot check given noise on resume; draw it from the generator")
+    shape = (base.unet.config.in_channels, *base.latent)
+    if not (torch.is_tensor(latents) and latents.ndim == 4 and tuple(latents.shape[1:]) == shape
+            and latents.shape[0] in (1, count)):
+        got = tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
+        raise ValueError(f"latents: {got}, but stage 1 starts from ({count} or 1, {shape[0]}, {shape[1]}, "
+                         f"{shape[2]}): the bucket {base.size[0]}x{base.size[1]}'s latent")
+    return [latents[k if latents.shape[0] == count else 0][None] for k in range(count)]
+
+
 def _pipe_id(pipe) -> str:
     """A loaded pipeline's id for metadata: where it was loaded from, and its class."""
     source = getattr(getattr(pipe, "config", None), "_name_or_path", None)
@@ -362,7 +380,9 @@ class AnySizePipeline:
                  latent_memory: int | None = None, panorama: str = "stretch", regions=None,
                  control_image=None, controlnet_conditioning_scale: float | list[float] = 1.0,
                  control_guidance_start: float | list[float] = 0.0,
-                 control_guidance_end: float | list[float] = 1.0, hooks=None) -> AnySizeOutput:
+                 control_guidance_end: float | list[float] = 1.0, eta: float | None = None,
+                 clip_skip: int | None = None, cross_attention_kwargs: dict | None = None,
+                 latents: torch.Tensor | None = None, hooks=None) -> AnySizeOutput:
         """Generate ``num_images_per_prompt`` images of exactly ``width x height`` pixels per prompt.
         Positionally ``(prompt, height, width)``, diffusers' order. ``generator``: one for all images (drawn
         from in turn), or a list of one per image (prompt-major), as in diffusers.
@@ -397,12 +417,15 @@ class AnySizePipeline:
         model's phases: stage 1 (at the bucket) and every img2img pass, where each tile gets the crop of
         the control image under it, never an x4 upscaler's. ``controlnet_conditioning_scale``,
         ``control_guidance_start`` / ``control_guidance_end``: as in diffusers, one number or one per
-        ControlNet; start and end are fractions of each phase's steps.
+        ControlNet; start and end are fractions of each phase's steps. ``eta`` (DDIM), ``clip_skip`` and
+        ``cross_attention_kwargs`` (``{"scale": LoRA scale}``) as in diffusers, in every phase. ``latents``:
+        stage 1's starting noise, (images, channels, h, w) at the bucket's latent size (``plan_run``'s
+        first phase says it), scaled by the scheduler's ``init_noise_sigma`` as diffusers does.
         """
         controls = _control_inputs(control_image)
         request = Request.of(locals(), call="generate", regions=regions or (), control_images=_digests(controls))
         return self.run(self.plan_run(request), generator=generator, callback_on_step_end=callback_on_step_end,
-                        hooks=hooks, control_image=controls)
+                        hooks=hooks, control_image=controls, latents=latents)
 
     @torch.no_grad()
     def upscale(self, image, width: int, height: int, prompt: str = "", *, num_inference_steps: int = 20,
@@ -434,9 +457,10 @@ class AnySizePipeline:
 
     @torch.no_grad()
     def run(self, plan: RunPlan, *, image=None, generator: torch.Generator | list[torch.Generator] | None = None,
-            callback_on_step_end: Callable | None = None, hooks=None, control_image=None) -> AnySizeOutput:
-        """Run a plan of :meth:`plan_run` (``image``: an upscale plan's input; ``control_image``: its
-        control images, as in :meth:`__call__`); what :meth:`__call__` and :meth:`upscale` do after
+            callback_on_step_end: Callable | None = None, hooks=None, control_image=None,
+            latents: torch.Tensor | None = None) -> AnySizeOutput:
+        """Run a plan of :meth:`plan_run` (``image``: an upscale plan's input; ``control_image`` and
+        ``latents`` as in :meth:`__call__`); what :meth:`__call__` and :meth:`upscale` do after
         planning."""
         req = plan.request
         controls = _control_inputs(control_image)
@@ -455,6 +479,7 @@ class AnySizePipeline:
             file = _FileOutput(check_output_path(req.output_path, req.size), dict(req.output_metadata or {}))
         count = len(req.prompts) * req.num_images_per_prompt
         generators = _generators(generator, count)
+        starts = _stage1_latents(latents, plan, count)
         ctx = Context(plan, generators[0], self.device, owner=self, callback=callback_on_step_end,
                       hooks=hook_list(hooks), progress=self.progress, scratch_dir=file and Path(file.path).parent,
                       control_images=controls)
@@ -462,7 +487,7 @@ class AnySizePipeline:
         self._warn_prompts(plan)
         with self._running(ctx):
             for k, text in enumerate(t for t in req.prompts for _ in range(req.num_images_per_prompt)):
-                ctx.generator = generators[k]
+                ctx.generator, ctx.latents = generators[k], starts[k]
                 negative = {"negative_prompt": req.negative_prompt} if req.call == "generate" else {}
                 infos.append({"prompt": text, **negative, **plan.info(), **self.model_ids})
                 stored = {**infos[-1], "request": dataclasses.replace(req, output_metadata=None).to_json()}

@@ -86,6 +86,9 @@ class Request:
     run_dir: str | None = None
     checkpoint_every: int = 1
     num_images_per_prompt: int = 1
+    eta: float | None = None  # DDIM's eta (None: the scheduler's default, 0)
+    clip_skip: int | None = None  # text-encoder layers to skip from the end, as diffusers' clip_skip
+    cross_attention_kwargs: dict | None = field(default=None, hash=False)  # to every UNet call: {"scale": LoRA scale}
     regions: tuple = field(default=(), hash=False)  # region prompts (anysize.regions); validate() normalizes
     # ControlNet: per ControlNet of the pipeline, its control image's digest (or TILE) and its settings;
     # a number for all of them or one per ControlNet (validate() makes them tuples)
@@ -181,6 +184,15 @@ class Request:
             raise ValueError(f"color_fix={self.color_fix!r}: must be one of {', '.join(COLOR_FIXES)} or None")
         if not generate and self.source_size is None:
             raise ValueError("source_size: an upscale request needs the input image's (width, height)")
+        if self.eta is not None and not (_is_number(self.eta) and 0 <= self.eta <= 1):
+            raise ValueError(f"eta={self.eta!r}: must be a number in [0, 1] or None")
+        if self.clip_skip is not None and (not _is_int(self.clip_skip) or self.clip_skip < 0):
+            raise ValueError(f"clip_skip={self.clip_skip!r}: must be an integer >= 0 or None")
+        kwargs = self.cross_attention_kwargs
+        if kwargs is not None and not (isinstance(kwargs, dict) and set(kwargs) <= {"scale"}
+                                       and all(_is_number(v) and math.isfinite(v) for v in kwargs.values())):
+            raise ValueError(f"cross_attention_kwargs={kwargs!r}: anysize passes {{'scale': number}} (the LoRA "
+                             "scale); set other attention options on the model itself")
         if self.num_images_per_prompt > 1 and not generate:
             raise ValueError("num_images_per_prompt: upscale makes one image from one input")
         for name in ("output_path", "run_dir"):
@@ -290,4 +302,5 @@ class Request:
         # absent when unused: what earlier run directories hold
         regions = {"regions": data["regions"]} if self.regions else {}
         control = {name: data[name] for name in _CONTROL_FIELDS} if self.controlled else {}
-        return {name: data[name] for name in _SAMPLING_FIELDS} | regions | control
+        extra = {n: data[n] for n in ("eta", "clip_skip", "cross_attention_kwargs") if data[n] is not None}
+        return {name: data[name] for name in _SAMPLING_FIELDS} | regions | control | extra

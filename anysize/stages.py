@@ -18,6 +18,7 @@ import hashlib
 import math
 import shutil
 import tempfile
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,7 +123,8 @@ class Context:
     """Everything one call needs while it runs. ``owner``: what ``callback_on_step_end`` gets as its
     first argument (the pipeline, as in diffusers); ``run``: the run directory, if any; ``scratch_dir``:
     where banded work goes without one (None: the system's temp dir); ``control_images``: per ControlNet
-    of the plan, its control image (PIL) or :data:`anysize.request.TILE`."""
+    of the plan, its control image (PIL) or :data:`anysize.request.TILE`; ``latents``: the image's
+    stage-1 noise when the caller gave it (diffusers' ``latents``)."""
 
     plan: RunPlan
     generator: torch.Generator
@@ -135,6 +137,7 @@ class Context:
     scratch_dir: Path | None = None
     scratch: contextlib.ExitStack | None = None
     control_images: tuple = ()
+    latents: torch.Tensor | None = None  # stage 1's starting noise for this image, instead of drawing it
 
     @contextlib.contextmanager
     def phase(self, phase: Phase) -> Iterator[None]:
@@ -256,26 +259,40 @@ def decode(ctx: Context, phase: Phase, latents, out: stream.Raster | None = None
 
 
 def denoiser(model, prompt: str, negative_prompt: str | None, guidance_scale: float, size: Size,
-             regions=(), latent: tuple[int, int] | None = None, **extra) -> UNetTileDenoiser:
-    """Prompt embeddings through diffusers' own ``encode_prompt`` (SD or SDXL), wrapped for tiles;
-    ``regions`` (:class:`anysize.regions.Region`, fraction boxes) placed on the ``latent`` (h, w)."""
+             regions=(), latent: tuple[int, int] | None = None, clip_skip: int | None = None,
+             cross_attention_kwargs: dict | None = None, **extra) -> UNetTileDenoiser:
+    """Prompt embeddings through diffusers' own ``encode_prompt`` (SD or SDXL; ``clip_skip`` and the
+    LoRA scale of ``cross_attention_kwargs`` as diffusers passes them), wrapped for tiles; ``regions``
+    (:class:`anysize.regions.Region`, fraction boxes) placed on the ``latent`` (h, w)."""
     do_cfg = guidance_scale > 1.0
     device = model.unet.device
     added = negative_added = ids = None
+    text = {"clip_skip": clip_skip, "lora_scale": (cross_attention_kwargs or {}).get("scale")}
+    if clip_skip:
+        _clip_skip_layout(model.text_encoder)
     if models.model_kind(model).is_sdxl:
         pos, neg, pooled, neg_pooled = model.encode_prompt(
             prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=do_cfg,
-            negative_prompt=negative_prompt)
+            negative_prompt=negative_prompt, **text)
         w, h = size
         ids = torch.tensor([[h, w, 0, 0, h, w]], device=device, dtype=pos.dtype)
         added = {"text_embeds": pooled, "time_ids": ids}
         negative_added = {"text_embeds": neg_pooled, "time_ids": ids} if do_cfg else None
     else:
-        pos, neg = model.encode_prompt(prompt, device, 1, do_cfg, negative_prompt)
-    tile_regions = [_tile_region(model, r, latent, ids) for r in regions]
+        pos, neg = model.encode_prompt(prompt, device, 1, do_cfg, negative_prompt, **text)
+    tile_regions = [_tile_region(model, r, latent, ids, text) for r in regions]
     return UNetTileDenoiser(model.unet, pos, negative_prompt_embeds=neg, guidance_scale=guidance_scale,
                             added_cond_kwargs=added, negative_added_cond_kwargs=negative_added,
-                            regions=tile_regions, **extra)
+                            regions=tile_regions, cross_attention_kwargs=cross_attention_kwargs, **extra)
+
+
+def _clip_skip_layout(encoder) -> None:
+    """diffusers 0.42's SD ``encode_prompt`` applies a skipped layer's norm as
+    ``text_encoder.text_model.final_layer_norm``, transformers 4's layout; transformers 5's
+    ``CLIPTextModel`` holds ``final_layer_norm`` itself. Give it the old path (a plain attribute, not a
+    submodule: weights and state dict unchanged) so ``clip_skip`` works with either."""
+    if encoder is not None and not hasattr(encoder, "text_model") and hasattr(encoder, "final_layer_norm"):
+        object.__setattr__(encoder, "text_model", types.SimpleNamespace(final_layer_norm=encoder.final_layer_norm))
 
 
 def _phase_denoiser(ctx: Context, phase: Phase, prompt: str, timesteps=None, image=None,
@@ -286,7 +303,8 @@ def _phase_denoiser(ctx: Context, phase: Phase, prompt: str, timesteps=None, ima
     req = ctx.plan.request
     controls = _controls(ctx, phase, timesteps, image) if phase.controls else ()
     return denoiser(phase.model, prompt, req.negative_prompt, phase.guidance_scale, phase.size,
-                    regions=req.regions, latent=phase.latent, controls=controls, **extra)
+                    regions=req.regions, latent=phase.latent, controls=controls, clip_skip=req.clip_skip,
+                    cross_attention_kwargs=req.cross_attention_kwargs, **extra)
 
 
 def _controls(ctx: Context, phase: Phase, timesteps, image: PIL.Image.Image | None) -> list[TileControl]:
@@ -307,10 +325,12 @@ def _controls(ctx: Context, phase: Phase, timesteps, image: PIL.Image.Image | No
     return out
 
 
-def _tile_region(model, region: Region, latent: tuple[int, int], time_ids: torch.Tensor | None) -> TileRegion:
+def _tile_region(model, region: Region, latent: tuple[int, int], time_ids: torch.Tensor | None,
+                 text: dict | None = None) -> TileRegion:
     """A region's prompt embedded (positive only: its crop's unconditional pass takes the negative
     prompt) and its box on this phase's latent, with the feather :data:`anysize.regions.FEATHER` of
-    its shorter side. ``time_ids``: SDXL's, the global prompt's (None for other models)."""
+    its shorter side. ``time_ids``: SDXL's, the global prompt's (None for other models); ``text``:
+    ``encode_prompt``'s clip_skip and lora_scale, as for the global prompt."""
     device = model.unet.device
     lat_h, lat_w = latent
     x0, y0, x1, y1 = region.box
@@ -319,10 +339,10 @@ def _tile_region(model, region: Region, latent: tuple[int, int], time_ids: torch
     added = None
     if time_ids is not None:
         embeds, _, pooled, _ = model.encode_prompt(region.prompt, device=device, num_images_per_prompt=1,
-                                                   do_classifier_free_guidance=False)
+                                                   do_classifier_free_guidance=False, **(text or {}))
         added = {"text_embeds": pooled, "time_ids": time_ids}
     else:
-        embeds, _ = model.encode_prompt(region.prompt, device, 1, False)
+        embeds, _ = model.encode_prompt(region.prompt, device, 1, False, **(text or {}))
     return TileRegion(embeds, box, region.weight, feather, (lat_h, lat_w), added)
 
 
@@ -336,7 +356,7 @@ def _desc(ctx: Context, phase: Phase) -> str:
 def _sample(ctx: Context, phase: Phase, den, latents: torch.Tensor, stage: str, timesteps=None) -> torch.Tensor:
     return sample_resumable(ctx.run, den, latents, phase.scheduler, phase.tiling, generator=ctx.generator,
                             callback_on_step_end=ctx.step_end(stage), progress=ctx.progress,
-                            desc=_desc(ctx, phase), timesteps=timesteps)
+                            desc=_desc(ctx, phase), timesteps=timesteps, eta=ctx.plan.request.eta)
 
 
 def stage1(ctx: Context, phase: Phase, prompt: str) -> torch.Tensor:
@@ -345,7 +365,8 @@ def stage1(ctx: Context, phase: Phase, prompt: str) -> torch.Tensor:
     scheduler.set_timesteps(phase.steps)
     den = _phase_denoiser(ctx, phase, prompt, scheduler.timesteps)
     shape = (1, model.unet.config.in_channels, *phase.latent)
-    latents = ctx.noise(shape, model.unet.dtype) * scheduler.init_noise_sigma
+    noise = ctx.noise(shape, model.unet.dtype) if ctx.latents is None else ctx.latents.to(ctx.device, model.unet.dtype)
+    latents = noise * scheduler.init_noise_sigma
     return _sample(ctx, phase, den, latents, "base")
 
 
@@ -448,4 +469,4 @@ def _sample_banded(ctx: Context, phase: Phase, den, work: bands.BandWork, timest
 
     return sample_banded(den, work, phase.scheduler, phase.tiling, generator=ctx.generator,
                          callback_on_step_end=ctx.step_end("upscale"), on_commit=stop, progress=ctx.progress,
-                         desc=_desc(ctx, phase), timesteps=timesteps, device=ctx.device)
+                         desc=_desc(ctx, phase), timesteps=timesteps, device=ctx.device, eta=ctx.plan.request.eta)

@@ -163,3 +163,30 @@ def test_num_images_per_prompt_and_a_list_of_generators(pipe):
         pipe(["a", "b"], width=96, height=64, num_images_per_prompt=2, generator=[gen(), gen(), gen()], **FAST)
     with pytest.raises(ValueError, match="num_images_per_prompt=0"):
         pipe("a", width=96, height=64, num_images_per_prompt=0, **FAST)
+
+
+def test_latents_eta_clip_skip_and_cross_attention_kwargs(pipe):
+    """diffusers' keywords: given latents are stage 1's noise (the same as drawing it from the
+    generator); clip_skip, eta and the LoRA-scale keyword change the result; bad values get one line."""
+    w, h = pipe.buckets[len(pipe.buckets) // 2]
+    plan = pipe.plan_run(__import__("anysize").Request(width=w, height=h))
+    shape = (1, 4, *plan.sampling[0].latent)
+    kw = dict(width=w, height=h, output_type="latent", **FAST)
+    drawn = pipe("a red circle", generator=gen(3), **kw).images[0]
+    given = pipe("a red circle", generator=gen(99), latents=torch.randn(shape, generator=gen(3)), **kw).images[0]
+    assert torch.equal(drawn, given)
+    with pytest.raises(ValueError, match=r"latents: \(1, 4, 3, 3\), but stage 1 starts from"):
+        pipe("a", latents=torch.zeros(1, 4, 3, 3), **kw)
+    skipped = pipe("a red circle", generator=gen(3), clip_skip=1, **kw).images[0]
+    assert not torch.equal(drawn, skipped)
+    from diffusers import DDIMScheduler
+
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    noisy = pipe("a red circle", generator=gen(3), eta=1.0, **kw).images[0]
+    assert not torch.equal(drawn, noisy)
+    scaled = pipe("a red circle", generator=gen(3), cross_attention_kwargs={"scale": 0.5}, **kw).images[0]
+    assert torch.equal(drawn, scaled)  # no LoRA loaded: the scale has nothing to scale
+    for bad, message in ((dict(eta=2), "eta=2"), (dict(clip_skip=-1), "clip_skip=-1"),
+                         (dict(cross_attention_kwargs={"gligen": 1}), "anysize passes")):
+        with pytest.raises(ValueError, match=message):
+            pipe("a", **bad, **kw)

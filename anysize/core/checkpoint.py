@@ -193,12 +193,12 @@ class RunDir:
 def sample_resumable(run: RunDir | None, denoiser, latents: torch.Tensor, scheduler, tiles: TilingConfig, *,
                      generator: torch.Generator, callback_on_step_end: Callable | None = None,
                      progress: bool = False, desc: str | None = None,
-                     timesteps: Sequence | None = None) -> torch.Tensor:
+                     timesteps: Sequence | None = None, eta: float | None = None) -> torch.Tensor:
     """:func:`anysize.core.sampler.sample_tiled` as one phase of ``run``: skipped when the directory
     holds the phase as done, continued from its last step checkpoint, checkpointed every ``run.every``
     steps, and stopped after a checkpoint when Ctrl-C asked for it. Without a run directory, plain
     :func:`sample_tiled`."""
-    kw = dict(generator=generator, progress=progress, desc=desc, timesteps=timesteps)
+    kw = dict(generator=generator, progress=progress, desc=desc, timesteps=timesteps, eta=eta)
     if run is None:
         return sample_tiled(denoiser, latents, scheduler, tiles, callback_on_step_end=callback_on_step_end, **kw)
     phase = run.next_phase()

@@ -242,10 +242,12 @@ def _shape(box: Box) -> tuple[int, int]:
     return box[2] - box[0], box[3] - box[1]
 
 
-def _step_kwargs(scheduler, generator: torch.Generator | None) -> dict:
-    """Pass ``generator`` to ``scheduler.step`` only where it takes one (UniPC does not)."""
+def _step_kwargs(scheduler, generator: torch.Generator | None, eta: float | None = None) -> dict:
+    """Pass ``generator`` to ``scheduler.step`` only where it takes one (UniPC does not), and ``eta``
+    (DDIM's share of fresh noise, as diffusers' pipelines pass it) where it takes that."""
     params = inspect.signature(scheduler.step).parameters
-    return {"generator": generator} if "generator" in params else {}
+    out = {"generator": generator} if "generator" in params else {}
+    return {**out, "eta": eta} if eta is not None and "eta" in params else out
 
 
 def sample(
@@ -257,6 +259,7 @@ def sample(
     timesteps: Sequence | None = None,
     callback_on_step_end: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
     start: int = 0,
+    eta: float | None = None,
 ) -> torch.Tensor:
     """Run the reverse process: one model evaluation and ONE ``scheduler.step`` per timestep.
 
@@ -264,9 +267,9 @@ def sample(
     anything else); ``scheduler`` is any diffusers scheduler whose ``set_timesteps`` was called.
     ``callback_on_step_end(step, t, latents)`` may return a replacement latent.
     ``start``: resume at this step index, with ``latents``, the scheduler's state and the generator's
-    as they were after step ``start - 1`` (see :mod:`anysize.core.checkpoint`).
+    as they were after step ``start - 1`` (see :mod:`anysize.core.checkpoint`). ``eta``: DDIM's.
     """
-    extra = _step_kwargs(scheduler, generator)
+    extra = _step_kwargs(scheduler, generator, eta)
     for i, t in enumerate(scheduler.timesteps if timesteps is None else timesteps):
         if i < start:
             continue
@@ -292,6 +295,7 @@ def sample_tiled(
     timesteps: Sequence | None = None,
     start: int = 0,
     plan_generator: torch.Generator | None = None,
+    eta: float | None = None,
 ) -> torch.Tensor:
     """:func:`sample` over a :class:`TiledModel`, with one progress bar counting tile evaluations.
 
@@ -306,7 +310,7 @@ def sample_tiled(
     with tqdm(total=model.total_evaluations, initial=done, desc=desc, unit="tile", disable=not progress) as bar:
         model.progress = bar.update
         return sample(model, latents, scheduler, generator=generator, timesteps=timesteps,
-                      callback_on_step_end=callback_on_step_end, start=start)
+                      callback_on_step_end=callback_on_step_end, start=start, eta=eta)
 
 
 def _tiled_model(denoiser: TileDenoiser, config: TilingConfig, shape: Sequence[int], steps: int,
@@ -332,6 +336,7 @@ def sample_banded(
     plan_generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     on_commit: Callable[[int], None] | None = None,
+    eta: float | None = None,
 ):
     """:func:`sample_tiled` with the latents and the scheduler's state kept out of memory, in ``work``
     (an :class:`anysize.core.bands.BandWork`, whose ``init`` holds the starting latents); returns the
@@ -369,7 +374,7 @@ def sample_banded(
         for k, band in enumerate(bands):
             work.load_band(k, start % 2, band, device)
             work.strip(band)
-    extra = _step_kwargs(scheduler, generator)
+    extra = _step_kwargs(scheduler, generator, eta)
     done = sum(len(p) for p in model.plans[:start])
     with tqdm(total=model.total_evaluations, initial=done, desc=desc, unit="tile", disable=not progress) as bar:
         for i in range(start, len(ts)):
@@ -497,6 +502,8 @@ class UNetTileDenoiser:
     ``controls``: ControlNets with their condition (:class:`anysize.core.control.TileControl`): each
         tile's ControlNet call gets the crop of the control image under that tile (every row of the
         tile: unconditional, global and region prompts), and the residuals of all of them are summed.
+    ``cross_attention_kwargs``: passed to every UNet call, as diffusers' pipelines pass it (e.g.
+        ``{"scale": 0.7}``, the LoRA scale).
     ``regions``: region prompts (:class:`anysize.core.regions.TileRegion`, boxes in this latent's px):
         every region prompt whose mask reaches into a tile is also evaluated on the tile's crop to the
         region, and the guided outputs are blended by the masks (:func:`anysize.core.regions.blend`).
@@ -518,8 +525,10 @@ class UNetTileDenoiser:
         tile_prompt_embeds: Callable[[Box], torch.Tensor] | None = None,
         regions: Sequence[TileRegion] = (),
         controls: Sequence[TileControl] = (),
+        cross_attention_kwargs: dict[str, Any] | None = None,
     ):
         self.unet, self.guidance_scale = unet, guidance_scale
+        self.cross_attention_kwargs = cross_attention_kwargs
         self.prompt_embeds, self.cond, self.class_labels = prompt_embeds, cond, class_labels
         self.added_cond_kwargs, self.tile_prompt_embeds = added_cond_kwargs, tile_prompt_embeds
         self.do_cfg = guidance_scale > 1.0
@@ -633,6 +642,8 @@ class UNetTileDenoiser:
             kwargs["class_labels"] = labels
         if added is not None:
             kwargs["added_cond_kwargs"] = added
+        if self.cross_attention_kwargs:
+            kwargs["cross_attention_kwargs"] = dict(self.cross_attention_kwargs)  # the UNet pops "scale" from it
         with batch_invariant_linears(self._row_linears, x.device):
             if self.controls:
                 kwargs.update(control_residuals(self.controls, control, x, t, kwargs))
