@@ -278,6 +278,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     models = p.add_argument_group("models")
     models.add_argument("--base", metavar="PATH", help="base model: diffusers directory, .safetensors file or hub id")
     models.add_argument("--upscaler", metavar="PATH", help="x4 upscaler model (SD x4-upscaler layout)")
+    models.add_argument("--config", default=None, metavar="DIR",
+                        help="with a single-file --base: a diffusers directory of its family (diffusers needs the "
+                             "original config, offline from disk)")
+    models.add_argument("--variant", default=None, metavar="NAME",
+                        help="the weights' variant, e.g. fp16 for a directory of *.fp16.safetensors")
     models.add_argument("--img2img", action="store_true", help="upscale img2img-style with the base model")
     models.add_argument("--lora", type=_lora, action="append", default=None, metavar="PATH[:SCALE]",
                         help="a LoRA of the base model (.safetensors, kohya/A1111 or diffusers format) and its "
@@ -629,7 +634,8 @@ def _load(args: argparse.Namespace):
         pipe = AnySizePipeline.from_pretrained(args.base, args.upscaler, device=args.device, dtype=args.dtype,
                                                allow_pickle=args.allow_pickle, img2img=args.img2img,
                                                controlnet=args.controlnet, scheduler=args.scheduler,
-                                               upscale_scheduler=args.upscale_scheduler, buckets=args.buckets)
+                                               upscale_scheduler=args.upscale_scheduler, buckets=args.buckets,
+                                               config=args.config, variant=args.variant)
         if args.lora:
             pipe.load_loras(args.lora, allow_pickle=args.allow_pickle)
     pipe.set_progress_bar_config(disable=args.quiet)

@@ -83,13 +83,43 @@ def _no_safety_checker(path: Path) -> dict:
     return {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
 
 
+def _single_file_class(path: Path, role: str):
+    """The diffusers class a single-file checkpoint loads as: the x4 upscaler for the upscaler role,
+    SDXL when the file has SDXL's second text encoder (``conditioner.embedders.1``), else SD 1.x/2.x."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionUpscalePipeline, StableDiffusionXLPipeline
+    from safetensors import safe_open
+
+    if role == "upscaler":
+        return StableDiffusionUpscalePipeline
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            sdxl = any(k.startswith("conditioner.embedders.1.") for k in f.keys())
+    except Exception:  # not readable as safetensors: let diffusers say why
+        sdxl = False
+    return StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+
+
+def _hint(exc: Exception, path: Path, single_file: bool) -> str:
+    """What to do about a load failure that has a known cause: a single file's missing config, an
+    fp16-variant directory loaded without ``variant``."""
+    text = str(exc)
+    if single_file and ("snapshot" in text or "config" in text.lower()):
+        return ("; a single-file checkpoint needs its original config, which offline must be on disk: pass "
+                "config=DIR (CLI: --config DIR), a diffusers directory of the same model family")
+    if path.is_dir() and "no file named" in text and any(path.rglob("*.fp16.safetensors")):
+        return "; the directory holds fp16-variant weights: pass variant='fp16' (CLI: --variant fp16)"
+    return ""
+
+
 def load_pipeline(source: str | os.PathLike, *, device: torch.device, dtype: torch.dtype,
-                  allow_pickle: bool = False, role: str = "model"):
-    """A diffusers pipeline from a directory, a single ``.safetensors`` file, or a hub id.
+                  allow_pickle: bool = False, role: str = "model", config=None, variant: str | None = None):
+    """A diffusers pipeline from a directory, a single ``.safetensors`` file (SD 1.x/2.x, SDXL, the x4
+    upscaler; ``config``: a diffusers directory of the same family, which diffusers needs offline), or
+    a hub id; ``variant``: the weights' variant (``"fp16"`` for ``*.fp16.safetensors``).
 
     Raises :class:`ModelLoadError` with one line naming the source and what was tried.
     """
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
     from diffusers.utils import logging as dlogging
 
     path = Path(source).expanduser()
@@ -106,15 +136,17 @@ def load_pipeline(source: str | os.PathLike, *, device: torch.device, dtype: tor
                 warnings.filterwarnings("ignore", message=".*scaling_factor.*", category=FutureWarning)
                 pipe = DiffusionPipeline.from_pretrained(
                     path, dtype=dtype, use_safetensors=not allow_pickle or None, local_files_only=True,
-                    **_no_safety_checker(path))
+                    variant=variant, **_no_safety_checker(path))
         elif path.is_file():
             _refuse_pickle(path, allow_pickle)
             if path.suffix.lower() != ".safetensors" and not allow_pickle:
                 raise ModelLoadError(f"{role} {path}: not a .safetensors checkpoint or a diffusers directory")
-            # SD 1.x/2.x layout only; diffusers needs the original config, which offline must be cached
-            pipe = StableDiffusionPipeline.from_single_file(str(path), dtype=dtype, local_files_only=True)
+            extra = {"config": str(Path(config).expanduser())} if config is not None else {}
+            pipe = _single_file_class(path, role).from_single_file(str(path), dtype=dtype, local_files_only=True,
+                                                                   **extra)
         elif str(source).count("/") == 1 and not str(source).startswith((".", "/", "~")):
-            pipe = DiffusionPipeline.from_pretrained(str(source), dtype=dtype, use_safetensors=not allow_pickle or None)
+            pipe = DiffusionPipeline.from_pretrained(str(source), dtype=dtype, use_safetensors=not allow_pickle or None,
+                                                     variant=variant)
         else:
             raise ModelLoadError(f"{role} {source}: no such file or directory")
     except ModelLoadError:
@@ -123,7 +155,8 @@ def load_pipeline(source: str | os.PathLike, *, device: torch.device, dtype: tor
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         tried = "local diffusers directory" if path.is_dir() else (
             "single-file checkpoint" if path.is_file() else "hub id (no network here?)")
-        raise ModelLoadError(f"{role} {source}: could not load as a {tried}: {first}") from exc
+        raise ModelLoadError(f"{role} {source}: could not load as a {tried}: {first}"
+                             f"{_hint(exc, path, path.is_file())}") from exc
     if getattr(pipe, "unet", None) is None or getattr(pipe, "vae", None) is None:
         raise ModelLoadError(f"{role} {source}: needs a UNet and a VAE (got {type(pipe).__name__})")
     if path.is_dir():

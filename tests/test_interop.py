@@ -190,3 +190,23 @@ def test_latents_eta_clip_skip_and_cross_attention_kwargs(pipe):
                          (dict(cross_attention_kwargs={"gligen": 1}), "anysize passes")):
         with pytest.raises(ValueError, match=message):
             pipe("a", **bad, **kw)
+
+
+def test_fp16_variant_directories_and_single_file_messages(model_dirs, tmp_path):
+    """A directory of *.fp16.safetensors loads with variant='fp16' and says so without it; a single
+    file whose config diffusers cannot find offline names config= as the way out."""
+    from anysize.models import load_pipeline
+
+    half = tmp_path / "half"
+    load(model_dirs[0]).save_pretrained(half, variant="fp16", safe_serialization=True)
+    kw = dict(device=torch.device("cpu"), dtype=torch.float32)
+    with pytest.raises(ModelLoadError, match="pass variant='fp16'"):
+        load_pipeline(half, **kw)
+    assert load_pipeline(half, variant="fp16", **kw).unet is not None
+    from safetensors.torch import save_file
+
+    single = tmp_path / "model.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, str(single))
+    with pytest.raises(ModelLoadError) as info:
+        load_pipeline(single, **kw)
+    assert "single-file checkpoint" in str(info.value) and "\n" not in str(info.value)
