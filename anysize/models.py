@@ -60,6 +60,12 @@ def model_kind(pipe) -> ModelKind:
     )
 
 
+def _first_line(exc: Exception) -> str:
+    """An exception's message as one line (diffusers and peft raise many kinds, over many lines)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _refuse_pickle(path: Path, allow_pickle: bool) -> None:
     if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
         raise ModelLoadError(
@@ -152,7 +158,7 @@ def load_pipeline(source: str | os.PathLike, *, device: torch.device, dtype: tor
     except ModelLoadError:
         raise
     except Exception as exc:  # diffusers raises many kinds; the user needs one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = _first_line(exc)
         tried = "local diffusers directory" if path.is_dir() else (
             "single-file checkpoint" if path.is_file() else "hub id (no network here?)")
         raise ModelLoadError(f"{role} {source}: could not load as a {tried}: {first}"
@@ -280,7 +286,7 @@ def load_controlnet(source, *, device: torch.device, dtype: torch.dtype, allow_p
     except ModelLoadError:
         raise
     except Exception as exc:  # diffusers raises many kinds; the user needs one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = _first_line(exc)
         raise ModelLoadError(f"controlnet {source}: could not load: {first}") from exc
     return net.to(device).eval()
 
@@ -317,7 +323,7 @@ def load_lora(pipe, source, adapter_name: str, *, allow_pickle: bool = False) ->
         else:
             pipe.load_lora_weights(str(path), adapter_name=adapter_name, use_safetensors=not allow_pickle or None)
     except Exception as exc:  # diffusers and peft raise many kinds; the user needs one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = _first_line(exc)
         raise ModelLoadError(f"lora {source}: could not load: {first}") from exc
 
 
