@@ -79,6 +79,25 @@ def _dir_has_only_pickle(path: Path) -> bool:
     return bool(weights) and not any(p.suffix.lower() == ".safetensors" for p in weights)
 
 
+def _check_weights(path: Path, role: str, allow_pickle: bool) -> None:
+    """The safety rule every loader applies before diffusers reads ``path``: a directory must hold
+    safetensors weights, a file must be ``.safetensors`` (pickles only with ``allow_pickle``)."""
+    if path.is_dir():
+        if _dir_has_only_pickle(path) and not allow_pickle:
+            raise ModelLoadError(
+                f"{role} {path}: holds only pickle weights (.bin/.ckpt), which can run arbitrary code when "
+                "loaded; convert them to .safetensors, or pass allow_pickle=True (CLI: --allow-pickle)")
+        return
+    _refuse_pickle(path, allow_pickle)
+    if path.suffix.lower() != ".safetensors" and not allow_pickle:
+        raise ModelLoadError(f"{role} {path}: not a .safetensors checkpoint or a diffusers directory")
+
+
+def _is_hub_id(source) -> bool:
+    """``owner/name``, not a local path."""
+    return str(source).count("/") == 1 and not str(source).startswith((".", "/", "~"))
+
+
 def _no_safety_checker(path: Path) -> dict:
     """Keywords that skip loading an SD directory's safety checker (a 303M-parameter CLIP that anysize
     never runs; it filters nothing in a tiled output); none for pipelines without one."""
@@ -134,23 +153,18 @@ def load_pipeline(source: str | os.PathLike, *, device: torch.device, dtype: tor
         if path.is_dir():
             if not (path / "model_index.json").is_file():
                 raise ModelLoadError(f"{role} {path}: directory has no model_index.json (not a diffusers model)")
-            if _dir_has_only_pickle(path) and not allow_pickle:
-                raise ModelLoadError(
-                    f"{role} {path}: holds only pickle weights (.bin/.ckpt), which can run arbitrary code when "
-                    "loaded; convert them to .safetensors, or pass allow_pickle=True (CLI: --allow-pickle)")
+            _check_weights(path, role, allow_pickle)
             with warnings.catch_warnings():  # the x4 class's scaling_factor reset, undone below
                 warnings.filterwarnings("ignore", message=".*scaling_factor.*", category=FutureWarning)
                 pipe = DiffusionPipeline.from_pretrained(
                     path, dtype=dtype, use_safetensors=not allow_pickle or None, local_files_only=True,
                     variant=variant, **_no_safety_checker(path))
         elif path.is_file():
-            _refuse_pickle(path, allow_pickle)
-            if path.suffix.lower() != ".safetensors" and not allow_pickle:
-                raise ModelLoadError(f"{role} {path}: not a .safetensors checkpoint or a diffusers directory")
+            _check_weights(path, role, allow_pickle)
             extra = {"config": str(Path(config).expanduser())} if config is not None else {}
             pipe = _single_file_class(path, role).from_single_file(str(path), dtype=dtype, local_files_only=True,
                                                                    **extra)
-        elif str(source).count("/") == 1 and not str(source).startswith((".", "/", "~")):
+        elif _is_hub_id(source):
             pipe = DiffusionPipeline.from_pretrained(str(source), dtype=dtype, use_safetensors=not allow_pickle or None,
                                                      variant=variant)
         else:
@@ -158,7 +172,7 @@ def load_pipeline(source: str | os.PathLike, *, device: torch.device, dtype: tor
     except ModelLoadError:
         raise
     except Exception as exc:  # diffusers raises many kinds; the user needs one line
-        first = _first_line(exc)
+        first = _first_line(exc)  # diffusers raises many kinds; the user needs one line
         tried = "local diffusers directory" if path.is_dir() else (
             "single-file checkpoint" if path.is_file() else "hub id (no network here?)")
         raise ModelLoadError(f"{role} {source}: could not load as a {tried}: {first}"
@@ -268,26 +282,20 @@ def load_controlnet(source, *, device: torch.device, dtype: torch.dtype, allow_p
             if name != "ControlNetModel":
                 raise ModelLoadError(f"controlnet {path}: is a {name or 'model of unknown class'}; anysize runs "
                                      "diffusers ControlNetModel checkpoints (SD 1.x/2.x and SDXL)")
-            if _dir_has_only_pickle(path) and not allow_pickle:
-                raise ModelLoadError(
-                    f"controlnet {path}: holds only pickle weights (.bin), which can run arbitrary code when "
-                    "loaded; convert them to .safetensors, or pass allow_pickle=True (CLI: --allow-pickle)")
+            _check_weights(path, "controlnet", allow_pickle)
             net = ControlNetModel.from_pretrained(path, dtype=dtype, use_safetensors=not allow_pickle or None,
                                                   local_files_only=True)
         elif path.is_file():
-            _refuse_pickle(path, allow_pickle)
-            if path.suffix.lower() != ".safetensors" and not allow_pickle:
-                raise ModelLoadError(f"controlnet {path}: not a .safetensors checkpoint or a diffusers directory")
+            _check_weights(path, "controlnet", allow_pickle)
             net = ControlNetModel.from_single_file(str(path), dtype=dtype, local_files_only=True)
-        elif str(source).count("/") == 1 and not str(source).startswith((".", "/", "~")):
+        elif _is_hub_id(source):
             net = ControlNetModel.from_pretrained(str(source), dtype=dtype, use_safetensors=not allow_pickle or None)
         else:
             raise ModelLoadError(f"controlnet {source}: no such file or directory")
     except ModelLoadError:
         raise
     except Exception as exc:  # diffusers raises many kinds; the user needs one line
-        first = _first_line(exc)
-        raise ModelLoadError(f"controlnet {source}: could not load: {first}") from exc
+        raise ModelLoadError(f"controlnet {source}: could not load: {_first_line(exc)}") from exc
     return net.to(device).eval()
 
 
@@ -314,17 +322,14 @@ def load_lora(pipe, source, adapter_name: str, *, allow_pickle: bool = False) ->
     path = Path(source).expanduser()
     if not path.exists():
         raise ModelLoadError(f"lora {source}: no such file or directory")
-    _refuse_pickle(path, allow_pickle)
-    if path.is_file() and path.suffix.lower() != ".safetensors" and not allow_pickle:
-        raise ModelLoadError(f"lora {path}: not a .safetensors file")
+    _check_weights(path, "lora", allow_pickle)
     try:
         if path.is_file():
             pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name)
         else:
             pipe.load_lora_weights(str(path), adapter_name=adapter_name, use_safetensors=not allow_pickle or None)
     except Exception as exc:  # diffusers and peft raise many kinds; the user needs one line
-        first = _first_line(exc)
-        raise ModelLoadError(f"lora {source}: could not load: {first}") from exc
+        raise ModelLoadError(f"lora {source}: could not load: {_first_line(exc)}") from exc
 
 
 # ---------------------------------------------------------------------- prompts
