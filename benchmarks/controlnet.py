@@ -41,9 +41,9 @@ import torch  # noqa: E402
 from anysize import AnySizePipeline  # noqa: E402
 from anysize.train.evaluate import SAT_MIN, VALUE_MIN, _hsv, detect_objects, score  # noqa: E402
 from anysize.train.scenes import object_boxes, render_mask, sample_scene  # noqa: E402
-from results_log import append, done_keys, run_and_tabulate  # noqa: E402
+from results_log import (STAGE1_SIZES, add_layout_arguments, append, done_keys, ratio_label,  # noqa: E402
+                         run_and_tabulate, size_order)
 
-SIZES = {"4:1": (256, 64), "2:1": (128, 64), "1:1": (80, 80), "1:2": (64, 128), "1:4": (64, 256)}
 METHODS = ("controlnet", "none")
 
 
@@ -72,9 +72,9 @@ def run(args) -> None:
     for p in (pipe, plain):
         p.set_progress_bar_config(disable=True)
     done = done_keys(args.jsonl, ("ratio", "size", "layout", "method"))
-    sizes = [tuple(map(int, args.full.split("x")))] if args.full else [SIZES[r] for r in args.ratios]
+    sizes = [tuple(map(int, args.full.split("x")))] if args.full else [STAGE1_SIZES[r] for r in args.ratios]
     for width, height in sizes:
-        ratio, size = _ratio_label(width, height), f"{width}x{height}"
+        ratio, size = ratio_label(width, height), f"{width}x{height}"
         for i in range(args.layouts):
             scene = sample_scene(args.seed + i, height / width)
             condition = render_mask(scene, width, height)
@@ -100,11 +100,7 @@ def run(args) -> None:
 def table(jsonl: Path) -> str:
     rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
 
-    def order(key):
-        w, h = (int(v) for v in key[1].split("x"))
-        return (-w / h, w * h)
-
-    keys = sorted({(r["ratio"], r["size"]) for r in rows}, key=order)
+    keys = sorted({(r["ratio"], r["size"]) for r in rows}, key=size_order)
     lines = ["| W:H | size | layouts | mask IoU: ControlNet | none | objects in place: ControlNet | none | "
              "exact: ControlNet | none | s / image: ControlNet | none |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for ratio, size in keys:
@@ -134,7 +130,7 @@ def figure(samples: Path, sizes: list[str], out: Path) -> None:
     for size in sizes:
         w, h = (int(v) for v in size.split("x"))
         cw, ch = (256, round(256 * h / w)) if w >= h else (round(256 * w / h), 256)
-        stem = f"{_ratio_label(w, h).replace(':', 'x')}_{size}_0"
+        stem = f"{ratio_label(w, h).replace(':', 'x')}_{size}_0"
         row = [PIL.Image.open(samples / f"{stem}_{k}.png").convert("RGB").resize((cw, ch), PIL.Image.Resampling.NEAREST)
                for k in ("mask", "none", "controlnet")]
         tiles.append(row)
@@ -150,34 +146,20 @@ def figure(samples: Path, sizes: list[str], out: Path) -> None:
     canvas.save(out, quality=90)
 
 
-def _ratio_label(w: int, h: int) -> str:
-    r = w / h
-    return f"{r:g}:1" if r >= 1 else f"1:{1 / r:g}"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ratios", nargs="+", default=list(SIZES), choices=list(SIZES), help="W:H")
-    p.add_argument("--layouts", type=int, default=40)
-    p.add_argument("--seed", type=int, default=5000)
-    p.add_argument("--steps", type=int, default=20, help="stage-1 steps")
-    p.add_argument("--upscale-steps", type=int, default=20)
+    add_layout_arguments(p, layouts=40, seed=5000)
     p.add_argument("--img2img", action="store_true",
                    help="with --full: stage 2 img2img with the base model, every pass steered tile by tile (default: "
                         "the x4 upscaler, which the ControlNet does not steer: the layout is stage 1's)")
     p.add_argument("--strength", type=float, default=0.3, help="img2img passes")
-    p.add_argument("--full", default=None, metavar="WxH", help="both stages at this size instead of stage 1 alone")
-    p.add_argument("--jsonl", type=Path, required=True)
-    p.add_argument("--table", type=Path, default=None)
-    p.add_argument("--samples", type=Path, default=None, help="save the first 4 layouts' images and conditions here")
-    p.add_argument("--table-only", action="store_true")
     p.add_argument("--figure", type=Path, default=None, metavar="JPG",
                    help="with --samples: layout 0 of every size in the samples, condition / none / ControlNet")
     p.add_argument("--figure-sizes", nargs="+", default=None, metavar="WxH")
     args = p.parse_args()
     run_and_tabulate(args, run, table)
     if args.figure is not None and args.samples is not None:
-        figure(args.samples, args.figure_sizes or [f"{w}x{h}" for w, h in SIZES.values()], args.figure)
+        figure(args.samples, args.figure_sizes or [f"{w}x{h}" for w, h in STAGE1_SIZES.values()], args.figure)
 
 
 if __name__ == "__main__":

@@ -35,11 +35,10 @@ import torch  # noqa: E402
 from anysize import AnySizePipeline  # noqa: E402
 from anysize.train.evaluate import detect_objects  # noqa: E402
 from anysize.train.scenes import BACKGROUND_PHRASES, COLORS  # noqa: E402
-from results_log import append, done_keys, run_and_tabulate  # noqa: E402
+from results_log import (STAGE1_SIZES, add_layout_arguments, append, done_keys, ratio_label,  # noqa: E402
+                         run_and_tabulate, size_order)
 
 SHAPES = ("circle", "square", "triangle")  # the shapes the default model draws most reliably at 64 px
-# W:H -> the stage-1-only size: the default model's bucket, or (4:1, 1:4) the 2:1 bucket stretched 2x
-SIZES = {"4:1": (256, 64), "2:1": (128, 64), "1:1": (80, 80), "1:2": (64, 128), "1:4": (64, 256)}
 
 
 def layout(seed: int, aspect: float) -> dict:
@@ -73,9 +72,9 @@ def run(args) -> None:
     pipe = AnySizePipeline.from_pretrained()
     pipe.set_progress_bar_config(disable=True)
     done = done_keys(args.jsonl, ("ratio", "size", "layout", "method"))
-    sizes = [tuple(map(int, args.full.split("x")))] if args.full else [SIZES[r] for r in args.ratios]
+    sizes = [tuple(map(int, args.full.split("x")))] if args.full else [STAGE1_SIZES[r] for r in args.ratios]
     for width, height in sizes:
-        aspect, ratio, size = height / width, _ratio_label(width, height), f"{width}x{height}"
+        aspect, ratio, size = height / width, ratio_label(width, height), f"{width}x{height}"
         for i in range(args.layouts):
             spec = layout(args.seed + i, aspect)
             for method in ("regions", "none"):
@@ -96,11 +95,7 @@ def run(args) -> None:
 
 def table(jsonl: Path) -> str:
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
-    def order(key):
-        w, h = (int(v) for v in key[1].split("x"))
-        return (-w / h, w * h)
-
-    keys = sorted({(r["ratio"], r["size"]) for r in rows}, key=order)
+    keys = sorted({(r["ratio"], r["size"]) for r in rows}, key=size_order)
     lines = ["| W:H | size | layouts | objects in their box: regions | no regions | exact layout: regions | "
              "no regions |", "|---|---|---|---|---|---|---|"]
     for ratio, size in keys:
@@ -129,7 +124,7 @@ def figure(samples: Path, size: str, seed: int, out: Path, n: int = 3) -> None:
     for i in range(n):
         spec = layout(seed + i, h / w)
         for k, method in enumerate(("none", "regions")):
-            name = samples / f"{_ratio_label(w, h).replace(':', 'x')}_{size}_{i}_{method}.png"
+            name = samples / f"{ratio_label(w, h).replace(':', 'x')}_{size}_{i}_{method}.png"
             image = PIL.Image.open(name).convert("RGB").resize((cw, ch), PIL.Image.Resampling.LANCZOS)
             draw = PIL.ImageDraw.Draw(image)
             for o in spec["objects"]:
@@ -140,23 +135,9 @@ def figure(samples: Path, size: str, seed: int, out: Path, n: int = 3) -> None:
     canvas.save(out, quality=88)
 
 
-def _ratio_label(w: int, h: int) -> str:
-    r = w / h
-    return f"{r:g}:1" if r >= 1 else f"1:{1 / r:g}"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ratios", nargs="+", default=list(SIZES), choices=list(SIZES), help="W:H")
-    p.add_argument("--layouts", type=int, default=100)
-    p.add_argument("--seed", type=int, default=1000)
-    p.add_argument("--steps", type=int, default=20, help="stage-1 steps")
-    p.add_argument("--upscale-steps", type=int, default=20)
-    p.add_argument("--full", default=None, metavar="WxH", help="both stages at this size instead of stage 1 alone")
-    p.add_argument("--jsonl", type=Path, required=True)
-    p.add_argument("--table", type=Path, default=None)
-    p.add_argument("--samples", type=Path, default=None, help="save the first 4 layouts' images here")
-    p.add_argument("--table-only", action="store_true")
+    add_layout_arguments(p, layouts=100, seed=1000)
     p.add_argument("--figure", type=Path, default=None,
                    help="with --samples and --full: the first 3 layouts without and with regions (JPEG)")
     args = p.parse_args()
