@@ -539,9 +539,7 @@ def _remember_command(args: argparse.Namespace, seed: int) -> None:
 
     from .io.atomic import atomic_write
 
-    argv = [a for a in args.argv if a != "--quiet"]
-    if args.seed is None:
-        argv += ["--seed", str(seed)]
+    argv = _replayable_argv(args, seed)
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     data = json.dumps({"argv": argv, "cwd": os.getcwd(), "version": __version__}, indent=1).encode()
