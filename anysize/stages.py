@@ -317,7 +317,7 @@ def _controls(ctx: Context, phase: Phase, timesteps, image: PIL.Image.Image | No
     out = []
     for k in phase.controls:
         source = image if ctx.control_images[k] == TILE else ctx.control_images[k]
-        pixels = np.asarray(_resize(source.convert("RGB"), (lat_w * f, lat_h * f)))
+        pixels = np.asarray(_resize(source, (lat_w * f, lat_h * f)))  # RGB already: to_pil, or a decode
         tensor = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))[None]
         out.append(TileControl(ctx.plan.controlnets[k], tensor, scale=req.controlnet_conditioning_scale[k],
                                factor=f, start=req.control_guidance_start[k], end=req.control_guidance_end[k],
