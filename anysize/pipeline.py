@@ -299,8 +299,11 @@ class AnySizePipeline:
         else:
             self.upscale_scheduler = scheduler
 
-    def set_progress_bar_config(self, disable: bool = False) -> None:
-        self.progress = not disable
+    def set_progress_bar_config(self, disable: bool = False, bar: Callable | None = None) -> None:
+        """Progress of the long loops (sampling, decoding; counted in tile evaluations): tqdm's bars, none
+        (``disable=True``), or ``bar``, a tqdm-like factory called as ``bar(total=, desc=, unit=)``
+        (``initial=`` too, for a resumed loop) whose result has ``update(n)`` and ``close()`` (:mod:`anysize.core.progress`)."""
+        self.progress = False if disable else (bar or True)
 
     @property
     def device(self) -> torch.device:

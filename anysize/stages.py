@@ -32,6 +32,7 @@ from . import memory, models
 from .core import bands
 from .core.checkpoint import RunDir, RunInterrupted, sample_resumable
 from .core.control import TileControl
+from .core.progress import Progress
 from .core.regions import TileRegion
 from .core.sampler import UNetTileDenoiser, sample_banded
 from .core.vae import tiled_decode, tiled_encode, vae_scale_factor
@@ -132,7 +133,7 @@ class Context:
     owner: Any = None
     callback: Callable | None = None
     hooks: list = field(default_factory=list)
-    progress: bool = True
+    progress: Progress = True  # False, True (tqdm) or a tqdm-like factory (anysize.core.progress)
     run: RunDir | None = None
     scratch_dir: Path | None = None
     scratch: contextlib.ExitStack | None = None

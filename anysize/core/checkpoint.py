@@ -192,7 +192,7 @@ class RunDir:
 # ---------------------------------------------------------------------- a resumable phase
 def sample_resumable(run: RunDir | None, denoiser, latents: torch.Tensor, scheduler, tiles: TilingConfig, *,
                      generator: torch.Generator, callback_on_step_end: Callable | None = None,
-                     progress: bool = False, desc: str | None = None,
+                     progress=False, desc: str | None = None,
                      timesteps: Sequence | None = None, eta: float | None = None) -> torch.Tensor:
     """:func:`anysize.core.sampler.sample_tiled` as one phase of ``run``: skipped when the directory
     holds the phase as done, continued from its last step checkpoint, checkpointed every ``run.every``

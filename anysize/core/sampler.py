@@ -20,11 +20,11 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 import torch
-from tqdm.auto import tqdm
 
 from . import distributed
 from .control import TileControl
 from .control import residuals as control_residuals
+from .progress import Progress, progress_bar
 from .regions import TileRegion, region_mask
 from .regions import blend as region_blend
 from .regions import reaches as regions_reach
@@ -290,7 +290,7 @@ def sample_tiled(
     *,
     generator: torch.Generator | None = None,
     callback_on_step_end=None,
-    progress: bool = True,
+    progress: Progress = True,
     desc: str = "denoise",
     timesteps: Sequence | None = None,
     start: int = 0,
@@ -307,7 +307,7 @@ def sample_tiled(
     steps = len(scheduler.timesteps if timesteps is None else timesteps)
     model = _tiled_model(denoiser, config, latents.shape, steps, generator, plan_generator)
     done = sum(len(p) for p in model.plans[:start])
-    with tqdm(total=model.total_evaluations, initial=done, desc=desc, unit="tile", disable=not progress) as bar:
+    with contextlib.closing(progress_bar(progress, model.total_evaluations, desc, initial=done)) as bar:
         model.progress = bar.update
         return sample(model, latents, scheduler, generator=generator, timesteps=timesteps,
                       callback_on_step_end=callback_on_step_end, start=start, eta=eta)
@@ -330,7 +330,7 @@ def sample_banded(
     *,
     generator: torch.Generator | None = None,
     callback_on_step_end=None,
-    progress: bool = True,
+    progress: Progress = True,
     desc: str = "denoise",
     timesteps: Sequence | None = None,
     plan_generator: torch.Generator | None = None,
@@ -376,7 +376,7 @@ def sample_banded(
             work.strip(band)
     extra = _step_kwargs(scheduler, generator, eta)
     done = sum(len(p) for p in model.plans[:start])
-    with tqdm(total=model.total_evaluations, initial=done, desc=desc, unit="tile", disable=not progress) as bar:
+    with contextlib.closing(progress_bar(progress, model.total_evaluations, desc, initial=done)) as bar:
         for i in range(start, len(ts)):
             _banded_step(model, work, bands, i, ts[i], extra, device, bar.update)
             work.commit(i + 1, generator)

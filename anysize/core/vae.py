@@ -51,9 +51,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .progress import Progress, progress_bar
+
 Box = tuple[int, int, int, int]
 Mode = Literal["exact", "fast"]
-Progress = Callable[..., Any] | bool | None
 Emit = Callable[["_Tile", Tensor], None]
 MODES = ("exact", "fast")
 OUTPUTS = ("uint8", "float32")
@@ -361,27 +362,6 @@ def _fast_passes(run: _Runner, tiles: list[_Tile], batch: int, emit: Emit, small
             emit(tiles[i], yi)
 
 
-class _NullBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(progress: Progress, total: int, desc: str) -> Any:
-    """``progress``: None/False (off), True (tqdm), or a tqdm-like factory called with total= and desc=."""
-    if progress is None or progress is False:
-        return _NullBar()
-    if progress is True:
-        from tqdm.auto import tqdm
-
-        progress = tqdm
-    if not callable(progress):
-        raise ValueError(f"progress={progress!r}: must be None, a bool, or a tqdm-like callable")
-    return progress(total=total, desc=desc, unit="tile")
-
-
 def _run_tiled(vae: nn.Module, model: nn.Module, source: Callable[[Box], Tensor], tiles: list[_Tile], *,
                mode: str, batch: int, emit: Emit, small: Callable[[], tuple[Tensor, tuple[int, int]]],
                progress: Progress, desc: str) -> None:
@@ -390,7 +370,7 @@ def _run_tiled(vae: nn.Module, model: nn.Module, source: Callable[[Box], Tensor]
     low = dtype in (torch.float16, torch.bfloat16)
     n_norms = sum(isinstance(m, nn.GroupNorm) for m in model.modules())
     total = len(tiles) * (n_norms + 1) if mode == "exact" else len(tiles) + 1
-    run = _Runner(model, source, _GNState(), _progress_bar(progress, total, desc), fallback=low)
+    run = _Runner(model, source, _GNState(), progress_bar(progress, total, desc), fallback=low)
     if low and dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
         run.model, run.fallback = run.model32(), False
     try:
