@@ -1,4 +1,4 @@
-"""The ``anysize`` command line: ``generate``, ``upscale``, ``buckets``, ``train`` and ``view``.
+"""The ``anysize`` command line: ``generate``, ``upscale``, ``buckets``, ``train``, ``view``, ``serve`` and ``resume``.
 
 Every error is one line on stderr, ``anysize: error: ...``, with no traceback: exit 2 for a bad
 argument, 1 when a valid request fails (model loading, memory preflight, I/O), 130 on Ctrl-C. Output
@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_buckets(sub)
     _add_train(sub)
     _add_view(sub)
+    _add_serve(sub)
     _add_resume(sub)
     return parser
 
@@ -313,13 +314,15 @@ def _add_buckets(sub) -> None:
 
 
 # ---------------------------------------------------------------------- commands
-def _generate(args: argparse.Namespace) -> int:
+def _generate(args: argparse.Namespace, pipe=None) -> int:
+    """``anysize generate``; ``pipe``: an already loaded pipeline for these model options (``anysize serve``
+    keeps one loaded between jobs), else they are loaded here."""
     extra = {"steps": args.steps, "upscale_steps": args.upscale_steps, "guidance": args.guidance,
              "upscale_guidance": args.guidance if args.upscale_guidance is None else args.upscale_guidance}
     return _run(args, None, extra, call="generate", prompt=args.prompt, num_inference_steps=args.steps,
                 upscale_inference_steps=args.upscale_steps, guidance_scale=args.guidance,
                 upscale_guidance_scale=args.upscale_guidance, negative_prompt=args.negative, panorama=args.panorama,
-                clip_skip=args.clip_skip, eta=args.eta)
+                clip_skip=args.clip_skip, eta=args.eta, pipe=pipe)
 
 
 def _upscale(args: argparse.Namespace) -> int:
@@ -330,12 +333,12 @@ def _upscale(args: argparse.Namespace) -> int:
                 source_size=source.size)
 
 
-def _run(args: argparse.Namespace, source, extra: dict, **request) -> int:
+def _run(args: argparse.Namespace, source, extra: dict, pipe=None, **request) -> int:
     """One Request from the options, planned once (the memory plan and the stage plan printed before
     anything runs: a request that cannot fit stops here with the numbers), then run once."""
     out = check_output_path(args.output, args.size)
     controls = _control_images(args)  # read before the models load: a bad file stops at once
-    pipe = _load(args)
+    pipe = _load(args) if pipe is None else pipe
     from .request import Request
     from .stages import image_digest
 
@@ -612,6 +615,69 @@ def _view(args: argparse.Namespace) -> int:
     from .io.view import serve
 
     return serve(args.out, host=args.host, port=args.port, open_browser=args.open_browser)
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="a local web page to generate, watch and view images (and a JSON API)",
+                       description="A form for prompt, size, seed, steps, model and tiling; jobs queued and run one "
+                                   "at a time, with live progress per stage and tile; results in the pan-and-zoom "
+                                   "viewer and listed with their metadata. Ctrl-C stops. docs/serve.md has the API.")
+    p.add_argument("--out-dir", default="anysize-images", metavar="DIR",
+                   help="where the images go, NUMBER-SEED.png, listed again at the next start "
+                        "(default ./anysize-images)")
+    p.add_argument("--port", type=_port, default=7860, metavar="N",
+                   help="port to listen on (default 7860; 0: a free one)")
+    p.add_argument("--host", default="127.0.0.1", metavar="ADDR",
+                   help="address to listen on (default 127.0.0.1: this machine only; anyone who reaches the "
+                        "port can run jobs)")
+    p.add_argument("--base", action="append", default=None, metavar="PATH",
+                   help="a base model the form offers besides the embedded default one (diffusers directory, "
+                        ".safetensors file or hub id); repeatable")
+    p.add_argument("--upscaler", default=None, metavar="PATH", help="the x4 upscaler of every --base")
+    p.add_argument("--img2img", action="store_true", help="every --base upscales img2img-style itself")
+    p.add_argument("--device", default=None, metavar="D", help="cpu, cuda, cuda:1, mps (default: best available)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="weights' dtype (default: float16 on GPUs)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickle checkpoints (.ckpt); they can run code")
+    p.add_argument("--open", dest="open_browser", action="store_true", help="open the page in the default browser")
+    p.set_defaults(run=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    _check_device(args.device)
+    if args.upscaler and not args.base:
+        raise UsageError("--upscaler: the upscaler of every --base; pass --base PATH too")
+    if args.img2img and args.upscaler:
+        raise UsageError("--img2img and --upscaler: pass one (img2img upscales with the base model instead)")
+    common = [*(["--device", args.device] if args.device else []), "--dtype", args.dtype,
+              *(["--allow-pickle"] if args.allow_pickle else [])]
+    models: dict[str, list[str]] = {"default": common}
+    for base in args.base or ():
+        path = Path(base)
+        name = path.stem if path.exists() else base
+        while name in models:
+            name += "+"
+        stage2 = ["--upscaler", str(Path(args.upscaler).resolve())] if args.upscaler else []
+        models[name] = ["--base", str(path.resolve()) if path.exists() else base, *stage2,
+                        *(["--img2img"] if args.img2img else []), *common]
+    return serve(commands(), args.out_dir, models, host=args.host, port=args.port, open_browser=args.open_browser)
+
+
+def commands():
+    """The command line as ``anysize serve`` uses it (:class:`anysize.serve.Commands`): each job is an
+    ``anysize generate`` command line, parsed and run as here, on a pipeline the server keeps loaded."""
+    from .serve import Commands
+
+    def parse(argv: list[str]) -> argparse.Namespace:
+        args, unknown = build_parser().parse_known_args(["generate", *argv])
+        if unknown:
+            raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
+        args.argv = ["generate", *argv]
+        return args
+
+    return Commands(parse=parse, load=_load, generate=lambda args, pipe: _generate(args, pipe=pipe),
+                    message=_message, usage_error=UsageError, schedulers=SCHEDULER_NAMES, tilings=TILING)
 
 
 # ---------------------------------------------------------------------- helpers

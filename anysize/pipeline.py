@@ -302,7 +302,8 @@ class AnySizePipeline:
     def set_progress_bar_config(self, disable: bool = False, bar: Callable | None = None) -> None:
         """Progress of the long loops (sampling, decoding; counted in tile evaluations): tqdm's bars, none
         (``disable=True``), or ``bar``, a tqdm-like factory called as ``bar(total=, desc=, unit=)``
-        (``initial=`` too, for a resumed loop) whose result has ``update(n)`` and ``close()`` (:mod:`anysize.core.progress`)."""
+        (``initial=`` too, for a resumed loop) whose result has ``update(n)`` and ``close()``
+        (:mod:`anysize.core.progress`)."""
         self.progress = False if disable else (bar or True)
 
     @property

@@ -254,7 +254,8 @@ def decode(ctx: Context, phase: Phase, latents, out: stream.Raster | None = None
     scaled = unscale(latents) if torch.is_tensor(latents) else bands.Mapped(latents, unscale)
     height, width = scaled.shape[-2:]
     tile = phase.vae_tile_size or memory.VAE_TILE_CHOICES[0]
-    array = tiled_decode(vae, scaled, mode="fast", progress=ctx.progress and height * width > 64 * 64, out=out,
+    array = tiled_decode(vae, scaled, mode="fast", progress=ctx.progress if height * width > 64 * 64 else False,
+                         out=out,
                          **memory.decode_kwargs(vae, height, width, tile))
     return out if out is not None else array[: size[1], : size[0]]
 

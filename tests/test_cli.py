@@ -46,7 +46,7 @@ def test_help_in_a_subprocess_without_torch():
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "anysize", "--help"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    for command in ("generate", "upscale", "buckets", "train", "view", "resume"):
+    for command in ("generate", "upscale", "buckets", "train", "view", "serve", "resume"):
         assert command in proc.stdout
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()}
     assert "torch" not in imported and "diffusers" not in imported

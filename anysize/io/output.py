@@ -188,6 +188,11 @@ def _exif(text: str) -> PIL.Image.Exif:
 
 
 # ---------------------------------------------------------------------- readers
+def read_parameters(path: str | os.PathLike) -> str | None:
+    """The A1111 ``parameters`` text of a PNG anysize wrote (None when it has none)."""
+    return _png_text(Path(path), "parameters")
+
+
 def _png_text(path: Path, key: str) -> str | None:
     """A tEXt chunk's value, read chunk by chunk (no decode, so any image size works)."""
     with open(path, "rb") as f:

@@ -369,8 +369,16 @@ _PAGE = """<!doctype html>
 </body>
 </html>
 """
-_VIEWER_OPTIONS = {"id": "view", "prefixUrl": "/static/openseadragon/images/", "tileSources": "/image.dzi",
-                   "showNavigator": True, "maxZoomPixelRatio": 8}
+_VIEWER_OPTIONS = {"id": "view", "prefixUrl": "/static/openseadragon/images/", "showNavigator": True,
+                   "maxZoomPixelRatio": 8}
+
+
+def viewer_page(title: str, width: int, height: int, descriptor_url: str = "/image.dzi") -> bytes:
+    """The viewer page: OpenSeadragon on the whole window showing the Deep Zoom image at
+    ``descriptor_url`` (its tiles beside it, as ``NAME_files/``), a caption with the title and size.
+    ``anysize view`` and ``anysize serve`` both serve it."""
+    options = {**_VIEWER_OPTIONS, "tileSources": descriptor_url}
+    return _PAGE.format(title=escape(title), width=width, height=height, options=json.dumps(options)).encode()
 
 
 class ViewServer(ThreadingHTTPServer):
@@ -395,8 +403,7 @@ class ViewServer(ThreadingHTTPServer):
 
     def page(self) -> bytes:
         """The viewer page: OpenSeadragon on the whole window, a caption with the file's name and size."""
-        return _PAGE.format(title=escape(self.title), width=self.source.width, height=self.source.height,
-                            options=json.dumps(_VIEWER_OPTIONS)).encode()
+        return viewer_page(self.title, self.source.width, self.source.height)
 
     def handle_error(self, request, client_address) -> None:
         if not isinstance(sys.exc_info()[1], ConnectionError):  # a browser closing a connection is no error
