@@ -176,6 +176,9 @@ def _add_generate(sub) -> None:
                    help="read the prompt from the text encoder's N-th layer from the end (as A1111's and "
                         "diffusers' clip skip)")
     p.add_argument("--eta", type=_float_in(0, 1), default=None, metavar="X", help="DDIM's eta (default 0)")
+    p.add_argument("--guidance-rescale", type=_float_in(0, 1), default=0.0, metavar="X",
+                   help="rescale guided predictions towards the text-conditioned one's spread (diffusers' "
+                        "guidance_rescale, against over-exposure with v-prediction models; default 0: off)")
     p.add_argument("--count", type=_int_at_least(1), default=1, metavar="N",
                    help="make N images with seeds SEED, SEED+1, ... (as A1111's batch count), written to "
                         "OUT-0001.png, OUT-0002.png, ... (default 1: OUT itself)")
@@ -322,7 +325,7 @@ def _generate(args: argparse.Namespace, pipe=None) -> int:
     return _run(args, None, extra, call="generate", prompt=args.prompt, num_inference_steps=args.steps,
                 upscale_inference_steps=args.upscale_steps, guidance_scale=args.guidance,
                 upscale_guidance_scale=args.upscale_guidance, negative_prompt=args.negative, panorama=args.panorama,
-                clip_skip=args.clip_skip, eta=args.eta, pipe=pipe)
+                clip_skip=args.clip_skip, eta=args.eta, guidance_rescale=args.guidance_rescale, pipe=pipe)
 
 
 def _upscale(args: argparse.Namespace) -> int:

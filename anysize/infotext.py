@@ -67,6 +67,8 @@ def parameters(metadata: dict[str, Any]) -> str | None:
         pairs.append(("Eta", request["eta"]))
     if request.get("clip_skip") is not None:
         pairs.append(("Clip skip", request["clip_skip"]))
+    if request.get("guidance_rescale"):
+        pairs.append(("CFG Rescale phi", request["guidance_rescale"]))  # the A1111 CFG-rescale extension's key
     pairs.append(("Size", _size((request.get("width"), request.get("height")))))
     if metadata.get("base") not in (None, "none"):
         pairs.append(("Model", metadata["base"]))

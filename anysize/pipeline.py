@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from . import plan as planning
 from .buckets import SDXL_BUCKETS, arad_buckets, check_buckets, model_granularity, native_side
 from .core import distributed
 from .core.checkpoint import RunDir, generator_fingerprint
+from .core.sampler import UNetTileDenoiser
 from .core.tiling import TilingConfig
 from .core.vae import vae_scale_factor
 from .io.output import check_output_path
@@ -135,6 +137,54 @@ def _pipe_id(pipe) -> str:
     return f"{Path(source).name} ({name})" if source else name
 
 
+EMBED_NAMES = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+CALLBACK_TENSOR_INPUTS = ("latents", *UNetTileDenoiser.CALLBACK_TENSORS)
+
+
+def _text_embeds(prompt, embeds: dict, base) -> dict | None:
+    """The caller's prompt embeddings checked (diffusers' rules: instead of ``prompt``, one row per
+    prompt, the negative ones of the same shape, SDXL's pooled ones beside them); None when not given."""
+    given = {k: v for k, v in embeds.items() if v is not None}
+    if not given:
+        return None
+    if "prompt_embeds" not in given:
+        raise ValueError(f"{', '.join(given)}: only with prompt_embeds")
+    if prompt is not None:
+        raise ValueError("prompt and prompt_embeds: pass one, as in diffusers")
+    if base is None:
+        raise ValueError("prompt_embeds: are the base model's; this pipeline has none")
+    width, sdxl = base.unet.config.cross_attention_dim, models.model_kind(base).is_sdxl
+    pos = given["prompt_embeds"]
+    if not (torch.is_tensor(pos) and pos.ndim == 3 and pos.shape[2] == width):
+        got = tuple(pos.shape) if torch.is_tensor(pos) else type(pos).__name__
+        raise ValueError(f"prompt_embeds: {got}, must be a (prompts, tokens, {width}) tensor for this base model")
+    neg = given.get("negative_prompt_embeds")
+    if neg is not None and (not torch.is_tensor(neg) or neg.shape != pos.shape):
+        raise ValueError(f"negative_prompt_embeds: must have prompt_embeds' shape {tuple(pos.shape)}")
+    pooled = [n for n in ("pooled_prompt_embeds", "negative_pooled_prompt_embeds") if n in given]
+    if not sdxl and pooled:
+        raise ValueError(f"{', '.join(pooled)}: only for SDXL base models")
+    if sdxl and "pooled_prompt_embeds" not in given:
+        raise ValueError("pooled_prompt_embeds: an SDXL base model needs them with prompt_embeds, as in diffusers")
+    if sdxl and neg is not None and "negative_pooled_prompt_embeds" not in given:
+        raise ValueError("negative_pooled_prompt_embeds: needed with negative_prompt_embeds for SDXL, as in diffusers")
+    for name in pooled:
+        if given[name].shape[0] != pos.shape[0]:
+            raise ValueError(f"{name}: {given[name].shape[0]} rows, prompt_embeds has {pos.shape[0]}")
+    return given
+
+
+def _embeds_digest(embeds: dict | None) -> str | None:
+    """What a Request stores of given prompt embeddings: a digest of their values (run directories compare it)."""
+    if embeds is None:
+        return None
+    h = hashlib.blake2b(digest_size=8)
+    for name in EMBED_NAMES:
+        if name in embeds:
+            h.update(name.encode() + embeds[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def _digests(controls: tuple) -> tuple:
     """What a Request stores of each control image: its digest (run directories compare it), or TILE."""
     return tuple(c if c == TILE else image_digest(c) for c in controls)
@@ -164,6 +214,7 @@ class AnySizePipeline:
         self.upscale_scheduler = None  # stage 2's scheduler instead of its model's own (set_scheduler)
         self.model_ids = model_ids or {}
         self.progress = True
+        self._guidance_scale = self._num_timesteps = None  # the running phase's, for diffusers' callbacks
         if base is not None:
             self.base_factor = vae_scale_factor(base.vae)
             self.base_tile = int(base.unet.config.sample_size)
@@ -299,6 +350,23 @@ class AnySizePipeline:
         else:
             self.upscale_scheduler = scheduler
 
+    # what diffusers' callbacks read of their pipeline (SDCFGCutoffCallback: num_timesteps, _guidance_scale)
+    _callback_tensor_inputs = list(CALLBACK_TENSOR_INPUTS)
+
+    @property
+    def guidance_scale(self) -> float | None:
+        """The running phase's guidance scale (None between calls), as diffusers' pipelines expose it."""
+        return self._guidance_scale
+
+    @property
+    def num_timesteps(self) -> int | None:
+        """The running phase's number of steps (None between calls)."""
+        return self._num_timesteps
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return (self._guidance_scale or 0) > 1
+
     def set_progress_bar_config(self, disable: bool = False, bar: Callable | None = None) -> None:
         """Progress of the long loops (sampling, decoding; counted in tile evaluations): tqdm's bars, none
         (``disable=True``), or ``bar``, a tqdm-like factory called as ``bar(total=, desc=, unit=)``
@@ -377,7 +445,7 @@ class AnySizePipeline:
 
     # ------------------------------------------------------------------ public calls
     @torch.no_grad()
-    def __call__(self, prompt, height: int = 1024, width: int = 1024, *,
+    def __call__(self, prompt=None, height: int = 1024, width: int = 1024, *,
                  generator: torch.Generator | list[torch.Generator] | None = None, num_images_per_prompt: int = 1,
                  num_inference_steps: int = 30, upscale_inference_steps: int = 20, guidance_scale: float = 7.5,
                  upscale_guidance_scale: float | None = None, negative_prompt: str | None = None,
@@ -391,7 +459,11 @@ class AnySizePipeline:
                  control_guidance_start: float | list[float] = 0.0,
                  control_guidance_end: float | list[float] = 1.0, eta: float | None = None,
                  clip_skip: int | None = None, cross_attention_kwargs: dict | None = None,
-                 latents: torch.Tensor | None = None, hooks=None) -> AnySizeOutput:
+                 latents: torch.Tensor | None = None, guidance_rescale: float = 0.0,
+                 prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+                 pooled_prompt_embeds: torch.Tensor | None = None,
+                 negative_pooled_prompt_embeds: torch.Tensor | None = None,
+                 callback_on_step_end_tensor_inputs: list[str] | None = None, hooks=None) -> AnySizeOutput:
         """Generate ``num_images_per_prompt`` images of exactly ``width x height`` pixels per prompt.
         Positionally ``(prompt, height, width)``, diffusers' order. ``generator``: one for all images (drawn
         from in turn), or a list of one per image (prompt-major), as in diffusers.
@@ -430,11 +502,28 @@ class AnySizePipeline:
         ``cross_attention_kwargs`` (``{"scale": LoRA scale}``) as in diffusers, in every phase. ``latents``:
         stage 1's starting noise, (images, channels, h, w) at the bucket's latent size (``plan_run``'s
         first phase says it), scaled by the scheduler's ``init_noise_sigma`` as diffusers does.
+        ``guidance_rescale``: diffusers' (Lin et al. 2023) in every phase with guidance; tiled, each tile
+        rescales by its own statistics. ``prompt_embeds`` (and ``negative_prompt_embeds``, SDXL's
+        ``pooled_prompt_embeds`` / ``negative_pooled_prompt_embeds``): the base model's embeddings
+        instead of ``prompt``, one row per image prompt, in stage 1 and img2img passes; an x4 upscaler
+        (another text encoder) then gets the empty prompt. ``callback_on_step_end`` may be a diffusers
+        ``PipelineCallback`` (e.g. ``SDCFGCutoffCallback``) or a function asking for
+        ``callback_on_step_end_tensor_inputs`` (:data:`CALLBACK_TENSOR_INPUTS`).
         """
         controls = _control_inputs(control_image)
-        request = Request.of(locals(), call="generate", regions=regions or (), control_images=_digests(controls))
+        given = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds,
+                 "pooled_prompt_embeds": pooled_prompt_embeds,
+                 "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds}
+        embeds = _text_embeds(prompt, given, self.base)
+        if prompt is None and embeds is None:
+            raise ValueError("prompt: required (or prompt_embeds)")
+        if embeds is not None:
+            prompt = [""] * embeds["prompt_embeds"].shape[0]
+        request = Request.of(locals(), call="generate", regions=regions or (), control_images=_digests(controls),
+                             prompt_embeds=_embeds_digest(embeds))
         return self.run(self.plan_run(request), generator=generator, callback_on_step_end=callback_on_step_end,
-                        hooks=hooks, control_image=controls, latents=latents)
+                        hooks=hooks, control_image=controls, latents=latents, text_embeds=embeds,
+                        callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
 
     @torch.no_grad()
     def upscale(self, image, width: int, height: int, prompt: str = "", *, num_inference_steps: int = 20,
@@ -467,15 +556,24 @@ class AnySizePipeline:
     @torch.no_grad()
     def run(self, plan: RunPlan, *, image=None, generator: torch.Generator | list[torch.Generator] | None = None,
             callback_on_step_end: Callable | None = None, hooks=None, control_image=None,
-            latents: torch.Tensor | None = None) -> AnySizeOutput:
-        """Run a plan of :meth:`plan_run` (``image``: an upscale plan's input; ``control_image`` and
-        ``latents`` as in :meth:`__call__`); what :meth:`__call__` and :meth:`upscale` do after
+            latents: torch.Tensor | None = None, text_embeds: dict | None = None,
+            callback_on_step_end_tensor_inputs: list[str] | None = None) -> AnySizeOutput:
+        """Run a plan of :meth:`plan_run` (``image``: an upscale plan's input; ``control_image``,
+        ``latents`` and ``callback_on_step_end_tensor_inputs`` as in :meth:`__call__`; ``text_embeds``:
+        its ``prompt_embeds`` and kin by name); what :meth:`__call__` and :meth:`upscale` do after
         planning."""
         req = plan.request
         controls = _control_inputs(control_image)
         if _digests(controls) != tuple(req.control_images):
             raise ValueError(f"control_image: {len(controls)} image(s) that differ from the "
                              f"{len(req.control_images)} the plan was made for")
+        if _embeds_digest(text_embeds) != req.prompt_embeds:
+            raise ValueError("prompt_embeds: differ from the ones the plan was made for")
+        inputs = tuple(callback_on_step_end_tensor_inputs or ("latents",))
+        unknown = [n for n in inputs if n not in CALLBACK_TENSOR_INPUTS]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs: {', '.join(map(str, unknown))} not among "
+                             f"{', '.join(CALLBACK_TENSOR_INPUTS)}")
         if req.call == "upscale":
             if image is None:
                 raise ValueError("image: an upscale plan needs its input image")
@@ -491,12 +589,15 @@ class AnySizePipeline:
         starts = _stage1_latents(latents, plan, count)
         ctx = Context(plan, generators[0], self.device, owner=self, callback=callback_on_step_end,
                       hooks=hook_list(hooks), progress=self.progress, scratch_dir=file and Path(file.path).parent,
-                      control_images=controls)
+                      control_images=controls, tensor_inputs=inputs)
         images, infos = [], []
         self._warn_prompts(plan)
         with self._running(ctx):
             for k, text in enumerate(t for t in req.prompts for _ in range(req.num_images_per_prompt)):
                 ctx.generator, ctx.latents = generators[k], starts[k]
+                if text_embeds is not None:  # image k is prompt k // num_images_per_prompt's
+                    row = k // req.num_images_per_prompt
+                    ctx.text_embeds = {n: v[row : row + 1] for n, v in text_embeds.items()}
                 negative = {"negative_prompt": req.negative_prompt} if req.call == "generate" else {}
                 infos.append({"prompt": text, **negative, **plan.info(), **self.model_ids})
                 stored = {**infos[-1], "request": dataclasses.replace(req, output_metadata=None).to_json()}

@@ -88,6 +88,8 @@ class Request:
     num_images_per_prompt: int = 1
     eta: float | None = None  # DDIM's eta (None: the scheduler's default, 0)
     clip_skip: int | None = None  # text-encoder layers to skip from the end, as diffusers' clip_skip
+    guidance_rescale: float = 0.0  # diffusers' guidance_rescale (Lin et al. 2023, sec. 3.4), in CFG phases
+    prompt_embeds: str | None = None  # a digest of the caller's prompt embeddings (prompt is then "" each)
     cross_attention_kwargs: dict | None = field(default=None, hash=False)  # to every UNet call: {"scale": LoRA scale}
     regions: tuple = field(default=(), hash=False)  # region prompts (anysize.regions); validate() normalizes
     # ControlNet: per ControlNet of the pipeline, its control image's digest (or TILE) and its settings;
@@ -188,6 +190,8 @@ class Request:
             raise ValueError(f"eta={self.eta!r}: must be a number in [0, 1] or None")
         if self.clip_skip is not None and (not _is_int(self.clip_skip) or self.clip_skip < 0):
             raise ValueError(f"clip_skip={self.clip_skip!r}: must be an integer >= 0 or None")
+        if not (_is_number(self.guidance_rescale) and 0 <= self.guidance_rescale <= 1):
+            raise ValueError(f"guidance_rescale={self.guidance_rescale!r}: must be a number in [0, 1]")
         kwargs = self.cross_attention_kwargs
         if kwargs is not None and not (isinstance(kwargs, dict) and set(kwargs) <= {"scale"}
                                        and all(_is_number(v) and math.isfinite(v) for v in kwargs.values())):
@@ -302,5 +306,7 @@ class Request:
         # absent when unused: what earlier run directories hold
         regions = {"regions": data["regions"]} if self.regions else {}
         control = {name: data[name] for name in _CONTROL_FIELDS} if self.controlled else {}
-        extra = {n: data[n] for n in ("eta", "clip_skip", "cross_attention_kwargs") if data[n] is not None}
+        extra = {n: data[n] for n in ("eta", "clip_skip", "cross_attention_kwargs", "prompt_embeds")
+                 if data[n] is not None}
+        extra |= {"guidance_rescale": data["guidance_rescale"]} if self.guidance_rescale else {}
         return {name: data[name] for name in _SAMPLING_FIELDS} | regions | control | extra

@@ -139,6 +139,9 @@ class Context:
     scratch: contextlib.ExitStack | None = None
     control_images: tuple = ()
     latents: torch.Tensor | None = None  # stage 1's starting noise for this image, instead of drawing it
+    tensor_inputs: tuple = ("latents",)  # what a plain callback_on_step_end asks for (diffusers' argument)
+    denoiser: Any = None  # the running phase's UNetTileDenoiser, whose tensors a callback may read and replace
+    text_embeds: dict | None = None  # the caller's prompt embeddings for the base model, this image's rows
 
     @contextlib.contextmanager
     def phase(self, phase: Phase) -> Iterator[None]:
@@ -150,16 +153,32 @@ class Context:
             for hook in self.hooks:
                 getattr(hook, "on_phase_end", _nothing)(phase)
 
-    def step_end(self, stage: str):
+    def step_end(self, stage: str, steps: int):
         """A diffusers-style ``callback_on_step_end(owner, step, timestep, kwargs)`` as the sampler's
-        ``(step, t, latents)``; it gets ``{"latents", "stage"}`` and may return ``{"latents": tensor}``."""
-        callback = self.callback
+        ``(step, t, latents)`` for a phase of ``steps`` steps. It gets ``{"latents", "stage"}`` and the
+        running denoiser's tensors it asks for (a diffusers ``PipelineCallback``'s ``tensor_inputs``, else
+        :attr:`tensor_inputs`: ``prompt_embeds``, SDXL's ``add_text_embeds`` / ``add_time_ids``, in
+        diffusers' layout), and may return replacements; ``owner._guidance_scale`` (the phase's, set
+        before the call) and ``owner.num_timesteps`` are there as in diffusers, and a changed guidance
+        scale applies to the phase's remaining steps (``SDCFGCutoffCallback`` works unchanged)."""
+        callback, owner = self.callback, self.owner
         if callback is None:
             return None
+        names = tuple(getattr(callback, "tensor_inputs", None) or self.tensor_inputs)
 
         def step_end(i, t, latents):
-            out = callback(self.owner, i, t, {"latents": latents, "stage": stage})
-            return out.get("latents") if out else None
+            den = self.denoiser
+            tensors = den.callback_tensors(names) if den is not None else {}
+            if owner is not None:
+                owner._num_timesteps = steps
+                owner._guidance_scale = den.guidance_scale if den is not None else None
+            out = callback(owner, i, t, {"latents": latents, "stage": stage, **tensors}) or {}
+            if den is not None:
+                changed = {n: v for n, v in out.items() if n in tensors and v is not tensors[n]}
+                scale = getattr(owner, "_guidance_scale", den.guidance_scale)
+                if changed or scale != den.guidance_scale:
+                    den.update_from_callback(scale, changed)
+            return out.get("latents")
 
         return step_end
 
@@ -260,28 +279,33 @@ def decode(ctx: Context, phase: Phase, latents, out: stream.Raster | None = None
     return out if out is not None else array[: size[1], : size[0]]
 
 
-def denoiser(model, prompt: str, negative_prompt: str | None, guidance_scale: float, size: Size,
+def denoiser(model, prompt: str | None, negative_prompt: str | None, guidance_scale: float, size: Size,
              regions=(), latent: tuple[int, int] | None = None, clip_skip: int | None = None,
-             cross_attention_kwargs: dict | None = None, **extra) -> UNetTileDenoiser:
+             cross_attention_kwargs: dict | None = None, embeds: dict | None = None, **extra) -> UNetTileDenoiser:
     """Prompt embeddings through diffusers' own ``encode_prompt`` (SD or SDXL; ``clip_skip`` and the
     LoRA scale of ``cross_attention_kwargs`` as diffusers passes them), wrapped for tiles; ``regions``
-    (:class:`anysize.regions.Region`, fraction boxes) placed on the ``latent`` (h, w)."""
+    (:class:`anysize.regions.Region`, fraction boxes) placed on the ``latent`` (h, w). ``embeds``: the
+    caller's ``prompt_embeds`` (and ``negative_prompt_embeds``, SDXL's pooled ones), which
+    ``encode_prompt`` takes instead of ``prompt`` as in diffusers."""
     do_cfg = guidance_scale > 1.0
     device = model.unet.device
     added = negative_added = ids = None
     text = {"clip_skip": clip_skip, "lora_scale": (cross_attention_kwargs or {}).get("scale")}
+    given = {k: v.to(device) for k, v in (embeds or {}).items() if v is not None}
+    if given:
+        prompt = None
     if clip_skip:
         _clip_skip_layout(model.text_encoder)
     if models.model_kind(model).is_sdxl:
         pos, neg, pooled, neg_pooled = model.encode_prompt(
             prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=do_cfg,
-            negative_prompt=negative_prompt, **text)
+            negative_prompt=negative_prompt, **text, **given)
         w, h = size
         ids = torch.tensor([[h, w, 0, 0, h, w]], device=device, dtype=pos.dtype)
         added = {"text_embeds": pooled, "time_ids": ids}
         negative_added = {"text_embeds": neg_pooled, "time_ids": ids} if do_cfg else None
     else:
-        pos, neg = model.encode_prompt(prompt, device, 1, do_cfg, negative_prompt, **text)
+        pos, neg = model.encode_prompt(prompt, device, 1, do_cfg, negative_prompt, **text, **given)
     tile_regions = [_tile_region(model, r, latent, ids, text) for r in regions]
     return UNetTileDenoiser(model.unet, pos, negative_prompt_embeds=neg, guidance_scale=guidance_scale,
                             added_cond_kwargs=added, negative_added_cond_kwargs=negative_added,
@@ -304,9 +328,12 @@ def _phase_denoiser(ctx: Context, phase: Phase, prompt: str, timesteps=None, ima
     ones the phase runs; ``image``: its input, the control image of a :data:`TILE` ControlNet)."""
     req = ctx.plan.request
     controls = _controls(ctx, phase, timesteps, image) if phase.controls else ()
-    return denoiser(phase.model, prompt, req.negative_prompt, phase.guidance_scale, phase.size,
-                    regions=req.regions, latent=phase.latent, controls=controls, clip_skip=req.clip_skip,
-                    cross_attention_kwargs=req.cross_attention_kwargs, **extra)
+    embeds = ctx.text_embeds if phase.kind in ("base", "img2img") else None  # the base model's embeddings
+    ctx.denoiser = denoiser(phase.model, prompt, req.negative_prompt, phase.guidance_scale, phase.size,
+                            regions=req.regions, latent=phase.latent, controls=controls, clip_skip=req.clip_skip,
+                            cross_attention_kwargs=req.cross_attention_kwargs, embeds=embeds,
+                            guidance_rescale=req.guidance_rescale, **extra)
+    return ctx.denoiser
 
 
 def _controls(ctx: Context, phase: Phase, timesteps, image: PIL.Image.Image | None) -> list[TileControl]:
@@ -355,9 +382,15 @@ def _desc(ctx: Context, phase: Phase) -> str:
     return f"stage 2 {phase.name}/{len(ctx.plan.passes)} ({w}x{h})"
 
 
+def _timesteps(phase: Phase, timesteps=None):
+    """The timesteps a phase runs: ``timesteps`` (an img2img tail) or all of its scheduler's."""
+    return phase.scheduler.timesteps if timesteps is None else timesteps
+
+
 def _sample(ctx: Context, phase: Phase, den, latents: torch.Tensor, stage: str, timesteps=None) -> torch.Tensor:
     return sample_resumable(ctx.run, den, latents, phase.scheduler, phase.tiling, generator=ctx.generator,
-                            callback_on_step_end=ctx.step_end(stage), progress=ctx.progress,
+                            callback_on_step_end=ctx.step_end(stage, len(_timesteps(phase, timesteps))),
+                            progress=ctx.progress,
                             desc=_desc(ctx, phase), timesteps=timesteps, eta=ctx.plan.request.eta)
 
 
@@ -470,5 +503,6 @@ def _sample_banded(ctx: Context, phase: Phase, den, work: bands.BandWork, timest
             raise RunInterrupted(f"interrupted at step {step} of {work.dir.name}; the run continues from there")
 
     return sample_banded(den, work, phase.scheduler, phase.tiling, generator=ctx.generator,
-                         callback_on_step_end=ctx.step_end("upscale"), on_commit=stop, progress=ctx.progress,
+                         callback_on_step_end=ctx.step_end("upscale", len(_timesteps(phase, timesteps))),
+                         on_commit=stop, progress=ctx.progress,
                          desc=_desc(ctx, phase), timesteps=timesteps, device=ctx.device, eta=ctx.plan.request.eta)

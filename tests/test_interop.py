@@ -210,3 +210,135 @@ def test_fp16_variant_directories_and_single_file_messages(model_dirs, tmp_path)
     with pytest.raises(ModelLoadError) as info:
         load_pipeline(single, **kw)
     assert "single-file checkpoint" in str(info.value) and "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------- prompt_embeds, guidance_rescale, callbacks
+def reference(pipe):
+    """diffusers' StableDiffusionPipeline on the tiny base's modules, linears row by row as ours run."""
+    base = pipe.base
+    ref = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                  unet=base.unet, scheduler=base.scheduler, safety_checker=None,
+                                  feature_extractor=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    return ref
+
+
+def bucket(pipe):
+    return pipe.buckets[len(pipe.buckets) // 2]  # (w, h): stage 1 alone, untiled
+
+
+@pytest.mark.parametrize("options", [
+    {"guidance_rescale": 0.7},
+    {"callback": {"cutoff_step_ratio": 0.25}},
+    {"embeds": True},
+])
+def test_stage_1_equals_diffusers_with_guidance_rescale_callbacks_and_prompt_embeds(pipe, options):
+    """At a bucket size stage 1 is untiled sampling: bit for bit what diffusers' StableDiffusionPipeline
+    computes with the same guidance_rescale, the same SDCFGCutoffCallback object (it turns guidance off
+    half-way through, through the pipeline's num_timesteps and _guidance_scale), or the same
+    prompt_embeds / negative_prompt_embeds; and each changes the result, so the check can fail.
+
+    After the callback's cutoff diffusers runs the UNet at batch 1, which on the CPU takes other kernels
+    than every larger batch; ours runs a batch of 1 as 2 (``UNetTileDenoiser._unet``, so a tile's bits do
+    not depend on its batch). So that case agrees to rounding: at most 7.6e-6 here (latents of magnitude
+    ~70; the same on AVX-512 and under AVX2, ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2), checked
+    at 1e-4, while the cutoff itself moves the latents by 1.1e-2."""
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    from anysize.core.sampler import batch_invariant_linears
+
+    w, h = bucket(pipe)
+    kw = dict(num_inference_steps=4, guidance_scale=5.0, width=w, height=h, output_type="latent")
+    extra = {"guidance_rescale": options.get("guidance_rescale", 0.0)}
+    if "callback" in options:
+        extra["callback_on_step_end"] = SDCFGCutoffCallback(**options["callback"])
+    text = {"prompt": "a red cat", "negative_prompt": "blurry"}
+    if options.get("embeds"):
+        pos, neg = pipe.base.encode_prompt("a red fox", "cpu", 1, True, "grainy")
+        text = {"prompt_embeds": pos, "negative_prompt_embeds": neg}
+    ours = pipe(**text, generator=gen(1), **kw, **extra).images[0]
+    with batch_invariant_linears(pipe.base.unet):
+        theirs = reference(pipe)(**text, generator=gen(1), **kw, **extra).images
+    if "callback" in options:
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+    else:
+        assert torch.equal(ours, theirs)
+    plain = pipe("a red cat", negative_prompt="blurry", generator=gen(1), **kw).images[0]
+    assert (plain - theirs).abs().max() > 1e-3
+
+
+def test_prompt_embeds_in_every_base_phase_and_per_image(pipe):
+    """With img2img upscaling every phase is the base model's: the embeddings of prompts A and B give bit
+    for bit the images of the prompts themselves, row k for image k, at a size with tiled stage-2 passes."""
+    img2img = AnySizePipeline(pipe.base, None)
+    img2img.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=2, upscale_inference_steps=2, guidance_scale=3.0, tile_batch_size=3)
+    by_text = img2img(["a red cat", "a blue dog"], 120, 200, negative_prompt="dark", generator=gen(2), **kw)
+    pos = torch.cat([pipe.base.encode_prompt(p, "cpu", 1, False)[0] for p in ("a red cat", "a blue dog")])
+    neg = pipe.base.encode_prompt("dark", "cpu", 1, False)[0].repeat(2, 1, 1)
+    by_embeds = img2img(prompt_embeds=pos, negative_prompt_embeds=neg, height=120, width=200, generator=gen(2),
+                        **kw)
+    assert [i.size for i in by_embeds.images] == [(200, 120)] * 2
+    for a, b in zip(by_text.images, by_embeds.images):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert by_embeds.info[0]["prompt"] == "" and by_embeds[0][0].size == (200, 120)
+    # with an x4 upscaler the embeddings steer stage 1; the upscaler (another text encoder) gets ""
+    x4 = pipe(prompt_embeds=pos[:1], height=120, width=200, generator=gen(2), **kw)
+    assert x4.images[0].size == (200, 120)
+
+
+@pytest.mark.parametrize("call, message", [
+    (dict(prompt="x", prompt_embeds=torch.zeros(1, 5, 32)), "prompt and prompt_embeds: pass one"),
+    (dict(prompt_embeds=torch.zeros(1, 5, 7)), "must be a (prompts, tokens, 32) tensor"),
+    (dict(prompt_embeds=torch.zeros(5, 32)), "prompt_embeds: (5, 32)"),
+    (dict(prompt_embeds=torch.zeros(1, 5, 32), negative_prompt_embeds=torch.zeros(1, 4, 32)), "shape (1, 5, 32)"),
+    (dict(negative_prompt_embeds=torch.zeros(1, 5, 32), prompt="x"), "negative_prompt_embeds: only with prompt_embeds"),
+    (dict(prompt_embeds=torch.zeros(1, 5, 32), pooled_prompt_embeds=torch.zeros(1, 32)), "only for SDXL"),
+    (dict(), "prompt: required (or prompt_embeds)"),
+    (dict(prompt="x", guidance_rescale=1.5), "guidance_rescale=1.5: must be a number in [0, 1]"),
+    (dict(prompt="x", callback_on_step_end=lambda *a: None, callback_on_step_end_tensor_inputs=["noise_pred"]),
+     "noise_pred not among latents, prompt_embeds"),
+])
+def test_bad_embeds_rescale_and_callback_inputs_are_one_line(pipe, call, message):
+    width = pipe.base.unet.config.cross_attention_dim
+    call = {k: (v[..., :width] if torch.is_tensor(v) and v.shape[-1] == 32 and width != 32 else v)
+            for k, v in call.items()}
+    with pytest.raises(ValueError) as caught:
+        pipe(height=64, width=64, num_inference_steps=1, **call)
+    assert message.replace("32", str(width)) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_plain_callback_reads_and_replaces_the_prompt_embeds(pipe):
+    """callback_on_step_end_tensor_inputs=["prompt_embeds"]: a function gets them in diffusers' layout
+    (unconditional rows first) and what it returns steers the steps after it: swapping in prompt B's
+    embeddings at step 0 gives the image of prompt B from step 1 on, which differs from prompt A's."""
+    w, h = bucket(pipe)
+    seen = []
+    other = torch.cat([pipe.base.encode_prompt("", "cpu", 1, False)[0],
+                       pipe.base.encode_prompt("a blue dog", "cpu", 1, False)[0]])
+
+    def swap(p, step, t, kwargs):
+        seen.append((step, kwargs["stage"], tuple(kwargs["prompt_embeds"].shape), p.num_timesteps, p.guidance_scale))
+        return {"prompt_embeds": other} if step == 0 else {}
+
+    kw = dict(num_inference_steps=3, guidance_scale=4.0, width=w, height=h, output_type="latent")
+    swapped = pipe("a red cat", generator=gen(4), callback_on_step_end=swap,
+                   callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"], **kw).images[0]
+    dim = pipe.base.unet.config.cross_attention_dim
+    assert seen[0][0] == 0 and seen[0][1:] == ("base", (2, seen[0][2][1], dim), 3, 4.0) and len(seen) == 3
+    cat = pipe("a red cat", generator=gen(4), **kw).images[0]
+    assert not torch.equal(swapped, cat)
+    assert pipe.num_timesteps is not None  # the last phase's, as diffusers leaves it
+
+
+def test_cli_guidance_rescale(model_dirs, tmp_path, capsys):
+    from anysize.io.output import read_metadata, read_parameters
+
+    out = tmp_path / "r.png"
+    argv = ["generate", "a red cat", "--size", "72x40", "-o", str(out), "--steps", "2", "--upscale-steps", "2",
+            "--seed", "1", "--base", str(model_dirs[0]), "--upscaler", str(model_dirs[1]), "--quiet"]
+    assert cli.main([*argv, "--guidance-rescale", "0.5"]) == 0, capsys.readouterr().err
+    assert read_metadata(out)["request"]["guidance_rescale"] == 0.5
+    assert "CFG Rescale phi: 0.5" in read_parameters(out)
+    assert cli.main([*argv, "--guidance-rescale", "2"]) == 2
+    assert "--guidance-rescale: '2'" in capsys.readouterr().err

@@ -526,8 +526,9 @@ class UNetTileDenoiser:
         regions: Sequence[TileRegion] = (),
         controls: Sequence[TileControl] = (),
         cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
     ):
-        self.unet, self.guidance_scale = unet, guidance_scale
+        self.unet, self.guidance_scale, self.guidance_rescale = unet, guidance_scale, guidance_rescale
         self.cross_attention_kwargs = cross_attention_kwargs
         self.prompt_embeds, self.cond, self.class_labels = prompt_embeds, cond, class_labels
         self.added_cond_kwargs, self.tile_prompt_embeds = added_cond_kwargs, tile_prompt_embeds
@@ -583,7 +584,49 @@ class UNetTileDenoiser:
             None if labels is None else torch.cat([labels, labels]), added, [torch.cat([c, c]) for c in control],
         )
         uncond, cond = out.chunk(2)
-        return uncond + self.guidance_scale * (cond - uncond)
+        guided = uncond + self.guidance_scale * (cond - uncond)
+        if self.guidance_rescale > 0:  # diffusers' own, per tile (std over each tile's own values)
+            from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+            guided = rescale_noise_cfg(guided, cond, self.guidance_rescale)
+        return guided
+
+    # diffusers' callback tensors this denoiser holds: what a callback_on_step_end may read and replace
+    CALLBACK_TENSORS = ("prompt_embeds", "add_text_embeds", "add_time_ids")
+
+    def callback_tensors(self, names) -> dict[str, torch.Tensor]:
+        """The tensors of ``names`` in diffusers' layout (unconditional rows first under CFG), for a
+        ``callback_on_step_end``: ``prompt_embeds``, and SDXL's ``add_text_embeds`` / ``add_time_ids``."""
+        added, neg_added = self.added_cond_kwargs or {}, self.negative_added_cond_kwargs or {}
+        pairs = {"prompt_embeds": (self.negative_prompt_embeds, self.prompt_embeds),
+                 "add_text_embeds": (neg_added.get("text_embeds"), added.get("text_embeds")),
+                 "add_time_ids": (neg_added.get("time_ids"), added.get("time_ids"))}
+        out = {}
+        for name in names:
+            neg, pos = pairs.get(name, (None, None))
+            if pos is not None:
+                out[name] = torch.cat([neg, pos]) if self.do_cfg else pos
+        return out
+
+    def update_from_callback(self, guidance_scale: float, tensors: dict[str, torch.Tensor]) -> None:
+        """What a callback changed, for the steps left: the guidance scale (at most 1 turns classifier-free
+        guidance off, as diffusers' ``SDCFGCutoffCallback`` does) and the tensors of
+        :meth:`callback_tensors`, given in the layout of the guidance they are for."""
+        self.guidance_scale = guidance_scale
+        self.do_cfg = guidance_scale > 1.0 and self.negative_prompt_embeds is not None
+        keys = {"prompt_embeds": None, "add_text_embeds": "text_embeds", "add_time_ids": "time_ids"}
+        for name, value in tensors.items():
+            key = keys[name]
+            current = self.prompt_embeds if key is None else self.added_cond_kwargs[key]
+            # twice the rows: both halves (unconditional first); else the conditional rows alone
+            neg, pos = value.chunk(2) if value.shape[0] == 2 * current.shape[0] else (None, value)
+            if key is None:
+                self.prompt_embeds = pos
+                self.negative_prompt_embeds = neg if neg is not None else self.negative_prompt_embeds
+            else:
+                self.added_cond_kwargs = {**self.added_cond_kwargs, key: pos}
+                if neg is not None:
+                    self.negative_added_cond_kwargs = {**self.negative_added_cond_kwargs, key: neg}
 
     def _region_crop(self, region: TileRegion, box: Box) -> Box:
         """The part of tile ``box`` a region prompt is evaluated on: the tile cut to the region's box
