@@ -122,6 +122,14 @@ def _lora(text: str) -> tuple[str, float]:
     return path, value
 
 
+def _embedding(text: str) -> tuple[str, str | None]:
+    """``PATH`` or ``PATH:TOKEN`` (a token holds no path separator, so ``C:\\x.pt`` stays a path)."""
+    path, sep, token = text.rpartition(":")
+    if not sep or not path or not token or "/" in token or "\\" in token:
+        return text, None
+    return path, token
+
+
 def _buckets_list(text: str) -> list[tuple[int, int]]:
     from .buckets import parse_buckets  # no torch import
 
@@ -291,6 +299,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     models.add_argument("--lora", type=_lora, action="append", default=None, metavar="PATH[:SCALE]",
                         help="a LoRA of the base model (.safetensors, kohya/A1111 or diffusers format) and its "
                              "scale (default 1); repeatable")
+    models.add_argument("--embedding", type=_embedding, action="append", default=None, metavar="PATH[:TOKEN]",
+                        help="a textual-inversion embedding of the base model (.safetensors, A1111 or diffusers "
+                             "format) and the token that calls it in a prompt (default: the file's name); "
+                             "repeatable")
     models.add_argument("--buckets", type=_buckets_list, default=None, metavar="WxH,WxH,...",
                         help="stage 1's sizes (default: SDXL's training sizes for SDXL, else ARAD's nine ratios "
                              "at the base model's native area)")
@@ -705,6 +717,8 @@ def _load(args: argparse.Namespace):
                                                config=args.config, variant=args.variant)
         if args.lora:
             pipe.load_loras(args.lora, allow_pickle=args.allow_pickle)
+        if args.embedding:
+            pipe.load_textual_inversion(args.embedding, allow_pickle=args.allow_pickle)
     pipe.set_progress_bar_config(disable=args.quiet)
     return pipe
 

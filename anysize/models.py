@@ -332,6 +332,36 @@ def load_lora(pipe, source, adapter_name: str, *, allow_pickle: bool = False) ->
         raise ModelLoadError(f"lora {source}: could not load: {_first_line(exc)}") from exc
 
 
+def load_embedding(pipe, source, token: str | None = None, *, allow_pickle: bool = False) -> str:
+    """Load a textual-inversion embedding (A1111's ``emb_params`` / ``string_to_param`` or diffusers'
+    format; SDXL's ``clip_l`` + ``clip_g`` files into both text encoders) into ``pipe`` through diffusers'
+    ``load_textual_inversion``, as ``token`` (default: the file's name without its suffix, A1111's
+    trigger word); returns the token. A one-line :class:`ModelLoadError` when it fails."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"embedding {source}: no such file or directory")
+    _check_weights(path, "embedding", allow_pickle)
+    token = token or path.stem
+    try:
+        if model_kind(pipe).is_sdxl:
+            from safetensors.torch import load_file
+
+            if not path.is_file() or path.suffix.lower() != ".safetensors":
+                raise ValueError("an SDXL embedding must be a .safetensors file with clip_l and clip_g tensors")
+            state = load_file(str(path))
+            if not {"clip_l", "clip_g"} <= set(state):
+                raise ValueError(f"holds {', '.join(sorted(state))}; an SDXL embedding has clip_l and clip_g")
+            pipe.load_textual_inversion(state["clip_l"], token=token, text_encoder=pipe.text_encoder,
+                                        tokenizer=pipe.tokenizer)
+            pipe.load_textual_inversion(state["clip_g"], token=token, text_encoder=pipe.text_encoder_2,
+                                        tokenizer=pipe.tokenizer_2)
+        else:
+            pipe.load_textual_inversion(str(path), token=token, use_safetensors=not allow_pickle or None)
+    except Exception as exc:  # diffusers raises many kinds (a taken token, a width mismatch); one line
+        raise ModelLoadError(f"embedding {source}: could not load: {_first_line(exc)}") from exc
+    return token
+
+
 # ---------------------------------------------------------------------- prompts
 def prompt_problems(pipe, prompt: str) -> list[str]:
     """What ``pipe``'s text encoder will not read of ``prompt``, one line each: tokens past its window

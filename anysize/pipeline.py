@@ -320,6 +320,21 @@ class AnySizePipeline:
             self.base.set_adapters(names, adapter_weights=weights)
             self.model_ids["lora"] = ids
 
+    def load_textual_inversion(self, embeddings, token: str | None = None, *, allow_pickle: bool = False) -> None:
+        """Load textual-inversion embeddings into the base model's text encoder(s) through diffusers
+        (``load_textual_inversion``): ``embeddings`` a path, or a list of ``path`` or ``(path, token)``;
+        ``token`` (one path) defaults to the file's name (A1111's trigger word). Write the token in a
+        prompt to use it. Safetensors only unless ``allow_pickle``; one-line ModelLoadError on failure."""
+        if self.base is None:
+            raise models.ModelLoadError("embedding: belongs to a base model's text encoder; this pipeline has none")
+        items = embeddings if isinstance(embeddings, (list, tuple)) else [(embeddings, token)]
+        ids = list(self.model_ids.get("embeddings", []))
+        for item in items:
+            path, name = (item, None) if not isinstance(item, (list, tuple)) else item
+            name = models.load_embedding(self.base, path, name, allow_pickle=allow_pickle)
+            ids.append(f"{name}={models.describe(path)}")
+        self.model_ids["embeddings"] = ids
+
     # ------------------------------------------------------------------ samplers
     @property
     def scheduler(self):

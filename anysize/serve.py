@@ -357,8 +357,8 @@ class Runner:
         return self._pipe
 
 
-_MODEL_OPTIONS = ("base", "upscaler", "config", "variant", "img2img", "lora", "buckets", "device", "dtype",
-                  "allow_pickle", "controlnet")
+_MODEL_OPTIONS = ("base", "upscaler", "config", "variant", "img2img", "lora", "embedding", "buckets", "device",
+                  "dtype", "allow_pickle", "controlnet")
 
 
 class Worker(threading.Thread):

@@ -342,3 +342,51 @@ def test_cli_guidance_rescale(model_dirs, tmp_path, capsys):
     assert "CFG Rescale phi: 0.5" in read_parameters(out)
     assert cli.main([*argv, "--guidance-rescale", "2"]) == 2
     assert "--guidance-rescale: '2'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- textual inversion
+@pytest.fixture
+def embedding_file(model_dirs, tmp_path):
+    """A two-vector embedding in A1111's layout (``emb_params``), random, for the tiny base's encoder."""
+    from safetensors.torch import save_file
+
+    width = load(model_dirs[0]).text_encoder.config.hidden_size
+    path = tmp_path / "toy-style.safetensors"
+    save_file({"emb_params": torch.randn(2, width, generator=gen(8))}, path)
+    return path
+
+
+def test_textual_inversion_tokens_steer_the_prompt(model_dirs, embedding_file):
+    """The file's name is the token (A1111's rule); its vectors become the token's rows in the text
+    encoder; a prompt with it gives another image than before loading, and the token works in stage 1."""
+    from safetensors.torch import load_file
+
+    pipe = AnySizePipeline.from_pretrained(model_dirs[0], model_dirs[1], device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=2, guidance_scale=3.0, output_type="latent")
+    before = pipe("a toy-style cat", 64, 64, generator=gen(1), **kw).images[0]
+    pipe.load_textual_inversion(embedding_file)
+    ids = pipe.base.tokenizer.convert_tokens_to_ids(["toy-style", "toy-style_1"])
+    rows = pipe.base.text_encoder.get_input_embeddings().weight[ids]
+    assert torch.equal(rows, load_file(embedding_file)["emb_params"])
+    after = pipe("a toy-style cat", 64, 64, generator=gen(1), **kw).images[0]
+    assert not torch.equal(before, after)
+    [recorded] = pipe.model_ids["embeddings"]  # in every output's metadata
+    assert recorded.startswith("toy-style=") and "toy-style.safetensors" in recorded
+
+
+def test_cli_embedding_option_and_refusals(model_dirs, embedding_file, tmp_path, capsys):
+    from anysize.io.output import read_metadata
+
+    out = tmp_path / "e.png"
+    argv = ["generate", "a <toy> cat", "--size", "72x40", "-o", str(out), "--steps", "2", "--upscale-steps", "2",
+            "--seed", "1", "--base", str(model_dirs[0]), "--upscaler", str(model_dirs[1]), "--quiet"]
+    assert cli.main([*argv, "--embedding", f"{embedding_file}:<toy>"]) == 0, capsys.readouterr().err
+    assert read_metadata(out)["embeddings"][0].startswith("<toy>=")
+    pickle = tmp_path / "old.pt"
+    pickle.write_bytes(b"not really")
+    assert cli.main([*argv, "--embedding", str(pickle)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "embedding" in err and "pickle" in err
+    assert cli.main([*argv, "--embedding", str(tmp_path / "missing.safetensors")]) == 1
+    assert "no such file" in capsys.readouterr().err
