@@ -184,6 +184,9 @@ def _add_generate(sub) -> None:
                    help="read the prompt from the text encoder's N-th layer from the end (as A1111's and "
                         "diffusers' clip skip)")
     p.add_argument("--eta", type=_float_in(0, 1), default=None, metavar="X", help="DDIM's eta (default 0)")
+    p.add_argument("--long-prompt", choices=("cut", "chunk"), default="cut",
+                   help="a prompt past the text encoder's window (77 tokens for CLIP): cut to it as diffusers "
+                        "does, with a warning (default), or read whole window by window as A1111 does (chunk)")
     p.add_argument("--guidance-rescale", type=_float_in(0, 1), default=0.0, metavar="X",
                    help="rescale guided predictions towards the text-conditioned one's spread (diffusers' "
                         "guidance_rescale, against over-exposure with v-prediction models; default 0: off)")
@@ -337,7 +340,8 @@ def _generate(args: argparse.Namespace, pipe=None) -> int:
     return _run(args, None, extra, call="generate", prompt=args.prompt, num_inference_steps=args.steps,
                 upscale_inference_steps=args.upscale_steps, guidance_scale=args.guidance,
                 upscale_guidance_scale=args.upscale_guidance, negative_prompt=args.negative, panorama=args.panorama,
-                clip_skip=args.clip_skip, eta=args.eta, guidance_rescale=args.guidance_rescale, pipe=pipe)
+                clip_skip=args.clip_skip, eta=args.eta, guidance_rescale=args.guidance_rescale,
+                long_prompt=args.long_prompt, pipe=pipe)
 
 
 def _upscale(args: argparse.Namespace) -> int:

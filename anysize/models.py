@@ -363,20 +363,22 @@ def load_embedding(pipe, source, token: str | None = None, *, allow_pickle: bool
 
 
 # ---------------------------------------------------------------------- prompts
-def prompt_problems(pipe, prompt: str) -> list[str]:
+def prompt_problems(pipe, prompt: str, chunked: bool = False) -> list[str]:
     """What ``pipe``'s text encoder will not read of ``prompt``, one line each: tokens past its window
-    (cut by diffusers' ``encode_prompt``), and words its tokenizer does not know (a word-level
-    vocabulary such as the default model's maps them to its unknown token)."""
+    (cut by diffusers' ``encode_prompt``, unless ``chunked``: read window by window), and words its
+    tokenizer does not know (a word-level vocabulary such as the default model's maps them to its
+    unknown token)."""
     tokenizer = getattr(pipe, "tokenizer", None)
     if tokenizer is None or not prompt:
         return []
     out = []
     ids = tokenizer(prompt, truncation=False).input_ids
     limit = int(tokenizer.model_max_length)
-    if len(ids) > limit:
+    if len(ids) > limit and not chunked:
         kept = tokenizer.decode(ids[1 : limit - 1], skip_special_tokens=True)
         out.append(f"prompt: {len(ids)} tokens, but the text encoder reads {limit}; it sees only "
-                   f"{kept!r}, the rest is cut")
+                   f"{kept!r}, the rest is cut (long_prompt='chunk', --long-prompt chunk: read it all, "
+                   "window by window, as A1111)")
     unk = tokenizer.unk_token_id
     if unk is not None and unk not in {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}:
         words = [w for w in dict.fromkeys(prompt.replace(",", " ").split())

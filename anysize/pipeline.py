@@ -474,7 +474,7 @@ class AnySizePipeline:
                  control_guidance_start: float | list[float] = 0.0,
                  control_guidance_end: float | list[float] = 1.0, eta: float | None = None,
                  clip_skip: int | None = None, cross_attention_kwargs: dict | None = None,
-                 latents: torch.Tensor | None = None, guidance_rescale: float = 0.0,
+                 latents: torch.Tensor | None = None, guidance_rescale: float = 0.0, long_prompt: str = "cut",
                  prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
                  pooled_prompt_embeds: torch.Tensor | None = None,
                  negative_pooled_prompt_embeds: torch.Tensor | None = None,
@@ -517,7 +517,10 @@ class AnySizePipeline:
         ``cross_attention_kwargs`` (``{"scale": LoRA scale}``) as in diffusers, in every phase. ``latents``:
         stage 1's starting noise, (images, channels, h, w) at the bucket's latent size (``plan_run``'s
         first phase says it), scaled by the scheduler's ``init_noise_sigma`` as diffusers does.
-        ``guidance_rescale``: diffusers' (Lin et al. 2023) in every phase with guidance; tiled, each tile
+        ``long_prompt``: a prompt past the text encoder's window is "cut" to it (diffusers; with a
+        PromptWarning) or read whole as A1111 does, "chunk": window by window, joined on the token axis
+        (:func:`anysize.stages.chunked_embeds`). ``guidance_rescale``: diffusers' (Lin et al. 2023) in
+        every phase with guidance; tiled, each tile
         rescales by its own statistics. ``prompt_embeds`` (and ``negative_prompt_embeds``, SDXL's
         ``pooled_prompt_embeds`` / ``negative_pooled_prompt_embeds``): the base model's embeddings
         instead of ``prompt``, one row per image prompt, in stage 1 and img2img passes; an x4 upscaler
@@ -627,12 +630,13 @@ class AnySizePipeline:
     def _warn_prompts(self, plan: RunPlan) -> None:
         """A warning for each prompt part a model of the plan cannot read (never cut silently)."""
         req = plan.request
-        texts = [*req.prompts, *([req.negative_prompt] if req.negative_prompt else []),
-                 *(r.prompt for r in req.regions)]
+        chunked = req.long_prompt == "chunk"  # the global and negative prompts; a region's is cut
+        texts = [*((t, chunked) for t in req.prompts), *((r.prompt, False) for r in req.regions),
+                 *([(req.negative_prompt, chunked)] if req.negative_prompt else [])]
         seen = set()
         for model in {id(p.model): p.model for p in plan.sampling}.values():
-            for text in texts:
-                for line in models.prompt_problems(model, text):
+            for text, whole in texts:
+                for line in models.prompt_problems(model, text, chunked=whole):
                     if line not in seen:
                         seen.add(line)
                         warnings.warn(line, PromptWarning, stacklevel=3)

@@ -30,6 +30,7 @@ _CONTROL_FIELDS = ("control_images", "controlnet_conditioning_scale", "control_g
 
 # What decides the sampled values (and so what a run directory's checkpoints belong to): not the tile
 # batch, the VAE tile, the budgets, the output's type or file, which change no sampled value.
+LONG_PROMPTS = ("cut", "chunk")
 _SAMPLING_FIELDS = ("call", "prompt", "negative_prompt", "width", "height", "num_inference_steps",
                     "upscale_inference_steps", "guidance_scale", "upscale_guidance_scale", "tiling", "tile_size",
                     "noise_level", "strength", "latent_memory", "panorama", "source_size", "source_digest")
@@ -90,6 +91,7 @@ class Request:
     clip_skip: int | None = None  # text-encoder layers to skip from the end, as diffusers' clip_skip
     guidance_rescale: float = 0.0  # diffusers' guidance_rescale (Lin et al. 2023, sec. 3.4), in CFG phases
     prompt_embeds: str | None = None  # a digest of the caller's prompt embeddings (prompt is then "" each)
+    long_prompt: str = "cut"  # past the text encoder's window: "cut" (diffusers, with a warning) or "chunk" (A1111)
     cross_attention_kwargs: dict | None = field(default=None, hash=False)  # to every UNet call: {"scale": LoRA scale}
     regions: tuple = field(default=(), hash=False)  # region prompts (anysize.regions); validate() normalizes
     # ControlNet: per ControlNet of the pipeline, its control image's digest (or TILE) and its settings;
@@ -190,6 +192,8 @@ class Request:
             raise ValueError(f"eta={self.eta!r}: must be a number in [0, 1] or None")
         if self.clip_skip is not None and (not _is_int(self.clip_skip) or self.clip_skip < 0):
             raise ValueError(f"clip_skip={self.clip_skip!r}: must be an integer >= 0 or None")
+        if self.long_prompt not in LONG_PROMPTS:
+            raise ValueError(f"long_prompt={self.long_prompt!r}: must be one of {', '.join(LONG_PROMPTS)}")
         if not (_is_number(self.guidance_rescale) and 0 <= self.guidance_rescale <= 1):
             raise ValueError(f"guidance_rescale={self.guidance_rescale!r}: must be a number in [0, 1]")
         kwargs = self.cross_attention_kwargs
@@ -309,4 +313,5 @@ class Request:
         extra = {n: data[n] for n in ("eta", "clip_skip", "cross_attention_kwargs", "prompt_embeds")
                  if data[n] is not None}
         extra |= {"guidance_rescale": data["guidance_rescale"]} if self.guidance_rescale else {}
+        extra |= {"long_prompt": data["long_prompt"]} if self.long_prompt != "cut" else {}
         return {name: data[name] for name in _SAMPLING_FIELDS} | regions | control | extra

@@ -281,17 +281,22 @@ def decode(ctx: Context, phase: Phase, latents, out: stream.Raster | None = None
 
 def denoiser(model, prompt: str | None, negative_prompt: str | None, guidance_scale: float, size: Size,
              regions=(), latent: tuple[int, int] | None = None, clip_skip: int | None = None,
-             cross_attention_kwargs: dict | None = None, embeds: dict | None = None, **extra) -> UNetTileDenoiser:
+             cross_attention_kwargs: dict | None = None, embeds: dict | None = None, long_prompt: str = "cut",
+             **extra) -> UNetTileDenoiser:
     """Prompt embeddings through diffusers' own ``encode_prompt`` (SD or SDXL; ``clip_skip`` and the
     LoRA scale of ``cross_attention_kwargs`` as diffusers passes them), wrapped for tiles; ``regions``
     (:class:`anysize.regions.Region`, fraction boxes) placed on the ``latent`` (h, w). ``embeds``: the
     caller's ``prompt_embeds`` (and ``negative_prompt_embeds``, SDXL's pooled ones), which
-    ``encode_prompt`` takes instead of ``prompt`` as in diffusers."""
+    ``encode_prompt`` takes instead of ``prompt`` as in diffusers. ``long_prompt="chunk"``: a prompt
+    or negative prompt past the text encoder's window is read whole, window by window
+    (:func:`chunked_embeds`); "cut": as diffusers, the window alone (with a PromptWarning)."""
     do_cfg = guidance_scale > 1.0
     device = model.unet.device
     added = negative_added = ids = None
     text = {"clip_skip": clip_skip, "lora_scale": (cross_attention_kwargs or {}).get("scale")}
     given = {k: v.to(device) for k, v in (embeds or {}).items() if v is not None}
+    if not given and long_prompt == "chunk":
+        given = chunked_embeds(model, prompt, negative_prompt, do_cfg, text) or {}
     if given:
         prompt = None
     if clip_skip:
@@ -310,6 +315,58 @@ def denoiser(model, prompt: str | None, negative_prompt: str | None, guidance_sc
     return UNetTileDenoiser(model.unet, pos, negative_prompt_embeds=neg, guidance_scale=guidance_scale,
                             added_cond_kwargs=added, negative_added_cond_kwargs=negative_added,
                             regions=tile_regions, cross_attention_kwargs=cross_attention_kwargs, **extra)
+
+
+def prompt_windows(tokenizer, text: str | None) -> list[str]:
+    """``text`` cut into pieces of at most the tokenizer's window less its two special tokens (A1111's
+    75-token chunks for CLIP), each decoded back to text; one piece when it fits."""
+    if not text:
+        return [""]
+    ids = tokenizer(text, add_special_tokens=False, truncation=False).input_ids
+    size = int(tokenizer.model_max_length) - 2
+    if len(ids) <= size:
+        return [text]
+    return [tokenizer.decode(ids[i : i + size]) for i in range(0, len(ids), size)]
+
+
+def chunked_embeds(model, prompt: str, negative_prompt: str | None, do_cfg: bool, text: dict) -> dict | None:
+    """A1111's long prompts: the prompt (and the negative one) cut into windows (:func:`prompt_windows`),
+    each encoded alone by diffusers' ``encode_prompt`` (so its start and end tokens, clip skip, LoRA
+    scale and textual inversions apply), and the windows joined along the token axis; the shorter side
+    padded with empty windows so both have as many tokens. SDXL's pooled embedding is the first
+    window's, as A1111 takes it. None when both fit one window (then nothing differs from diffusers)."""
+    device = model.unet.device
+    windows = prompt_windows(model.tokenizer, prompt)
+    negative = prompt_windows(model.tokenizer, negative_prompt) if do_cfg else [""]
+    if len(windows) == 1 and len(negative) == 1:
+        return None
+    n = max(len(windows), len(negative))
+    windows += [""] * (n - len(windows))
+    negative += [""] * (n - len(negative))
+    sdxl = models.model_kind(model).is_sdxl
+
+    def encode(piece: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if sdxl:
+            pos, _, pooled, _ = model.encode_prompt(piece, device=device, num_images_per_prompt=1,
+                                                    do_classifier_free_guidance=False, **text)
+            return pos, pooled
+        return model.encode_prompt(piece, device, 1, False, **text)[0], None
+
+    pos = [encode(w) for w in windows]
+    out = {"prompt_embeds": torch.cat([p for p, _ in pos], dim=1)}
+    if sdxl:
+        out["pooled_prompt_embeds"] = pos[0][1]
+    if do_cfg:
+        zeros = sdxl and negative_prompt is None and model.config.force_zeros_for_empty_prompt
+        if zeros:  # SDXL's rule for no negative prompt, as its encode_prompt applies it
+            out["negative_prompt_embeds"] = torch.zeros_like(out["prompt_embeds"])
+            out["negative_pooled_prompt_embeds"] = torch.zeros_like(out["pooled_prompt_embeds"])
+        else:
+            neg = [encode(w) for w in negative]
+            out["negative_prompt_embeds"] = torch.cat([p for p, _ in neg], dim=1)
+            if sdxl:
+                out["negative_pooled_prompt_embeds"] = neg[0][1]
+    return out
 
 
 def _clip_skip_layout(encoder) -> None:
@@ -332,7 +389,7 @@ def _phase_denoiser(ctx: Context, phase: Phase, prompt: str, timesteps=None, ima
     ctx.denoiser = denoiser(phase.model, prompt, req.negative_prompt, phase.guidance_scale, phase.size,
                             regions=req.regions, latent=phase.latent, controls=controls, clip_skip=req.clip_skip,
                             cross_attention_kwargs=req.cross_attention_kwargs, embeds=embeds,
-                            guidance_rescale=req.guidance_rescale, **extra)
+                            long_prompt=req.long_prompt, guidance_rescale=req.guidance_rescale, **extra)
     return ctx.denoiser
 
 

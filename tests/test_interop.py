@@ -390,3 +390,41 @@ def test_cli_embedding_option_and_refusals(model_dirs, embedding_file, tmp_path,
     assert err.count("\n") == 1 and "embedding" in err and "pickle" in err
     assert cli.main([*argv, "--embedding", str(tmp_path / "missing.safetensors")]) == 1
     assert "no such file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- long prompts
+LONG = "a red cat on a green mat beside a blue dog under a yellow sun"  # 60 characters: 4 windows of 14
+
+
+def test_long_prompts_chunked_as_a1111(pipe, recwarn):
+    """long_prompt="chunk": every window of the prompt encoded alone and joined on the token axis (the
+    UNet then reads all of them), the negative prompt padded with empty windows to as many tokens; no
+    cut warning. A prompt that fits one window gives the image of "cut" bit for bit."""
+    from anysize.pipeline import PromptWarning
+    from anysize.stages import prompt_windows
+
+    tok = pipe.base.tokenizer
+    windows = prompt_windows(tok, LONG)
+    assert len(windows) > 1 and "".join(windows).replace(" ", "") == LONG.replace(" ", "")
+    w, h = bucket(pipe)
+    seen = {}
+
+    def grab(p, step, t, kwargs):
+        seen.setdefault("embeds", kwargs["prompt_embeds"])
+
+    kw = dict(num_inference_steps=2, guidance_scale=3.0, width=w, height=h, output_type="latent")
+    chunked = pipe(LONG, negative_prompt="dark", long_prompt="chunk", generator=gen(1), callback_on_step_end=grab,
+                   callback_on_step_end_tensor_inputs=["prompt_embeds"], **kw).images[0]
+    assert not [x for x in recwarn if issubclass(x.category, PromptWarning)], "chunked: nothing is cut"
+    encode = lambda text: pipe.base.encode_prompt(text, "cpu", 1, False)[0]  # noqa: E731
+    expected = torch.cat([torch.cat([encode("dark"), *[encode("")] * (len(windows) - 1)], dim=1),
+                          torch.cat([encode(x) for x in windows], dim=1)])
+    assert torch.equal(seen["embeds"], expected)
+    assert seen["embeds"].shape[1] == len(windows) * tok.model_max_length
+    cut = pipe(LONG, negative_prompt="dark", generator=gen(1), **kw).images[0]
+    assert any("long_prompt='chunk'" in str(x.message) for x in recwarn if issubclass(x.category, PromptWarning))
+    assert not torch.equal(chunked, cut)
+    short = [pipe("a red cat", long_prompt=mode, generator=gen(1), **kw).images[0] for mode in ("cut", "chunk")]
+    assert torch.equal(*short)
+    with pytest.raises(ValueError, match="long_prompt='all': must be one of cut, chunk"):
+        pipe("x", long_prompt="all", **kw)
