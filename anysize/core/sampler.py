@@ -242,6 +242,13 @@ def _shape(box: Box) -> tuple[int, int]:
     return box[2] - box[0], box[3] - box[1]
 
 
+def scale_model_input(scheduler, latents: torch.Tensor, t) -> torch.Tensor:
+    """The scheduler's ``scale_model_input`` where it has one; flow-matching schedulers have none (their
+    model reads the latents as they are)."""
+    scale = getattr(scheduler, "scale_model_input", None)
+    return latents if scale is None else scale(latents, t)
+
+
 def _step_kwargs(scheduler, generator: torch.Generator | None, eta: float | None = None) -> dict:
     """Pass ``generator`` to ``scheduler.step`` only where it takes one (UniPC does not), and ``eta``
     (DDIM's share of fresh noise, as diffusers' pipelines pass it) where it takes that."""
@@ -273,7 +280,7 @@ def sample(
     for i, t in enumerate(scheduler.timesteps if timesteps is None else timesteps):
         if i < start:
             continue
-        model_input = scheduler.scale_model_input(latents, t)
+        model_input = scale_model_input(scheduler, latents, t)
         output = model(model_input, t, i)
         latents = scheduler.step(output, t, latents, return_dict=False, **extra)[0]
         if callback_on_step_end is not None:
@@ -413,12 +420,12 @@ def _banded_step(model: TiledModel, work, bands: list, i: int, t, extra: dict, d
         band = bands[k]
         if i > 0:
             work.load_band(k, i % 2, band, device)
-        band.scale_model_input(x, t)  # as the in-memory loop calls it before step (Euler checks it was)
+        scale_model_input(band, x, t)  # as the in-memory loop calls it before step (Euler checks it was)
         dst.write(top, band.step(output, t, x, return_dict=False, **extra)[0])
         work.save_band(k, (i + 1) % 2, band)
 
     def crop(chunk: list[Box]) -> torch.Tensor:
-        return src.crop(chunk, lambda rows: scaler.scale_model_input(rows.to(device), t))
+        return src.crop(chunk, lambda rows: scale_model_input(scaler, rows.to(device), t))
 
     for j, (chunk, out) in enumerate(zip(chunks, model._outputs(crop, batch, device, t, chunks))):
         if merger is None:
