@@ -50,19 +50,22 @@ def check_buckets(buckets, granularity: int) -> list[Bucket]:
 
 
 def model_granularity(vae, unet) -> int:
-    """Image px that keep every UNet level whole: VAE factor x UNet downsampling (64 px for SD)."""
+    """Image px that keep every level of the network whole: VAE factor x UNet downsampling (64 px for
+    SD), or x the transformer's patch (16 px for SD3 and FLUX)."""
+    from .core import nets
     from .core.vae import vae_scale_factor  # here, not at the top: the command line imports this module without torch
 
-    return vae_scale_factor(vae) * 2 ** (len(unet.config.block_out_channels) - 1)
+    return vae_scale_factor(vae) * nets.granularity(unet)
 
 
 def native_side(vae, unet) -> int:
     """Image px of the side the UNet was trained at: its ``sample_size`` (latent px) x the VAE factor
     (512 for SD 1.5). The buckets hold about its square; the trainer writes ``sample_size`` so that
-    inference picks the buckets training used."""
+    inference picks the buckets training used. A transformer: SD3's ``sample_size``, FLUX's 1024 px."""
+    from .core import nets
     from .core.vae import vae_scale_factor
 
-    return int(unet.config.sample_size) * vae_scale_factor(vae)
+    return nets.native_latent(unet) * vae_scale_factor(vae)
 
 
 def _positive_int(name: str, value: int) -> None:

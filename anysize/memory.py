@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import psutil
 
+from .core import nets as _nets  # memory's own `nets` are a phase's ControlNets
+
 if TYPE_CHECKING:
     import torch
 
@@ -142,6 +144,24 @@ def unet_activation_bytes(unet: Any, height: int, width: int, batch: int) -> int
                    for i, c in enumerate(config.block_out_channels))
     live = _UNET_LIVE_BASE + _UNET_LIVE_PER_LAYER * int(config.layers_per_block)
     return int(live * features * batch * _dtype_bytes(unet.dtype) + _largest_weight_bytes(unet))
+
+
+# Text tokens a transformer's joint attention carries beside the image's: FLUX's T5 window (512), SD3's
+# CLIP (77) and T5 (256) windows.
+_TEXT_TOKENS = {"flux": 512, "sd3": 333}
+# Live (tokens x hidden) tensors of one transformer block: the residual stream, the normed input, q, k, v,
+# the attention output and the MLP's 4x-wide hidden layer. An estimate from the block's structure, NOT
+# calibrated by a measured peak (unlike the UNet's); attention itself runs in fused kernels here.
+_TRANSFORMER_LIVE = 11
+
+
+def transformer_activation_bytes(net: Any, height: int, width: int, batch: int) -> int:
+    """Peak activation bytes of one SD3 / FLUX transformer call on ``batch`` latents of ``height x
+    width`` latent px, weights excluded (:data:`_TRANSFORMER_LIVE`, uncalibrated)."""
+    config, p = net.config, _nets.granularity(net)
+    tokens = math.ceil(height / p) * math.ceil(width / p) + _TEXT_TOKENS[_nets.kind(net)]
+    hidden = int(config.num_attention_heads) * int(config.attention_head_dim)
+    return int(_TRANSFORMER_LIVE * tokens * hidden * batch * _dtype_bytes(net.dtype) + _largest_weight_bytes(net))
 
 
 def controlnet_bytes(nets: list, height: int, width: int, batch: int) -> int:
@@ -331,17 +351,19 @@ def _band(width: int, height: int, rows: int | None = None) -> int:
     return min(rows, height) * width * _BAND_BYTES_PER_PX
 
 
-def sampler_state_bytes(lat_h: int, lat_w: int) -> int:
-    """Bytes of sampling state on a ``lat_h x lat_w`` latent held in memory (:data:`_STATE_FLOATS`)."""
-    return lat_h * lat_w * _STATE_FLOATS * 4
+def sampler_state_bytes(lat_h: int, lat_w: int, channels: int = 4) -> int:
+    """Bytes of sampling state on a ``lat_h x lat_w`` latent held in memory (:data:`_STATE_FLOATS`,
+    measured on 4-channel latents; SD3's and FLUX's 16 channels hold four times as much)."""
+    return lat_h * lat_w * _STATE_FLOATS * 4 * channels // 4
 
 
-def banded_sampling(lat_h: int, lat_w: int, latent_memory: int | None = None, tiling: str = "fstd") -> bool:
+def banded_sampling(lat_h: int, lat_w: int, latent_memory: int | None = None, tiling: str = "fstd",
+                    channels: int = 4) -> bool:
     """Whether sampling a ``lat_h x lat_w`` latent keeps its state on disk by bands (:mod:`anysize.core.bands`):
     when the in-memory state would exceed ``latent_memory`` bytes (None: :data:`LATENT_MEMORY`). An
     untiled sampler ("none") always works in memory."""
     limit = LATENT_MEMORY if latent_memory is None else latent_memory
-    return tiling != "none" and sampler_state_bytes(lat_h, lat_w) > limit
+    return tiling != "none" and sampler_state_bytes(lat_h, lat_w, channels) > limit
 
 
 def _sampling(unet: Any, lat_h: int, lat_w: int, tiling: str, tile: int, batch: int, cfg: bool,
@@ -353,7 +375,7 @@ def _sampling(unet: Any, lat_h: int, lat_w: int, tiling: str, tile: int, batch: 
     steering it (:func:`controlnet_bytes`)."""
     th, tw = (lat_h, lat_w) if tiling == "none" else (min(tile, lat_h), min(tile, lat_w))
     n = min(batch, tiles_per_step(tiling, lat_h, lat_w, tile))
-    state = sampler_state_bytes(lat_h, lat_w)
+    state = sampler_state_bytes(lat_h, lat_w, channels)
     detail = f"{n} tile{'s' if n > 1 else ''} of {th}x{tw} latent px per call" + (", CFG" if cfg else "")
     if regions:
         detail += f", {regions} region prompt{'s' if regions > 1 else ''} (one tile a call)"
@@ -364,8 +386,10 @@ def _sampling(unet: Any, lat_h: int, lat_w: int, tiling: str, tile: int, batch: 
         from .core.bands import band_rows
 
         rows = band_rows((1, channels, lat_h, lat_w), minimum=th)
-        state = sampler_state_bytes(min(lat_h, rows + 2 * th), lat_w)
+        state = sampler_state_bytes(min(lat_h, rows + 2 * th), lat_w, channels)
         detail += f", state on disk in bands of {rows} rows"
+    if _nets.is_transformer(unet):  # a transformer tile runs a call of its own (anysize.core.dit)
+        return _RUNTIME_BYTES + state + transformer_activation_bytes(unet, th, tw, 2 if cfg else 1), detail
     return (_RUNTIME_BYTES + state + unet_activation_bytes(unet, th, tw, calls)
             + controlnet_bytes(list(controlnets), th, tw, calls)), detail
 
@@ -395,7 +419,8 @@ def _stages(run: Any, batch: int, vae_tile: int) -> tuple[StagePeak, ...]:
         if kind == "base":
             lat_h, lat_w = phase.latent
             device, detail = _sampling(phase.unet, lat_h, lat_w, phase.tiling.method, phase.tiling.tile_size, batch,
-                                       phase.cfg, regions=regions, controlnets=nets)
+                                       phase.cfg, channels=phase.vae.config.latent_channels, regions=regions,
+                                       controlnets=nets)
             where = "panorama" if run.panorama else "bucket"
             stages.append(StagePeak(phase.name, "sample", f"{where} {w}x{h}: {detail}", device, control))
         elif kind in ("sr", "img2img"):

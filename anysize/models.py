@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .core import nets
 from .core.devices import default_device  # noqa: F401  (re-exported: models.default_device)
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
@@ -49,15 +50,22 @@ class ModelKind:
 
     is_upscaler: bool  # SD x4-upscaler layout: UNet in_channels = latent + 3, noise level as class label
     is_sdxl: bool  # two text encoders and added time ids
+    family: str = "sd"  # "sd" (1.x / 2.x), "sdxl", "sd-x4" (the upscaler), "sd3" or "flux"
+
+    @property
+    def is_transformer(self) -> bool:
+        """SD3 and FLUX: a diffusion transformer on a flow-matching schedule."""
+        return self.family in ("sd3", "flux")
 
 
 def model_kind(pipe) -> ModelKind:
-    unet = pipe.unet
+    net = nets.of(pipe)
+    if nets.is_transformer(net):
+        return ModelKind(is_upscaler=False, is_sdxl=False, family=nets.kind(net))
     latent = pipe.vae.config.latent_channels
-    return ModelKind(
-        is_upscaler=unet.config.in_channels == latent + 3 and hasattr(pipe, "low_res_scheduler"),
-        is_sdxl=getattr(pipe, "text_encoder_2", None) is not None,
-    )
+    upscaler = net.config.in_channels == latent + 3 and hasattr(pipe, "low_res_scheduler")
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    return ModelKind(is_upscaler=upscaler, is_sdxl=sdxl, family="sd-x4" if upscaler else "sdxl" if sdxl else "sd")
 
 
 def _first_line(exc: Exception) -> str:
@@ -177,8 +185,9 @@ def load_pipeline(source: str | os.PathLike, *, device: torch.device, dtype: tor
             "single-file checkpoint" if path.is_file() else "hub id (no network here?)")
         raise ModelLoadError(f"{role} {source}: could not load as a {tried}: {first}"
                              f"{_hint(exc, path, path.is_file())}") from exc
-    if getattr(pipe, "unet", None) is None or getattr(pipe, "vae", None) is None:
-        raise ModelLoadError(f"{role} {source}: needs a UNet and a VAE (got {type(pipe).__name__})")
+    if nets.of(pipe) is None or getattr(pipe, "vae", None) is None:
+        raise ModelLoadError(f"{role} {source}: needs a UNet or a diffusion transformer, and a VAE "
+                             f"(got {type(pipe).__name__})")
     if path.is_dir():
         restore_vae_scale(pipe.vae, path)
     pipe.set_progress_bar_config(disable=True)
@@ -304,6 +313,9 @@ def check_controlnet(net, base, index: int = 0) -> None:
     channels, text width, SDXL-ness and control-pixel factor must match the base model's."""
     from .core.vae import vae_scale_factor
 
+    if model_kind(base).is_transformer:
+        raise ModelLoadError(f"controlnet[{index}]: anysize steers SD 1.x / 2.x and SDXL UNets with ControlNets; "
+                             f"this base is {model_kind(base).family.upper()}")
     unet, config, name = base.unet.config, net.config, f"controlnet[{index}]"
     checks = (("latent channels", config.in_channels, unet.in_channels),
               ("text embedding width (cross_attention_dim)", config.cross_attention_dim, unet.cross_attention_dim),
@@ -363,6 +375,9 @@ def load_embedding(pipe, source, token: str | None = None, *, allow_pickle: bool
 
 
 # ---------------------------------------------------------------------- prompts
+TRANSFORMER_TEXT_WINDOW = {"flux": 512, "sd3": 256}  # diffusers' default max_sequence_length of each
+
+
 def prompt_problems(pipe, prompt: str, chunked: bool = False) -> list[str]:
     """What ``pipe``'s text encoder will not read of ``prompt``, one line each: tokens past its window
     (cut by diffusers' ``encode_prompt``, unless ``chunked``: read window by window), and words its
@@ -372,8 +387,13 @@ def prompt_problems(pipe, prompt: str, chunked: bool = False) -> list[str]:
     if tokenizer is None or not prompt:
         return []
     out = []
-    ids = tokenizer(prompt, truncation=False).input_ids
     limit = int(tokenizer.model_max_length)
+    family = model_kind(pipe).family
+    t5 = getattr(pipe, "tokenizer_3" if family == "sd3" else "tokenizer_2", None) if model_kind(pipe).is_transformer \
+        else None
+    if t5 is not None:  # the T5 encoder reads the prompt (diffusers' max_sequence_length); CLIP adds a summary
+        tokenizer, limit = t5, TRANSFORMER_TEXT_WINDOW[family]
+    ids = tokenizer(prompt, truncation=False).input_ids
     if len(ids) > limit and not chunked:
         kept = tokenizer.decode(ids[1 : limit - 1], skip_special_tokens=True)
         out.append(f"prompt: {len(ids)} tokens, but the text encoder reads {limit}; it sees only "

@@ -28,6 +28,7 @@ from . import infotext, memory, models, schedulers
 from . import plan as planning
 from .buckets import SDXL_BUCKETS, arad_buckets, check_buckets, model_granularity, native_side
 from .core import distributed
+from .core import nets as _nets  # `nets` is a ControlNet list here
 from .core.checkpoint import RunDir, generator_fingerprint
 from .core.sampler import UNetTileDenoiser
 from .core.tiling import TilingConfig
@@ -121,7 +122,7 @@ def _stage1_latents(latents, plan: RunPlan, count: int) -> list:
         raise ValueError("latents: are stage 1's starting noise; an upscale has no stage 1")
     if plan.request.run_dir is not None:
         raise ValueError("latents: a run directory cannot check given noise on resume; draw it from the generator")
-    shape = (base.unet.config.in_channels, *base.latent)
+    shape = (_nets.latent_channels(base.unet), *base.latent)
     if not (torch.is_tensor(latents) and latents.ndim == 4 and tuple(latents.shape[1:]) == shape
             and latents.shape[0] in (1, count)):
         got = tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
@@ -153,6 +154,8 @@ def _text_embeds(prompt, embeds: dict, base) -> dict | None:
         raise ValueError("prompt and prompt_embeds: pass one, as in diffusers")
     if base is None:
         raise ValueError("prompt_embeds: are the base model's; this pipeline has none")
+    if models.model_kind(base).is_transformer:
+        raise ValueError("prompt_embeds: anysize takes them for SD 1.x / 2.x and SDXL bases; give SD3 and FLUX a prompt")
     width, sdxl = base.unet.config.cross_attention_dim, models.model_kind(base).is_sdxl
     pos = given["prompt_embeds"]
     if not (torch.is_tensor(pos) and pos.ndim == 3 and pos.shape[2] == width):
@@ -217,9 +220,10 @@ class AnySizePipeline:
         self._guidance_scale = self._num_timesteps = None  # the running phase's, for diffusers' callbacks
         if base is not None:
             self.base_factor = vae_scale_factor(base.vae)
-            self.base_tile = int(base.unet.config.sample_size)
-            self.granularity = model_granularity(base.vae, base.unet)
-            side = native_side(base.vae, base.unet)
+            net = _nets.of(base)
+            self.base_tile = _nets.native_latent(net)
+            self.granularity = model_granularity(base.vae, net)
+            side = native_side(base.vae, net)
             if buckets is not None:
                 self.buckets = check_buckets(buckets, self.granularity)
             elif models.model_kind(base).is_sdxl and side == 1024 and self.granularity <= 64:
@@ -283,12 +287,12 @@ class AnySizePipeline:
         for role, model in (("pipe", pipe), ("upscaler", upscaler)):
             if model is None:
                 continue
-            missing = [n for n in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-                       if getattr(model, n, None) is None]
+            missing = [n for n in ("vae", "text_encoder", "tokenizer", "scheduler") if getattr(model, n, None) is None]
+            missing = (["unet or transformer"] if _nets.of(model) is None else []) + missing
             if missing or not callable(getattr(model, "encode_prompt", None)):
                 what = f"has no {', '.join(missing)}" if missing else "has no encode_prompt"
                 raise models.ModelLoadError(f"{role}: a {type(model).__name__} {what}; pass a diffusers Stable "
-                                            "Diffusion (1.x/2.x, SDXL) pipeline")
+                                            "Diffusion (1.x/2.x, SDXL, 3) or FLUX pipeline")
         own = getattr(pipe, "controlnet", None)
         if controlnet is None and own is not None:
             controlnet = list(getattr(own, "nets", [own]))  # MultiControlNetModel holds a list
@@ -391,11 +395,11 @@ class AnySizePipeline:
 
     @property
     def device(self) -> torch.device:
-        return (self.base if self.base is not None else self.upscaler).unet.device
+        return _nets.of(self.base if self.base is not None else self.upscaler).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return (self.base if self.base is not None else self.upscaler).unet.dtype
+        return _nets.of(self.base if self.base is not None else self.upscaler).dtype
 
     @property
     def stage2_factor(self) -> int:

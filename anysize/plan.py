@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .buckets import choose_base_size, stretch_factor, stretch_note
+from .core import nets
 from .core.tiling import TilingConfig
 from .request import TILE, Request
 from .schedulers import short_name
@@ -126,7 +127,8 @@ class Phase:
 
     @property
     def unet(self):
-        return self.model.unet
+        """The phase's denoising network: its model's UNet, or its transformer (SD3, FLUX)."""
+        return nets.of(self.model)
 
     @property
     def vae(self):
@@ -222,8 +224,7 @@ def _factor(vae) -> int:
 
 
 def _native(unet) -> int:
-    size = unet.config.sample_size
-    return int(size if isinstance(size, int) else max(size))
+    return nets.native_latent(unet)
 
 
 def _streams(output_path) -> bool:
@@ -258,10 +259,15 @@ def build(request: Request, *, base_model=None, upscaler=None, buckets=None, gra
     def sample(kind: str, name: str, size: Size, model, steps: int, guidance: float, untiled: bool = False) -> Phase:
         f = _factor(model.vae)
         lat = (size[1] // f, size[0] // f) if kind == "base" else (math.ceil(size[1] / f), math.ceil(size[0] / f))
-        tiling = dataclasses.replace(config, tile_size=config.tile_size or _native(model.unet))
+        net = nets.of(model)
+        if nets.is_transformer(net):  # whole patches (a bucket has them already); the decode crops to size
+            g = nets.granularity(net)
+            lat = (-(-lat[0] // g) * g, -(-lat[1] // g) * g)
+        tiling = dataclasses.replace(config, tile_size=config.tile_size or _native(net))
         if untiled:
             tiling = dataclasses.replace(tiling, method="none")
-        banded = kind != "base" and banded_sampling(lat[0], lat[1], limit, tiling.method)
+        banded = kind != "base" and banded_sampling(lat[0], lat[1], limit, tiling.method,
+                                                    model.vae.config.latent_channels)
         scheduler = chosen_schedulers.get("base" if kind == "base" else "upscale") or model.scheduler
         return Phase(kind, name, size, lat, tiling, banded, steps, guidance, model=model, scheduler=scheduler)
 

@@ -31,7 +31,9 @@ import torch
 from . import memory, models
 from .core import bands
 from .core.checkpoint import RunDir, RunInterrupted, sample_resumable
+from .core import nets
 from .core.control import TileControl
+from .core.dit import FluxTileDenoiser, SD3TileDenoiser
 from .core.progress import Progress
 from .core.regions import TileRegion
 from .core.sampler import UNetTileDenoiser, sample_banded
@@ -290,6 +292,10 @@ def denoiser(model, prompt: str | None, negative_prompt: str | None, guidance_sc
     ``encode_prompt`` takes instead of ``prompt`` as in diffusers. ``long_prompt="chunk"``: a prompt
     or negative prompt past the text encoder's window is read whole, window by window
     (:func:`chunked_embeds`); "cut": as diffusers, the window alone (with a PromptWarning)."""
+    kind = models.model_kind(model)
+    if kind.is_transformer:
+        return _transformer_denoiser(model, kind.family, prompt, negative_prompt, guidance_scale, latent, regions,
+                                     embeds, cross_attention_kwargs, **extra)
     do_cfg = guidance_scale > 1.0
     device = model.unet.device
     added = negative_added = ids = None
@@ -315,6 +321,64 @@ def denoiser(model, prompt: str | None, negative_prompt: str | None, guidance_sc
     return UNetTileDenoiser(model.unet, pos, negative_prompt_embeds=neg, guidance_scale=guidance_scale,
                             added_cond_kwargs=added, negative_added_cond_kwargs=negative_added,
                             regions=tile_regions, cross_attention_kwargs=cross_attention_kwargs, **extra)
+
+
+def _transformer_denoiser(model, family: str, prompt: str, negative_prompt: str | None, guidance_scale: float,
+                          latent: tuple[int, int] | None, regions, embeds, cross_attention_kwargs,
+                          controls=(), guidance_rescale: float = 0.0, **extra):
+    """An SD3 or FLUX tile denoiser (:mod:`anysize.core.dit`), its prompt through diffusers' own
+    ``encode_prompt``; each tile gets its global position. What anysize does only for UNets is refused
+    in one line."""
+    for what, used in (("regions", regions), ("control_image (ControlNet)", controls), ("prompt_embeds", embeds),
+                       ("guidance_rescale", guidance_rescale)):
+        if used:
+            raise ValueError(f"{what}: anysize supports it for SD 1.x / 2.x and SDXL; this base is {family.upper()}")
+    if extra:
+        raise ValueError(f"{', '.join(extra)}: not for a {family.upper()} base")
+    device = model.transformer.device
+    lora = (cross_attention_kwargs or {}).get("scale")
+    if family == "flux":
+        if negative_prompt:
+            raise ValueError("negative_prompt: FLUX.1 samples without an unconditional branch (its guidance is "
+                             "embedded: guidance_scale); leave the negative prompt out")
+        pos, pooled, _ = model.encode_prompt(prompt, prompt_2=None, device=device, num_images_per_prompt=1,
+                                             lora_scale=lora)
+        return FluxTileDenoiser(model.transformer, pos, pooled, guidance_scale=guidance_scale)
+    do_cfg = guidance_scale > 1.0
+    pos, neg, pooled, neg_pooled = model.encode_prompt(
+        prompt, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
+        do_classifier_free_guidance=do_cfg, negative_prompt=negative_prompt, lora_scale=lora)
+    return SD3TileDenoiser(model.transformer, pos, pooled, latent=latent, guidance_scale=guidance_scale,
+                           negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled)
+
+
+def set_timesteps(phase: Phase) -> None:
+    """The phase's schedule: ``steps`` of its scheduler; a FLUX model's as ``FluxPipeline`` sets it
+    (sigmas 1 .. 1/steps, shifted by ``mu`` of the phase's WHOLE latent's token count, never a tile's),
+    and an SD3 model's with ``mu`` where its scheduler shifts dynamically (SD 3.5)."""
+    scheduler, steps = phase.scheduler, phase.steps
+    family = models.model_kind(phase.model).family
+    config = scheduler.config
+    if family not in ("flux", "sd3") or not hasattr(scheduler, "scale_noise"):  # not a flow-matching schedule
+        scheduler.set_timesteps(steps)
+        return
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    g = nets.granularity(nets.of(phase.model))
+    tokens = (phase.latent[0] // g) * (phase.latent[1] // g)
+    mu = None
+    if config.get("use_dynamic_shifting"):
+        mu = calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                             config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+    sigmas = np.linspace(1.0, 1 / steps, steps) if family == "flux" else None
+    scheduler.set_timesteps(steps, sigmas=sigmas, mu=mu)
+
+
+def _add_noise(scheduler, latents: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    """``latents`` noised to ``timestep``: a flow-matching scheduler's ``scale_noise``, else ``add_noise``."""
+    if hasattr(scheduler, "scale_noise"):
+        return scheduler.scale_noise(latents, timestep, noise)
+    return scheduler.add_noise(latents, noise, timestep)
 
 
 def prompt_windows(tokenizer, text: str | None) -> list[str]:
@@ -453,12 +517,12 @@ def _sample(ctx: Context, phase: Phase, den, latents: torch.Tensor, stage: str, 
 
 def stage1(ctx: Context, phase: Phase, prompt: str) -> torch.Tensor:
     """Base model at the bucket (untiled), or at the request's ratio (panorama), tiled or not."""
-    model, scheduler = phase.model, phase.scheduler
-    scheduler.set_timesteps(phase.steps)
+    scheduler, net = phase.scheduler, phase.unet
+    set_timesteps(phase)
     den = _phase_denoiser(ctx, phase, prompt, scheduler.timesteps)
-    shape = (1, model.unet.config.in_channels, *phase.latent)
-    noise = ctx.noise(shape, model.unet.dtype) if ctx.latents is None else ctx.latents.to(ctx.device, model.unet.dtype)
-    latents = noise * scheduler.init_noise_sigma
+    shape = (1, nets.latent_channels(net), *phase.latent)
+    noise = ctx.noise(shape, net.dtype) if ctx.latents is None else ctx.latents.to(ctx.device, net.dtype)
+    latents = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching starts from the noise itself
     return _sample(ctx, phase, den, latents, "base")
 
 
@@ -511,11 +575,13 @@ def img2img_pass(ctx: Context, phase: Phase, image: PIL.Image.Image, prompt: str
     model, req = phase.model, ctx.plan.request
     f = vae_scale_factor(model.vae)
     lat_h, lat_w = phase.latent
-    dtype = model.unet.dtype
+    dtype = phase.unet.dtype
     pixels = _Resized(image, (lat_w * f, lat_h * f))
-    init = tiled_encode(model.vae, pixels, mode="fast").to(ctx.device, dtype) * model.vae.config.scaling_factor
+    init = tiled_encode(model.vae, pixels, mode="fast").to(ctx.device, dtype)
+    shift = getattr(model.vae.config, "shift_factor", None)  # SD3's and FLUX's VAEs centre their latents
+    init = (init - shift if shift else init) * model.vae.config.scaling_factor
     scheduler, steps = phase.scheduler, phase.steps
-    scheduler.set_timesteps(steps)
+    set_timesteps(phase)
     start = min(steps - 1, int(round(steps * (1 - req.strength))))
     timesteps = scheduler.timesteps[start * scheduler.order :]
     if hasattr(scheduler, "set_begin_index"):
@@ -528,12 +594,12 @@ def img2img_pass(ctx: Context, phase: Phase, image: PIL.Image.Image, prompt: str
         def noisy_rows(b: int, c: int, top: int, bottom: int) -> torch.Tensor:
             rows = init[b : b + 1, c : c + 1, top:bottom]
             fresh = noise.take(rows.numel()).view_as(rows).to(ctx.device, dtype)
-            return scheduler.add_noise(rows, fresh, first)[0, 0]
+            return _add_noise(scheduler, rows, fresh, first)[0, 0]
 
         bands.fill_planes(work.init, noisy_rows)
         del init
         return _sample_banded(ctx, phase, den, work, timesteps)
-    noisy = scheduler.add_noise(init, ctx.noise(init.shape, dtype), timesteps[:1])
+    noisy = _add_noise(scheduler, init, ctx.noise(init.shape, dtype), timesteps[:1])
     return _sample(ctx, phase, den, noisy, "upscale", timesteps=timesteps)
 
 

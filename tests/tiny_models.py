@@ -126,3 +126,69 @@ def make_controlnet(unet, seed: int = 3):
         for p in list(net.controlnet_down_blocks.parameters()) + list(net.controlnet_mid_block.parameters()):
             p.normal_(0, 0.05)
     return net
+
+
+def _t5(vocab_size: int, width: int):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=width, d_kv=8, d_ff=37, num_layers=1,
+                                   num_heads=2, decoder_start_token_id=0, pad_token_id=1)).eval()
+
+
+def _vae16(scaling_factor: float, shift_factor: float):
+    """A tiny 16-channel VAE with a shift factor, as SD3's and FLUX's (factor 2 here)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=(16, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4, latent_channels=16,
+        sample_size=64, scaling_factor=scaling_factor, shift_factor=shift_factor, use_quant_conv=False,
+        use_post_quant_conv=False,
+    ).eval()
+
+
+def make_flux(directory: Path) -> Path:
+    """Save a tiny FluxPipeline (FLUX.1-dev's layout: guidance embedding, dynamic shift; CLIP and a T5
+    encoder, both over the tiny character tokenizer) to ``directory``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    tok = make_tokenizer(directory / "_tok")
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=EMBED,
+                                         pooled_projection_dim=EMBED, guidance_embeds=True,
+                                         axes_dims_rope=(4, 6, 6)).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096, shift=3.0)
+    pipe = FluxPipeline(scheduler=scheduler, vae=_vae16(0.3611, 0.1159), text_encoder=make_text_encoder(len(tok)),
+                        tokenizer=tok, text_encoder_2=_t5(len(tok), EMBED), tokenizer_2=tok, transformer=transformer)
+    pipe.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def make_sd3(directory: Path) -> Path:
+    """Save a tiny StableDiffusion3Pipeline (two CLIP encoders with projections and a T5) to ``directory``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    tok = make_tokenizer(directory / "_tok")
+
+    def clip(seed):
+        torch.manual_seed(seed)
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=EMBED, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+            max_position_embeddings=16, projection_dim=EMBED, bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=16, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=2 * EMBED,
+                                        caption_projection_dim=16, pooled_projection_dim=2 * EMBED, out_channels=16,
+                                        pos_embed_max_size=48).eval()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae16(1.5305, 0.0609), text_encoder=clip(1), tokenizer=tok, text_encoder_2=clip(2), tokenizer_2=tok,
+        text_encoder_3=_t5(len(tok), 2 * EMBED), tokenizer_3=tok)
+    pipe.save_pretrained(directory, safe_serialization=True)
+    return directory

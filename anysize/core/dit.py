@@ -52,6 +52,19 @@ def _rows(value: torch.Tensor | None, n: int) -> torch.Tensor | None:
     return value.expand(n, *value.shape[1:])
 
 
+class _Callbacks:
+    """What a ``callback_on_step_end`` may read and change of a transformer tile denoiser: its guidance
+    scale (``pipe._guidance_scale``), for the steps left; its embeddings are not exposed (no tensors)."""
+
+    def callback_tensors(self, names) -> dict[str, torch.Tensor]:
+        return {}
+
+    def update_from_callback(self, guidance_scale: float, tensors: dict[str, torch.Tensor]) -> None:
+        self.guidance_scale = guidance_scale
+        if hasattr(self, "do_cfg"):
+            self.do_cfg = guidance_scale > 1.0 and self.negative_prompt_embeds is not None
+
+
 # ---------------------------------------------------------------------- FLUX
 def pack(x: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) latents -> (B, h/2 * w/2, 4C) FLUX tokens (2x2 patches), as diffusers' FluxPipeline."""
@@ -76,7 +89,7 @@ def flux_image_ids(h: int, w: int, top: float = 0.0, left: float = 0.0, *, devic
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
-class FluxTileDenoiser:
+class FluxTileDenoiser(_Callbacks):
     """Tile-level denoiser over a diffusers ``FluxTransformer2DModel`` (16-channel latents, 2x2 patches).
 
     ``prompt_embeds`` (B or 1, L, D) and ``pooled_prompt_embeds`` (B or 1, P): the T5 and CLIP
@@ -138,7 +151,7 @@ class FluxTileDenoiser:
 
 
 # ---------------------------------------------------------------------- SD3
-class SD3TileDenoiser:
+class SD3TileDenoiser(_Callbacks):
     """Tile-level denoiser over a diffusers ``SD3Transformer2DModel`` (SD 3.0 / 3.5), with CFG.
 
     ``prompt_embeds`` (B or 1, L, D) / ``pooled_prompt_embeds`` (B or 1, P) and their negatives: as

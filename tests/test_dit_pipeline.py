@@ -1,0 +1,129 @@
+"""SD3 and FLUX through both stages (tiny random-weight pipelines saved in diffusers layout, offline): stage 1
+is diffusers' own pipeline bit for bit, the output has exactly the asked size at odd sizes, tiled img2img
+passes do not depend on the tile batch, a run directory resumes to the same image, and what anysize does
+only for UNets is refused in one line."""
+
+import numpy as np
+import pytest
+import tiny_models
+import torch
+from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+from anysize import AnySizePipeline, cli
+from anysize.core.dit import unpack
+from anysize.io.output import read_metadata
+
+SMALL = [(64, 64), (96, 48), (48, 96)]  # stage 1's buckets in these tests: small, so stage 2 has passes
+KW = dict(num_inference_steps=2, upscale_inference_steps=2, guidance_scale=3.5)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dit")
+    return {"flux": tiny_models.make_flux(root / "flux"), "sd3": tiny_models.make_sd3(root / "sd3")}
+
+
+@pytest.fixture(scope="module", params=["flux", "sd3"])
+def arch(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def pipe(dirs, arch):
+    p = AnySizePipeline.from_pretrained(dirs[arch], device="cpu", buckets=SMALL)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def negative(arch):
+    return {} if arch == "flux" else {"negative_prompt": "dark"}
+
+
+def test_loading_names_the_family_and_its_geometry(pipe, arch):
+    assert pipe.granularity == 4  # VAE factor 2 x 2 (FLUX's packing, SD3's patch)
+    assert pipe.upscaler is None and pipe.model_ids["upscaler"] == "base (img2img)"
+    assert pipe.base_tile == {"flux": 128, "sd3": 32}[arch]
+    default = AnySizePipeline(pipe.base)
+    assert default.buckets[len(default.buckets) // 2] == {"flux": (256, 256), "sd3": (64, 64)}[arch]
+
+
+def test_stage_1_is_diffusers_own_pipeline(pipe, arch):
+    """At a bucket (no stage-2 pass) stage 1 is untiled: bit for bit diffusers' FluxPipeline /
+    StableDiffusion3Pipeline on the same components, prompt, generator and steps (FLUX: its guidance
+    embedding and the shift of the whole latent's token count)."""
+    w, h = 96, 48
+    ours = pipe("a red cat", height=h, width=w, generator=gen(3), output_type="latent", num_inference_steps=3,
+                guidance_scale=4.0, **negative(arch)).images[0]
+    base = pipe.base
+    cls = FluxPipeline if arch == "flux" else StableDiffusion3Pipeline
+    ref = cls(**base.components)
+    ref.set_progress_bar_config(disable=True)
+    theirs = ref("a red cat", height=h, width=w, generator=gen(3), output_type="latent", num_inference_steps=3,
+                 guidance_scale=4.0, **negative(arch)).images
+    if arch == "flux":
+        theirs = unpack(theirs, h // 2, w // 2)
+    assert ours.shape == theirs.shape and torch.equal(ours, theirs)
+
+
+def test_exact_size_at_odd_sizes_through_both_stages(pipe):
+    for w, h in ((203, 117), (117, 203), (250, 61)):
+        out = pipe("a red cat on grass", height=h, width=w, generator=gen(1), tile_size=16, **KW)
+        assert out.images[0].size == (w, h)
+        assert out.info[0]["passes"], "an img2img pass with the same model"
+        assert np.asarray(out.images[0]).std() > 0
+
+
+def test_tiled_passes_are_bit_identical_whatever_the_tile_batch(pipe, arch):
+    images = [np.asarray(pipe("a red cat", height=150, width=230, generator=gen(2), tile_size=16,
+                              tile_batch_size=b, **KW, **negative(arch)).images[0]) for b in (1, 3, 16)]
+    assert np.array_equal(images[0], images[1]) and np.array_equal(images[0], images[2])
+
+
+def test_a_run_directory_resumes_to_the_same_image(pipe, tmp_path):
+    kw = {**KW, "upscale_inference_steps": 4, "strength": 0.5}  # two stage-2 steps: the crash is after the first
+    expected = np.asarray(pipe("a red cat", height=150, width=230, generator=gen(4), tile_size=16, **kw).images[0])
+
+    def crash(p, i, t, kw):
+        if kw["stage"] == "upscale" and i == 1:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated"):
+        pipe("a red cat", height=150, width=230, generator=gen(4), tile_size=16, run_dir=tmp_path / "run",
+             callback_on_step_end=crash, **kw)
+    assert (tmp_path / "run" / "phase1.step.safetensors").is_file()
+    resumed = pipe("a red cat", height=150, width=230, generator=gen(4), tile_size=16, run_dir=tmp_path / "run", **kw)
+    assert np.array_equal(np.asarray(resumed.images[0]), expected)
+
+
+@pytest.mark.parametrize("call, words", [
+    (dict(regions=[((0, 0, 0.5, 1), "a dog")]), "regions: anysize supports it for SD 1.x / 2.x and SDXL"),
+    (dict(guidance_rescale=0.5), "guidance_rescale: anysize supports it"),
+    (dict(prompt_embeds=torch.zeros(1, 4, 32), prompt=None), "prompt_embeds: anysize takes them for SD"),
+])
+def test_unet_only_features_are_refused_in_one_line(pipe, call, words):
+    kwargs = {"prompt": "a red cat", **call}
+    with pytest.raises(ValueError) as caught:
+        pipe(height=48, width=96, num_inference_steps=1, **kwargs)
+    assert words in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_flux_refuses_a_negative_prompt(dirs):
+    p = AnySizePipeline.from_pretrained(dirs["flux"], device="cpu", buckets=SMALL)
+    with pytest.raises(ValueError, match="negative_prompt: FLUX.1 samples without an unconditional branch"):
+        p("a red cat", height=48, width=96, num_inference_steps=1, negative_prompt="dark")
+
+
+def test_cli_generates_with_a_transformer_base(dirs, arch, tmp_path, capsys):
+    out = tmp_path / "dit.png"
+    code = cli.main(["generate", "a red cat on grass", "--size", "203x117", "-o", str(out), "--base", str(dirs[arch]),
+                     "--buckets", "96x48,64x64,48x96", "--steps", "2", "--upscale-steps", "2", "--seed", "5",
+                     "--guidance", "3.5", "--tile-size", "16", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "stage 2: 2 passes" in err or "stage 2: 1 pass" in err, err
+    meta = read_metadata(out)
+    assert meta["width"] == 203 and meta["height"] == 117 and "Pipeline" in meta["base"]
