@@ -375,6 +375,8 @@ def _sampling(unet: Any, lat_h: int, lat_w: int, tiling: str, tile: int, batch: 
     steering it (:func:`controlnet_bytes`)."""
     th, tw = (lat_h, lat_w) if tiling == "none" else (min(tile, lat_h), min(tile, lat_w))
     n = min(batch, tiles_per_step(tiling, lat_h, lat_w, tile))
+    if _nets.is_transformer(unet):
+        n = 1  # a transformer tile runs a call of its own (its positions are its own: anysize.core.dit)
     state = sampler_state_bytes(lat_h, lat_w, channels)
     detail = f"{n} tile{'s' if n > 1 else ''} of {th}x{tw} latent px per call" + (", CFG" if cfg else "")
     if regions:
@@ -388,8 +390,8 @@ def _sampling(unet: Any, lat_h: int, lat_w: int, tiling: str, tile: int, batch: 
         rows = band_rows((1, channels, lat_h, lat_w), minimum=th)
         state = sampler_state_bytes(min(lat_h, rows + 2 * th), lat_w, channels)
         detail += f", state on disk in bands of {rows} rows"
-    if _nets.is_transformer(unet):  # a transformer tile runs a call of its own (anysize.core.dit)
-        return _RUNTIME_BYTES + state + transformer_activation_bytes(unet, th, tw, 2 if cfg else 1), detail
+    if _nets.is_transformer(unet):
+        return _RUNTIME_BYTES + state + transformer_activation_bytes(unet, th, tw, calls), detail
     return (_RUNTIME_BYTES + state + unet_activation_bytes(unet, th, tw, calls)
             + controlnet_bytes(list(controlnets), th, tw, calls)), detail
 

@@ -123,7 +123,9 @@ class Phase:
 
     @property
     def cfg(self) -> bool:
-        return self.guidance_scale > 1.0
+        """Classifier-free guidance (an unconditional pass beside each conditional one): guidance above
+        1, except for FLUX, whose guidance scale is an input of its one pass."""
+        return self.guidance_scale > 1.0 and nets.kind(self.unet) != "flux"
 
     @property
     def unet(self):

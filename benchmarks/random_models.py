@@ -7,6 +7,8 @@ encoder sizes), the tokenizer is anysize's word-level one padded to CLIP's 77 to
 
     python benchmarks/random_models.py sd15 /tmp/models     # -> /tmp/models/sd15, /tmp/models/x4
     python benchmarks/random_models.py sdxl /tmp/models     # -> /tmp/models/sdxl
+    python benchmarks/random_models.py flux /tmp/models     # -> /tmp/models/flux (FLUX.1-dev's sizes)
+    python benchmarks/random_models.py sd3 /tmp/models      # -> /tmp/models/sd3 (SD3 medium's sizes)
 """
 
 from __future__ import annotations
@@ -41,6 +43,44 @@ CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num
 OPENCLIP_H = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16)
 OPENCLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
                      projection_dim=1280)
+
+
+# FLUX.1-dev (black-forest-labs/FLUX.1-dev): 19 double-stream and 38 single-stream blocks, 3072 wide,
+# the guidance embedding; its VAE: 16 latent channels, factor 8, a shift factor and no quant convs.
+FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                        guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+# SD3 medium (stabilityai/stable-diffusion-3-medium-diffusers): 24 joint blocks, 1536 wide, 192-patch table.
+SD3_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                       num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                       pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)
+VAE16 = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+             up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=16, norm_num_groups=32,
+             use_quant_conv=False, use_post_quant_conv=False)
+VAE16_SCALES = {"flux": dict(scaling_factor=0.3611, shift_factor=0.1159),
+                "sd3": dict(scaling_factor=1.5305, shift_factor=0.0609)}
+T5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu")
+FLUX_SCHEDULER = dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                      max_image_seq_len=4096, shift=3.0)
+
+
+def transformer(arch: str):
+    """The random-weight transformer of ``arch`` ("flux" or "sd3"), with its published sizes."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    return FluxTransformer2DModel(**FLUX_TRANSFORMER) if arch == "flux" else SD3Transformer2DModel(**SD3_TRANSFORMER)
+
+
+def vae16(arch: str):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**VAE16, **VAE16_SCALES[arch])
+
+
+def _t5(vocab: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=vocab, decoder_start_token_id=0, **T5_XXL))
 
 
 def _tokenizer(directory: Path):
@@ -98,8 +138,24 @@ def _build(arch: str, out: Path, dtype: torch.dtype) -> list[Path]:
             text_encoder=_text_encoder(CLIP_L, len(tok)), text_encoder_2=_text_encoder(OPENCLIP_BIGG, len(tok), True),
             tokenizer=tok, tokenizer_2=tok, scheduler=DPMSolverMultistepScheduler(**sd_sched))
         made.append(_save(pipe, out / "sdxl", dtype))
+    elif arch == "flux":
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+        pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae16("flux"),
+                            text_encoder=_text_encoder(CLIP_L, len(tok)), tokenizer=tok, text_encoder_2=_t5(len(tok)),
+                            tokenizer_2=tok, transformer=transformer("flux"))
+        made.append(_save(pipe, out / "flux", dtype))
+    elif arch == "sd3":
+        from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+        pipe = StableDiffusion3Pipeline(
+            transformer=transformer("sd3"), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae16("sd3"),
+            text_encoder=_text_encoder({**CLIP_L, "projection_dim": 768}, len(tok), True), tokenizer=tok,
+            text_encoder_2=_text_encoder(OPENCLIP_BIGG, len(tok), True), tokenizer_2=tok,
+            text_encoder_3=_t5(len(tok)), tokenizer_3=tok)
+        made.append(_save(pipe, out / "sd3", dtype))
     else:
-        raise ValueError(f"arch={arch!r}: sd15 or sdxl")
+        raise ValueError(f"arch={arch!r}: sd15, sdxl, flux or sd3")
     return made
 
 
@@ -111,7 +167,7 @@ def _save(pipe, directory: Path, dtype: torch.dtype) -> Path:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("arch", choices=("sd15", "sdxl"))
+    p.add_argument("arch", choices=("sd15", "sdxl", "flux", "sd3"))
     p.add_argument("out", type=Path)
     args = p.parse_args()
     for d in build(args.arch, args.out):

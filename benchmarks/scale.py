@@ -135,8 +135,9 @@ def main() -> None:
     parser.add_argument("--prompt", default="two large red circles and a small blue triangle on grass")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "scale.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "scale.png")
-    parser.add_argument("--arch", choices=("default", "sd15", "sdxl"), default="default",
-                        help="the embedded default model, or random-weight SD 1.5 (+ x4 upscaler) / SDXL models")
+    parser.add_argument("--arch", choices=("default", "sd15", "sdxl", "flux", "sd3"), default="default",
+                        help="the embedded default model, or random-weight SD 1.5 (+ x4 upscaler) / SDXL / FLUX.1-dev / "
+                             "SD3 medium models (the transformers upscale img2img)")
     parser.add_argument("--timeout", type=float, default=None, help="kill a size still running after this many s")
     parser.add_argument("--plot-from", type=Path, nargs="+", default=None, metavar="JSON",
                         help="run nothing: draw --plot from earlier --json files, one series each")

@@ -6,6 +6,11 @@ JSON line. Weights are random: honest for speed and memory, says nothing about i
 
     .venv/bin/python benchmarks/tiling.py                      # CPU, tiny UNet, 4096^2 px canvas
     .venv/bin/python benchmarks/tiling.py --unet sd15 --device cuda --dtype float16   # on a GPU
+    .venv/bin/python benchmarks/tiling.py --arch flux --size 4096 --device cuda --dtype bfloat16 --guidance 3.5
+
+``--arch flux|sd3`` (FLUX.1-dev's / SD3 medium's published transformer sizes, random weights) samples a
+16-channel latent on a flow-matching schedule with anysize.core.dit's tile denoisers, each tile at its
+global position; MultiDiffusion (a UNet pipeline) is left out for them.
 """
 
 from __future__ import annotations
@@ -47,6 +52,68 @@ UNETS = {
         addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
     ),
 }
+
+
+TRANSFORMERS = ("flux", "sd3")
+TEXT_TOKENS = {"flux": 512, "sd3": 333}  # T5's window (FLUX), CLIP's 77 + T5's 256 (SD3)
+
+
+def build_transformer(args):
+    """A random-weight FLUX.1-dev / SD3 medium transformer, prompt embeddings of their widths, and the
+    flow-matching scheduler (FLUX's shifted by the whole latent's token count)."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from random_models import FLUX_SCHEDULER, transformer
+
+    torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    with torch.device(args.device):
+        net = transformer(args.unet).to(dtype).eval()
+    g = torch.Generator().manual_seed(0)
+    width, pooled = net.config.joint_attention_dim, net.config.pooled_projection_dim
+    text = [torch.randn(1, TEXT_TOKENS[args.unet], width, generator=g).to(args.device, dtype) for _ in range(2)]
+    pools = [torch.randn(1, pooled, generator=g).to(args.device, dtype) for _ in range(2)]
+    lat = args.size // args.vae_factor
+    if args.unet == "flux":
+        scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
+        sigmas = np.linspace(1.0, 1 / args.steps, args.steps)
+        scheduler.set_timesteps(args.steps, sigmas=sigmas, mu=calculate_shift((lat // 2) ** 2))
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        scheduler.set_timesteps(args.steps)
+    return net, scheduler, text, pools
+
+
+def run_transformer(args):
+    from anysize.core.dit import FluxTileDenoiser, SD3TileDenoiser
+    from anysize.core.sampler import TiledModel, sample
+    from anysize.core.tiling import TilingConfig
+
+    net, scheduler, (pos, neg), (pooled, neg_pooled) = build_transformer(args)
+    lat = args.size // args.vae_factor
+    if args.unet == "flux":
+        den = FluxTileDenoiser(net, pos, pooled, guidance_scale=args.guidance)
+    else:
+        den = SD3TileDenoiser(net, pos, pooled, latent=(lat, lat), guidance_scale=args.guidance,
+                              negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled)
+    method = args.method
+    cfg = TilingConfig(method="fstd" if method.startswith("fstd") else method, tile_size=den.native_tile_size,
+                       shift=SHIFTS.get(method, "auto"), tile_batch_size=args.tile_batch,
+                       edges="clamp" if method.startswith("fstd-clamp") else "cut")
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 16, lat, lat, generator=g).to(args.device, net.dtype)
+    model = TiledModel(den, cfg, height=lat, width=lat, num_steps=args.steps, generator=g)
+    tile = min(cfg.tile_size, lat)
+    with torch.no_grad():
+        den(latents[..., :tile, :tile], scheduler.timesteps[0], [(0, 0, tile, tile)])  # warm-up
+        sync(args.device)
+        start = time.perf_counter()
+        sample(model, latents, scheduler, generator=g)
+        sync(args.device)
+    return time.perf_counter() - start, model.total_evaluations / args.steps, cfg.tile_size
 
 
 def build(args):
@@ -125,9 +192,12 @@ def run_multidiffusion(args, unet, scheduler, pos, neg):
 
 
 def child(args):
-    unet, scheduler, pos, neg = build(args)
-    fn = run_multidiffusion if args.method == "multidiffusion" else run_ours
-    seconds, evals, tile = fn(args, unet, scheduler, pos, neg)
+    if args.unet in TRANSFORMERS:
+        seconds, evals, tile = run_transformer(args)
+    else:
+        unet, scheduler, pos, neg = build(args)
+        fn = run_multidiffusion if args.method == "multidiffusion" else run_ours
+        seconds, evals, tile = fn(args, unet, scheduler, pos, neg)
     lat_side = args.size // args.vae_factor
     peak = (torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -143,7 +213,8 @@ def main():
     p.add_argument("--size", type=int, default=4096, help="canvas side in image pixels")
     p.add_argument("--vae-factor", type=int, default=8)
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--unet", choices=UNETS, default="tiny")
+    p.add_argument("--unet", "--arch", dest="unet", choices=(*UNETS, *TRANSFORMERS), default="tiny",
+                   help="the denoiser: a UNet config, or FLUX.1-dev's / SD3 medium's transformer (random weights)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--guidance", type=float, default=7.5)
@@ -153,7 +224,7 @@ def main():
     args = p.parse_args()
     if args.method:
         return child(args)
-    if args.unet == "sdxl":
+    if args.unet in ("sdxl", *TRANSFORMERS):
         args.methods = ",".join(m for m in args.methods.split(",") if m != "multidiffusion")  # SD 1.x pipeline only
     rows = []
     for m in args.methods.split(","):
@@ -169,8 +240,10 @@ def main():
 def report(args, rows):
     base = next((r for r in rows if r["method"] == "fstd"), rows[0])
     lat = args.size // args.vae_factor
-    print(f"\n{args.unet} UNet, {args.dtype} on {args.device}, {args.size}^2 px canvas ({lat}^2 latent), "
-          f"DDIM {args.steps} steps, CFG {args.guidance}, tile batch {args.tile_batch}")
+    what = f"{args.unet} transformer" if args.unet in TRANSFORMERS else f"{args.unet} UNet"
+    schedule = "flow matching" if args.unet in TRANSFORMERS else "DDIM"
+    print(f"\n{what}, {args.dtype} on {args.device}, {args.size}^2 px canvas ({lat}^2 latent), "
+          f"{schedule} {args.steps} steps, guidance {args.guidance}, tile batch {args.tile_batch}")
     print("| method | tiles/step | evaluated area / latent | s/step | x fstd time | peak MB |")
     print("|---|---|---|---|---|---|")
     for r in rows:
