@@ -299,6 +299,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     models.add_argument("--variant", default=None, metavar="NAME",
                         help="the weights' variant, e.g. fp16 for a directory of *.fp16.safetensors")
     models.add_argument("--img2img", action="store_true", help="upscale img2img-style with the base model")
+    models.add_argument("--no-t5", dest="without_t5", action="store_true",
+                        help="an SD3 --base without its T5 text encoder (4.7B parameters): its CLIP encoders alone "
+                             "read the prompt")
     models.add_argument("--lora", type=_lora, action="append", default=None, metavar="PATH[:SCALE]",
                         help="a LoRA of the base model (.safetensors, kohya/A1111 or diffusers format) and its "
                              "scale (default 1); repeatable")
@@ -718,7 +721,8 @@ def _load(args: argparse.Namespace):
                                                allow_pickle=args.allow_pickle, img2img=args.img2img,
                                                controlnet=args.controlnet, scheduler=args.scheduler,
                                                upscale_scheduler=args.upscale_scheduler, buckets=args.buckets,
-                                               config=args.config, variant=args.variant)
+                                               config=args.config, variant=args.variant,
+                                               without_t5=args.without_t5)
         if args.lora:
             pipe.load_loras(args.lora, allow_pickle=args.allow_pickle)
         if args.embedding:

@@ -116,6 +116,16 @@ def _no_safety_checker(path: Path) -> dict:
     return {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
 
 
+def _without_t5(path: Path, role: str) -> dict:
+    """The from_pretrained keywords that leave an SD3 directory's T5 encoder unloaded; a one-line error
+    for any other model (FLUX reads the prompt through T5 alone)."""
+    index = json.loads((path / "model_index.json").read_text())
+    if "text_encoder_3" not in index:
+        raise ModelLoadError(f"{role} {path}: without_t5 (--no-t5) is for SD3, whose two CLIP encoders can read "
+                             f"the prompt alone; this is a {index.get('_class_name', 'pipeline')}")
+    return {"text_encoder_3": None, "tokenizer_3": None}
+
+
 def _single_file_class(path: Path, role: str):
     """The diffusers class a single-file checkpoint loads as: the x4 upscaler for the upscaler role,
     SDXL when the file has SDXL's second text encoder (``conditioner.embedders.1``), else SD 1.x/2.x."""
@@ -145,10 +155,13 @@ def _hint(exc: Exception, path: Path, single_file: bool) -> str:
 
 
 def load_pipeline(source: str | os.PathLike, *, device: torch.device, dtype: torch.dtype,
-                  allow_pickle: bool = False, role: str = "model", config=None, variant: str | None = None):
+                  allow_pickle: bool = False, role: str = "model", config=None, variant: str | None = None,
+                  without_t5: bool = False):
     """A diffusers pipeline from a directory, a single ``.safetensors`` file (SD 1.x/2.x, SDXL, the x4
     upscaler; ``config``: a diffusers directory of the same family, which diffusers needs offline), or
-    a hub id; ``variant``: the weights' variant (``"fp16"`` for ``*.fp16.safetensors``).
+    a hub id; ``variant``: the weights' variant (``"fp16"`` for ``*.fp16.safetensors``);
+    ``without_t5``: an SD3 directory without its T5 encoder (4.7B parameters; diffusers then encodes
+    the prompt with the two CLIP encoders alone).
 
     Raises :class:`ModelLoadError` with one line naming the source and what was tried.
     """
@@ -157,16 +170,19 @@ def load_pipeline(source: str | os.PathLike, *, device: torch.device, dtype: tor
 
     path = Path(source).expanduser()
     dlogging.set_verbosity_error()
+    if without_t5 and not path.is_dir():
+        raise ModelLoadError(f"{role} {source}: without_t5 (--no-t5) needs an SD3 diffusers directory")
     try:
         if path.is_dir():
             if not (path / "model_index.json").is_file():
                 raise ModelLoadError(f"{role} {path}: directory has no model_index.json (not a diffusers model)")
             _check_weights(path, role, allow_pickle)
+            drop = _without_t5(path, role) if without_t5 else {}
             with warnings.catch_warnings():  # the x4 class's scaling_factor reset, undone below
                 warnings.filterwarnings("ignore", message=".*scaling_factor.*", category=FutureWarning)
                 pipe = DiffusionPipeline.from_pretrained(
                     path, dtype=dtype, use_safetensors=not allow_pickle or None, local_files_only=True,
-                    variant=variant, **_no_safety_checker(path))
+                    variant=variant, **_no_safety_checker(path), **drop)
         elif path.is_file():
             _check_weights(path, role, allow_pickle)
             extra = {"config": str(Path(config).expanduser())} if config is not None else {}
@@ -282,6 +298,8 @@ def load_controlnet(source, *, device: torch.device, dtype: torch.dtype, allow_p
         return source.to(device, dtype).eval()
     path = Path(source).expanduser()
     dlogging.set_verbosity_error()
+    if without_t5 and not path.is_dir():
+        raise ModelLoadError(f"{role} {source}: without_t5 (--no-t5) needs an SD3 diffusers directory")
     try:
         if path.is_dir():
             config = path / "config.json"
@@ -388,9 +406,9 @@ def prompt_problems(pipe, prompt: str, chunked: bool = False) -> list[str]:
         return []
     out = []
     limit = int(tokenizer.model_max_length)
-    family = model_kind(pipe).family
-    t5 = getattr(pipe, "tokenizer_3" if family == "sd3" else "tokenizer_2", None) if model_kind(pipe).is_transformer \
-        else None
+    net = nets.of(pipe)
+    family = nets.kind(net) if net is not None else "unet"
+    t5 = getattr(pipe, "tokenizer_3" if family == "sd3" else "tokenizer_2", None) if family != "unet" else None
     if t5 is not None:  # the T5 encoder reads the prompt (diffusers' max_sequence_length); CLIP adds a summary
         tokenizer, limit = t5, TRANSFORMER_TEXT_WINDOW[family]
     ids = tokenizer(prompt, truncation=False).input_ids

@@ -242,7 +242,8 @@ class AnySizePipeline:
     @classmethod
     def from_pretrained(cls, base=None, upscaler=None, *, controlnet=None, scheduler=None, upscale_scheduler=None,
                         buckets=None, device=None, dtype=None, allow_pickle: bool = False,
-                        img2img: bool = False, config=None, variant: str | None = None) -> AnySizePipeline:
+                        img2img: bool = False, config=None, variant: str | None = None,
+                        without_t5: bool = False) -> AnySizePipeline:
         """Load ``base`` and ``upscaler`` (diffusers directories, ``.safetensors`` files or hub ids);
         with neither, the embedded default model. ``img2img=True`` with no upscaler upscales with the
         base model; an upscaler alone serves :meth:`upscale` only. ``controlnet``: one ControlNet of the
@@ -252,7 +253,7 @@ class AnySizePipeline:
         class). ``dtype``: "auto" (float16 on GPUs, float32 on the CPU), "float32", "float16",
         "bfloat16". ``config``: for a single-file ``base``, a diffusers directory of its family
         (diffusers needs the original config, offline from disk); ``variant``: e.g. "fp16" for a
-        directory of ``*.fp16.safetensors``."""
+        directory of ``*.fp16.safetensors``; ``without_t5``: an SD3 base without its T5 encoder."""
         device = torch.device(device) if device is not None else models.default_device()
         dtype = models.parse_dtype(dtype, device)
         if base is None and upscaler is None:
@@ -261,7 +262,7 @@ class AnySizePipeline:
             base, upscaler = models.default_model_paths()
         kw = dict(device=device, dtype=dtype, allow_pickle=allow_pickle)
         base_pipe = None if base is None else models.load_pipeline(base, role="base", config=config, variant=variant,
-                                                                   **kw)
+                                                                   without_t5=without_t5, **kw)
         up_pipe = None if upscaler is None else models.load_pipeline(upscaler, role="upscaler", variant=variant, **kw)
         ids = {"base": models.describe(base), "upscaler": models.describe(upscaler) if upscaler else "base (img2img)"}
         sources = [] if controlnet is None else list(controlnet) if isinstance(controlnet, (list, tuple)) else [controlnet]

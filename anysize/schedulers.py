@@ -72,8 +72,18 @@ def make(name: str, config: dict[str, Any]):
     sampler = SCHEDULERS.get(name)
     if sampler is None:
         raise ValueError(f"scheduler {name!r}: unknown; one of {', '.join(SCHEDULERS)}")
+    if "FlowMatch" in str(config.get("_class_name", "")):  # SD3 and FLUX: a flow-matching model
+        if name not in FLOW_MATCHING:
+            raise ValueError(f"scheduler {name!r}: samples the SD / SDXL noise schedule; a flow-matching model "
+                             f"(SD3, FLUX) takes {', '.join(FLOW_MATCHING)}")
+        return diffusers.FlowMatchEulerDiscreteScheduler.from_config(dict(config), **FLOW_MATCHING[name])
     cls = getattr(diffusers, sampler.cls)
     return cls.from_config(dict(config), **sampler.options)
+
+
+# The names a flow-matching model's scheduler takes (diffusers' FlowMatchEulerDiscreteScheduler, its own
+# shift kept): "euler" as the model ships it, "euler-karras" with Karras sigmas.
+FLOW_MATCHING = {"euler": {}, "euler-karras": {"use_karras_sigmas": True}}
 
 
 def _match(scheduler) -> str | None:

@@ -358,7 +358,7 @@ class Runner:
 
 
 _MODEL_OPTIONS = ("base", "upscaler", "config", "variant", "img2img", "lora", "embedding", "buckets", "device",
-                  "dtype", "allow_pickle", "controlnet")
+                  "dtype", "allow_pickle", "controlnet", "without_t5")
 
 
 class Worker(threading.Thread):

@@ -218,3 +218,58 @@ def test_global_positions_bring_tiles_nearer_the_untiled_model(arch, flux, sd3):
         tiled = TiledModel(make(positions), config, height=h, width=w, num_steps=1)(x, t, 0)
         errors[positions] = ((tiled - whole).abs().mean() / whole.abs().mean()).item()
     assert errors["global"] < errors["local"], errors
+
+
+# ---------------------------------------------------------------------- torchrun: tiles across 2 processes
+def _flux_model():
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=TEXT,
+                                  pooled_projection_dim=POOLED, guidance_embeds=True, axes_dims_rope=(4, 6, 6)).eval()
+
+
+def _flux_tiled() -> torch.Tensor:
+    h, w = 24, 40
+    embeds, pooled = text(8)
+    with torch.inference_mode():
+        return sample_tiled(FluxTileDenoiser(_flux_model(), embeds, pooled), torch.randn(1, 16, h, w, generator=gen(11)),
+                            flux_timesteps(flow_scheduler(True), 3, (h, w)),
+                            TilingConfig(method="fstd", tile_size=16, tile_batch_size=2), generator=gen(2),
+                            progress=False)
+
+
+def _flux_rank(rank: int, port: int, out_dir: str) -> None:
+    import os
+
+    from anysize.core import distributed
+
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    distributed.init("cpu")
+    try:
+        torch.save(_flux_tiled(), f"{out_dir}/{rank}.pt")
+    finally:
+        distributed.destroy()
+
+
+def test_flux_tiles_split_across_two_processes_equal_one(tmp_path):
+    """Under torchrun each tile batch runs on one rank and every rank gets every output (gloo, CPU): the
+    same latents bit for bit as one process, at one thread each (tests/test_distributed.py says why)."""
+    import contextlib
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_flux_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference = _flux_tiled()
+    finally:
+        torch.set_num_threads(threads)
+    for rank in range(2):
+        assert torch.equal(torch.load(tmp_path / f"{rank}.pt"), reference), rank

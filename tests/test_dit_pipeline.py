@@ -127,3 +127,35 @@ def test_cli_generates_with_a_transformer_base(dirs, arch, tmp_path, capsys):
     assert "stage 2: 2 passes" in err or "stage 2: 1 pass" in err, err
     meta = read_metadata(out)
     assert meta["width"] == 203 and meta["height"] == 117 and "Pipeline" in meta["base"]
+
+
+def test_sd3_without_its_t5(dirs, tmp_path, capsys):
+    """--no-t5: SD3's CLIP encoders alone read the prompt (diffusers pads the T5 part with zeros); another
+    image than with T5; FLUX, which reads the prompt only through T5, refuses it in one line."""
+    kw = dict(height=48, width=96, generator=gen(1), output_type="latent", num_inference_steps=2)
+    with_t5 = AnySizePipeline.from_pretrained(dirs["sd3"], device="cpu", buckets=SMALL)
+    without = AnySizePipeline.from_pretrained(dirs["sd3"], device="cpu", buckets=SMALL, without_t5=True)
+    assert without.base.text_encoder_3 is None
+    a, b = (p("a red cat", **kw).images[0] for p in (with_t5, without))
+    assert a.shape == b.shape and not torch.equal(a, b)
+    capsys.readouterr()  # the progress bars above
+    code = cli.main(["generate", "x", "--size", "96x48", "-o", str(tmp_path / "x.png"), "--base", str(dirs["flux"]),
+                     "--no-t5", "--steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "--no-t5) is for SD3" in err and "FluxPipeline" in err
+
+
+def test_samplers_of_a_flow_matching_model(pipe):
+    """'euler' is the model's own FlowMatchEulerDiscreteScheduler; an SD noise-schedule sampler is refused."""
+    p = AnySizePipeline(pipe.base, buckets=SMALL)
+    p.set_progress_bar_config(disable=True)
+    original = pipe.base.scheduler  # set_scheduler sets the shared diffusers pipeline's: put it back after
+    try:
+        p.set_scheduler("euler-karras")
+        assert type(p.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+        assert p.scheduler.config.use_karras_sigmas
+        assert p("a red cat", height=48, width=96, num_inference_steps=2).images[0].size == (96, 48)
+        with pytest.raises(ValueError, match="'dpm\\+\\+2m': samples the SD / SDXL noise schedule"):
+            p.set_scheduler("dpm++2m")
+    finally:
+        pipe.base.scheduler = original

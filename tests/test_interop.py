@@ -74,7 +74,7 @@ def test_from_pipe_brings_a_controlnet_pipelines_controlnets(model_dirs):
 
 
 def test_from_pipe_refuses_what_is_not_a_stable_diffusion_pipeline(model_dirs):
-    with pytest.raises(ModelLoadError, match="pipe: a object has no unet, vae"):
+    with pytest.raises(ModelLoadError, match="pipe: a object has no unet or transformer, vae"):
         AnySizePipeline.from_pipe(object())
 
 
