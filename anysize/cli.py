@@ -122,6 +122,18 @@ def _lora(text: str) -> tuple[str, float]:
     return path, value
 
 
+def _gligen(text: str) -> tuple[tuple[float, ...], str]:
+    """``x0,y0,x1,y1:phrase``, the box in fractions of the image (as diffusers' GLIGEN takes it)."""
+    box, sep, phrase = text.partition(":")
+    try:
+        values = tuple(float(v) for v in box.split(","))
+    except ValueError:
+        values = ()
+    if not sep or not phrase.strip() or len(values) != 4:
+        raise argparse.ArgumentTypeError(f"'{text}': must be 'x0,y0,x1,y1:phrase' (fractions of the image)")
+    return values, phrase
+
+
 def _embedding(text: str) -> tuple[str, str | None]:
     """``PATH`` or ``PATH:TOKEN`` (a token holds no path separator, so ``C:\\x.pt`` stays a path)."""
     path, sep, token = text.rpartition(":")
@@ -269,6 +281,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "(pixels, or fractions when every number is <= 1: '0,0,0.5,1:a red circle on grass' is "
                         "the left half); repeatable. Inside the box it replaces the prompt (weight 1, default) "
                         "or shares it, with feathered edges, in both stages")
+    p.add_argument("--gligen", type=_gligen, action="append", default=None, metavar="BOX:PHRASE",
+                   help="GLIGEN (a base with gated self-attention): a phrase grounded to a box, "
+                        "'x0,y0,x1,y1:phrase' in fractions of the image; repeatable (at most 30)")
+    p.add_argument("--gligen-beta", type=_float_in(0, 1), default=0.3, metavar="X",
+                   help="GLIGEN's scheduled sampling: the grounding acts during this fraction of each "
+                        "phase's steps (default 0.3, as diffusers)")
     control = p.add_argument_group("ControlNet")
     control.add_argument("--controlnet", action="append", default=None, metavar="PATH",
                          help="a ControlNet of the base model (diffusers directory, .safetensors file or hub id); "
@@ -371,7 +389,7 @@ def _run(args: argparse.Namespace, source, extra: dict, pipe=None, **request) ->
                       noise_level=args.noise_level, tiling=_tiling(args),
                       tile_size=args.tile_size, tile_batch_size=args.tile_batch, vae_tile_size=args.vae_tile,
                       max_memory=args.max_memory, latent_memory=args.latent_memory, color_fix=args.color_fix,
-                      regions=tuple(args.region or ()), **_control_kwargs(args, controls),
+                      regions=tuple(args.region or ()), **_control_kwargs(args, controls), **_gligen_kwargs(args),
                       **_file_kwargs(args, pipe, seed, out, extra), **request)
     plan = pipe.plan_run(request)
     _say(args, plan.memory.describe())
@@ -399,6 +417,13 @@ def _numbered_plan(plan, out: Path, k: int, seed: int):
     meta.update(seed=seed + k, argv=[*meta.get("argv", []), "--seed", str(seed + k), "--count", "1"])
     path = out.with_name(f"{out.stem}-{k + 1:04d}{out.suffix}")
     return dataclasses.replace(plan, request=dataclasses.replace(req, output_path=path, output_metadata=meta))
+
+
+def _gligen_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--gligen`` boxes and phrases as Request fields (none: none)."""
+    pairs = getattr(args, "gligen", None) or []
+    return {"gligen_phrases": tuple(p for _, p in pairs), "gligen_boxes": tuple(b for b, _ in pairs),
+            "gligen_scheduled_sampling_beta": getattr(args, "gligen_beta", 0.3)}
 
 
 def _control_images(args: argparse.Namespace) -> tuple:

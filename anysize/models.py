@@ -298,8 +298,6 @@ def load_controlnet(source, *, device: torch.device, dtype: torch.dtype, allow_p
         return source.to(device, dtype).eval()
     path = Path(source).expanduser()
     dlogging.set_verbosity_error()
-    if without_t5 and not path.is_dir():
-        raise ModelLoadError(f"{role} {source}: without_t5 (--no-t5) needs an SD3 diffusers directory")
     try:
         if path.is_dir():
             config = path / "config.json"

@@ -426,8 +426,18 @@ class AnySizePipeline:
     def _validate(self, request: Request) -> Request:
         up = self.upscaler
         level = 1000 if up is None else int(getattr(up.config, "max_noise_level", None) or 350)
-        return request.validate(has_base=self.base is not None, max_noise_level=level,
-                                controlnets=len(self.controlnets))
+        request = request.validate(has_base=self.base is not None, max_noise_level=level,
+                                   controlnets=len(self.controlnets))
+        if request.gligen_phrases:
+            from .core.grounding import is_grounded
+
+            if self.base is None or not is_grounded(_nets.of(self.base)):
+                raise ValueError("gligen_phrases: need a GLIGEN base model (a UNet with gated self-attention, "
+                                 "attention_type='gated'); this base has none")
+            if self.controlnets:
+                raise ValueError("gligen_phrases with ControlNets: not together (a ControlNet's blocks have no "
+                                 "gated layers); pass one or the other")
+        return request
 
     def plan(self, width: int, height: int, panorama: str = "stretch") -> Plan:
         """Where stage 1 generates and which stage-2 passes follow, for a ``width x height`` request;
@@ -483,7 +493,8 @@ class AnySizePipeline:
                  prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
                  pooled_prompt_embeds: torch.Tensor | None = None,
                  negative_pooled_prompt_embeds: torch.Tensor | None = None,
-                 callback_on_step_end_tensor_inputs: list[str] | None = None, hooks=None) -> AnySizeOutput:
+                 callback_on_step_end_tensor_inputs: list[str] | None = None, gligen_phrases=None,
+                 gligen_boxes=None, gligen_scheduled_sampling_beta: float = 0.3, hooks=None) -> AnySizeOutput:
         """Generate ``num_images_per_prompt`` images of exactly ``width x height`` pixels per prompt.
         Positionally ``(prompt, height, width)``, diffusers' order. ``generator``: one for all images (drawn
         from in turn), or a list of one per image (prompt-major), as in diffusers.
@@ -531,8 +542,14 @@ class AnySizePipeline:
         instead of ``prompt``, one row per image prompt, in stage 1 and img2img passes; an x4 upscaler
         (another text encoder) then gets the empty prompt. ``callback_on_step_end`` may be a diffusers
         ``PipelineCallback`` (e.g. ``SDCFGCutoffCallback``) or a function asking for
-        ``callback_on_step_end_tensor_inputs`` (:data:`CALLBACK_TENSOR_INPUTS`).
+        ``callback_on_step_end_tensor_inputs`` (:data:`CALLBACK_TENSOR_INPUTS`). ``gligen_phrases`` /
+        ``gligen_boxes`` (a GLIGEN base): phrases grounded to boxes ``(x0, y0, x1, y1)``, fractions of
+        the output, as diffusers' GLIGEN pipeline takes them; each tile of every base-model phase reads
+        the boxes where they fall in it (:mod:`anysize.core.grounding`); the gated layers act during the
+        first ``gligen_scheduled_sampling_beta`` of each phase's steps.
         """
+        gligen_phrases = tuple(gligen_phrases or ())
+        gligen_boxes = tuple(tuple(b) if isinstance(b, (list, tuple)) else b for b in gligen_boxes or ())
         controls = _control_inputs(control_image)
         given = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds,
                  "pooled_prompt_embeds": pooled_prompt_embeds,

@@ -92,6 +92,10 @@ class Request:
     guidance_rescale: float = 0.0  # diffusers' guidance_rescale (Lin et al. 2023, sec. 3.4), in CFG phases
     prompt_embeds: str | None = None  # a digest of the caller's prompt embeddings (prompt is then "" each)
     long_prompt: str = "cut"  # past the text encoder's window: "cut" (diffusers, with a warning) or "chunk" (A1111)
+    # GLIGEN: phrases grounded to boxes (x0, y0, x1, y1 in fractions of the image), as diffusers names them
+    gligen_phrases: tuple = field(default=(), hash=False)
+    gligen_boxes: tuple = field(default=(), hash=False)
+    gligen_scheduled_sampling_beta: float = 0.3
     cross_attention_kwargs: dict | None = field(default=None, hash=False)  # to every UNet call: {"scale": LoRA scale}
     regions: tuple = field(default=(), hash=False)  # region prompts (anysize.regions); validate() normalizes
     # ControlNet: per ControlNet of the pipeline, its control image's digest (or TILE) and its settings;
@@ -192,6 +196,7 @@ class Request:
             raise ValueError(f"eta={self.eta!r}: must be a number in [0, 1] or None")
         if self.clip_skip is not None and (not _is_int(self.clip_skip) or self.clip_skip < 0):
             raise ValueError(f"clip_skip={self.clip_skip!r}: must be an integer >= 0 or None")
+        self._check_gligen()
         if self.long_prompt not in LONG_PROMPTS:
             raise ValueError(f"long_prompt={self.long_prompt!r}: must be one of {', '.join(LONG_PROMPTS)}")
         if not (_is_number(self.guidance_rescale) and 0 <= self.guidance_rescale <= 1):
@@ -280,6 +285,8 @@ class Request:
         if self.source_size is not None:
             out["source_size"] = list(self.source_size)
         out["regions"] = [r.to_json() if isinstance(r, Region) else list(r) for r in self.regions or ()]
+        out["gligen_phrases"] = list(self.gligen_phrases)
+        out["gligen_boxes"] = [list(b) for b in self.gligen_boxes]
         for name in _CONTROL_FIELDS:
             if isinstance(out[name], tuple):
                 out[name] = list(out[name])
@@ -296,6 +303,8 @@ class Request:
             values["tiling"] = TilingConfig(**values["tiling"])
         if values.get("source_size") is not None:
             values["source_size"] = tuple(values["source_size"])
+        values["gligen_phrases"] = tuple(values.get("gligen_phrases") or ())
+        values["gligen_boxes"] = tuple(tuple(b) for b in values.get("gligen_boxes") or ())
         if isinstance(values.get("prompt"), list):
             values["prompt"] = list(values["prompt"])
         values["regions"] = tuple(Region.from_json(r) for r in values.get("regions") or ())
@@ -303,6 +312,25 @@ class Request:
             if isinstance(values.get(name), list):
                 values[name] = tuple(values[name])
         return cls(**values)
+
+    def _check_gligen(self) -> None:
+        phrases, boxes = self.gligen_phrases, self.gligen_boxes
+        if len(phrases) != len(boxes):
+            raise ValueError(f"gligen_phrases and gligen_boxes: {len(phrases)} phrases for {len(boxes)} boxes; "
+                             "one box each")
+        if len(phrases) > 30:
+            raise ValueError(f"gligen_phrases: {len(phrases)}; GLIGEN grounds at most 30")
+        for k, (phrase, box) in enumerate(zip(phrases, boxes)):
+            if not isinstance(phrase, str) or not phrase.strip():
+                raise ValueError(f"gligen_phrases[{k}]={phrase!r}: must be a non-empty text")
+            ok = (isinstance(box, (list, tuple)) and len(box) == 4 and all(_is_number(v) and 0 <= v <= 1 for v in box)
+                  and box[0] < box[2] and box[1] < box[3])
+            if not ok:
+                raise ValueError(f"gligen_boxes[{k}]={box!r}: must be (x0, y0, x1, y1), fractions of the image in "
+                                 "[0, 1] with x0 < x1 and y0 < y1")
+        beta = self.gligen_scheduled_sampling_beta
+        if not (_is_number(beta) and 0 <= beta <= 1):
+            raise ValueError(f"gligen_scheduled_sampling_beta={beta!r}: must be a number in [0, 1]")
 
     def sampling_identity(self) -> dict[str, Any]:
         """The fields that decide the sampled values, as JSON: what a run directory holds checkpoints of."""
@@ -314,4 +342,6 @@ class Request:
                  if data[n] is not None}
         extra |= {"guidance_rescale": data["guidance_rescale"]} if self.guidance_rescale else {}
         extra |= {"long_prompt": data["long_prompt"]} if self.long_prompt != "cut" else {}
+        extra |= {n: data[n] for n in ("gligen_phrases", "gligen_boxes", "gligen_scheduled_sampling_beta")} \
+            if self.gligen_phrases else {}
         return {name: data[name] for name in _SAMPLING_FIELDS} | regions | control | extra

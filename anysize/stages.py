@@ -29,11 +29,11 @@ import PIL.Image
 import torch
 
 from . import memory, models
-from .core import bands
+from .core import bands, nets
 from .core.checkpoint import RunDir, RunInterrupted, sample_resumable
-from .core import nets
 from .core.control import TileControl
 from .core.dit import FluxTileDenoiser, SD3TileDenoiser
+from .core.grounding import TileGrounding
 from .core.progress import Progress
 from .core.regions import TileRegion
 from .core.sampler import UNetTileDenoiser, sample_banded
@@ -450,11 +450,26 @@ def _phase_denoiser(ctx: Context, phase: Phase, prompt: str, timesteps=None, ima
     req = ctx.plan.request
     controls = _controls(ctx, phase, timesteps, image) if phase.controls else ()
     embeds = ctx.text_embeds if phase.kind in ("base", "img2img") else None  # the base model's embeddings
+    if req.gligen_phrases and phase.kind in ("base", "img2img"):
+        extra["grounding"] = _grounding(phase, req, timesteps)
     ctx.denoiser = denoiser(phase.model, prompt, req.negative_prompt, phase.guidance_scale, phase.size,
                             regions=req.regions, latent=phase.latent, controls=controls, clip_skip=req.clip_skip,
                             cross_attention_kwargs=req.cross_attention_kwargs, embeds=embeds,
                             long_prompt=req.long_prompt, guidance_rescale=req.guidance_rescale, **extra)
     return ctx.denoiser
+
+
+def _grounding(phase: Phase, req, timesteps) -> TileGrounding:
+    """GLIGEN's phrases embedded as diffusers' GLIGEN pipeline embeds them (the text encoder's pooled
+    output of the phrases, padded together) and their boxes, for this phase's latent; grounded during the
+    first ``beta`` of the steps it runs (scheduled sampling)."""
+    model = phase.model
+    device = model.text_encoder.device
+    tokens = model.tokenizer(list(req.gligen_phrases), padding=True, return_tensors="pt").to(device)
+    embeds = model.text_encoder(**tokens).pooler_output
+    steps = [float(t) for t in timesteps]
+    grounded = int(req.gligen_scheduled_sampling_beta * len(steps))
+    return TileGrounding(tuple(req.gligen_boxes), embeds, tuple(phase.latent), frozenset(steps[:grounded]))
 
 
 def _controls(ctx: Context, phase: Phase, timesteps, image: PIL.Image.Image | None) -> list[TileControl]:

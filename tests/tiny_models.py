@@ -192,3 +192,28 @@ def make_sd3(directory: Path) -> Path:
         text_encoder_3=_t5(len(tok), 2 * EMBED), tokenizer_3=tok)
     pipe.save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+def make_gligen_base(directory: Path) -> Path:
+    """Save a tiny GLIGEN base (the tiny base's UNet with gated self-attention and a box projection;
+    its gates opened, since GLIGEN initialises them shut) to ``directory``."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    tok = make_tokenizer(directory / "_tok")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=EMBED, norm_num_groups=8, attention_head_dim=8, attention_type="gated",
+    ).eval()
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if name.endswith(("alpha_attn", "alpha_dense")):
+                p.fill_(0.5)
+    pipe = StableDiffusionPipeline(
+        vae=_vae(2), text_encoder=make_text_encoder(len(tok)), tokenizer=tok, unet=unet,
+        scheduler=DDIMScheduler(num_train_timesteps=1000, clip_sample=False), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(directory, safe_serialization=True)
+    return directory

@@ -24,6 +24,7 @@ import torch
 from . import distributed
 from .control import TileControl
 from .control import residuals as control_residuals
+from .grounding import TileGrounding
 from .progress import Progress, progress_bar
 from .regions import TileRegion, region_mask
 from .regions import blend as region_blend
@@ -534,6 +535,7 @@ class UNetTileDenoiser:
         controls: Sequence[TileControl] = (),
         cross_attention_kwargs: dict[str, Any] | None = None,
         guidance_rescale: float = 0.0,
+        grounding: TileGrounding | None = None,
     ):
         self.unet, self.guidance_scale, self.guidance_rescale = unet, guidance_scale, guidance_rescale
         self.cross_attention_kwargs = cross_attention_kwargs
@@ -545,6 +547,8 @@ class UNetTileDenoiser:
         self.negative_prompt_embeds = negative_prompt_embeds
         self.negative_added_cond_kwargs = negative_added_cond_kwargs or added_cond_kwargs
         self.regions, self.controls = tuple(regions), tuple(controls)
+        self.grounding = grounding
+        self._gated = [m for m in unet.modules() if type(m).__name__ == "GatedSelfAttentionDense"] if grounding else []
         self._row_linears = _per_sample_linears(unet) + [m for c in self.controls for m in _per_sample_linears(c.model)]
 
     @property
@@ -580,8 +584,9 @@ class UNetTileDenoiser:
         labels = self._per_box(self.class_labels, n)
         added = self._added(added_kwargs, n)
         control = [c.crops(boxes, x.shape[0] // n) for c in self.controls]
+        gligen = self._grounding(boxes, x, t)
         if not self.do_cfg:
-            return self._unet(x, t, pos, labels, added, control)
+            return self._unet(x, t, pos, labels, added, control, gligen)
         neg = self._per_box(self.negative_prompt_embeds, n)
         if added is not None:
             neg_added = self._added(self.negative_added_cond_kwargs, n)
@@ -589,6 +594,7 @@ class UNetTileDenoiser:
         out = self._unet(
             torch.cat([x, x]), t, torch.cat([neg, pos.to(neg.dtype)]),
             None if labels is None else torch.cat([labels, labels]), added, [torch.cat([c, c]) for c in control],
+            gligen,
         )
         uncond, cond = out.chunk(2)
         guided = uncond + self.guidance_scale * (cond - uncond)
@@ -676,24 +682,40 @@ class UNetTileDenoiser:
             results.append(region_blend(tile_out, outs, masks))
         return torch.cat(results)
 
+    def _grounding(self, boxes: Sequence[Box], x: torch.Tensor, t: torch.Tensor) -> dict | None:
+        """GLIGEN's ``cross_attention_kwargs["gligen"]`` for these tiles while the phase's grounded steps
+        last (its gated layers switched on), else None (switched off): :mod:`anysize.core.grounding`."""
+        g = self.grounding
+        if g is None:
+            return None
+        active = float(t) in g.active
+        for module in self._gated:
+            module.enabled = active
+        if not active:
+            return None
+        return g.kwargs(boxes, x.shape[0] // len(boxes), self.do_cfg, x.device, self.prompt_embeds.dtype)
+
     def _added(self, kwargs: dict[str, torch.Tensor] | None, n_boxes: int) -> dict[str, torch.Tensor] | None:
         return {k: self._per_box(v, n_boxes) for k, v in kwargs.items()} if kwargs else None
 
-    def _unet(self, x, t, embeds, labels, added, control=()) -> torch.Tensor:
+    def _unet(self, x, t, embeds, labels, added, control=(), gligen=None) -> torch.Tensor:
         if x.shape[0] == 1 and x.device.type == "cpu":
             # a batch of 1 takes its own CPU kernels (oneDNN's convolution; with it off, MKL's GEMM for
             # small tiles such as cut edge tiles), which round differently from every larger batch; run it
             # as a batch of 2 so a tile's bits do not depend on the batch it falls in (docs/design.md)
             pair = lambda v: None if v is None else torch.cat([v, v])  # noqa: E731
             added = None if added is None else {k: pair(v) for k, v in added.items()}
-            return self._unet(pair(x), t, pair(embeds), pair(labels), added, [pair(c) for c in control])[:1]
+            gligen = None if gligen is None else {k: pair(v) for k, v in gligen.items()}
+            return self._unet(pair(x), t, pair(embeds), pair(labels), added, [pair(c) for c in control], gligen)[:1]
         kwargs: dict[str, Any] = {"encoder_hidden_states": embeds.to(x.dtype), "return_dict": False}
         if labels is not None:
             kwargs["class_labels"] = labels
         if added is not None:
             kwargs["added_cond_kwargs"] = added
-        if self.cross_attention_kwargs:
-            kwargs["cross_attention_kwargs"] = dict(self.cross_attention_kwargs)  # the UNet pops "scale" from it
+        if self.cross_attention_kwargs or gligen is not None:
+            kwargs["cross_attention_kwargs"] = dict(self.cross_attention_kwargs or {})  # the UNet pops "scale"
+            if gligen is not None:
+                kwargs["cross_attention_kwargs"]["gligen"] = gligen
         with batch_invariant_linears(self._row_linears, x.device):
             if self.controls:
                 kwargs.update(control_residuals(self.controls, control, x, t, kwargs))
