@@ -196,6 +196,9 @@ def _add_generate(sub) -> None:
                    help="read the prompt from the text encoder's N-th layer from the end (as A1111's and "
                         "diffusers' clip skip)")
     p.add_argument("--eta", type=_float_in(0, 1), default=None, metavar="X", help="DDIM's eta (default 0)")
+    p.add_argument("--true-cfg", dest="true_cfg", type=_float_in(1, math.inf), default=1.0, metavar="X",
+                   help="FLUX: true classifier-free guidance with --negative (diffusers' true_cfg_scale; default 1: "
+                        "off, FLUX.1's guidance being embedded: --guidance)")
     p.add_argument("--long-prompt", choices=("cut", "chunk"), default="cut",
                    help="a prompt past the text encoder's window (77 tokens for CLIP): cut to it as diffusers "
                         "does, with a warning (default), or read whole window by window as A1111 does (chunk)")
@@ -362,7 +365,7 @@ def _generate(args: argparse.Namespace, pipe=None) -> int:
                 upscale_inference_steps=args.upscale_steps, guidance_scale=args.guidance,
                 upscale_guidance_scale=args.upscale_guidance, negative_prompt=args.negative, panorama=args.panorama,
                 clip_skip=args.clip_skip, eta=args.eta, guidance_rescale=args.guidance_rescale,
-                long_prompt=args.long_prompt, pipe=pipe)
+                long_prompt=args.long_prompt, true_cfg_scale=args.true_cfg, pipe=pipe)
 
 
 def _upscale(args: argparse.Namespace) -> int:

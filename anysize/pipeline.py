@@ -428,6 +428,14 @@ class AnySizePipeline:
         level = 1000 if up is None else int(getattr(up.config, "max_noise_level", None) or 350)
         request = request.validate(has_base=self.base is not None, max_noise_level=level,
                                    controlnets=len(self.controlnets))
+        family = models.model_kind(self.base).family if self.base is not None else None
+        if request.true_cfg_scale != 1 and family != "flux":
+            raise ValueError(f"true_cfg_scale={request.true_cfg_scale}: FLUX's true CFG; this base ({family or 'none'}) "
+                             "guides with guidance_scale")
+        if family == "flux" and bool(request.negative_prompt) != (request.true_cfg_scale > 1):
+            raise ValueError("negative_prompt and true_cfg_scale: FLUX.1's guidance is embedded (guidance_scale); a "
+                             "negative prompt acts only through true CFG, so pass both (true_cfg_scale > 1, CLI: "
+                             "--true-cfg X) or neither")
         if request.gligen_phrases:
             from .core.grounding import is_grounded
 
@@ -494,7 +502,8 @@ class AnySizePipeline:
                  pooled_prompt_embeds: torch.Tensor | None = None,
                  negative_pooled_prompt_embeds: torch.Tensor | None = None,
                  callback_on_step_end_tensor_inputs: list[str] | None = None, gligen_phrases=None,
-                 gligen_boxes=None, gligen_scheduled_sampling_beta: float = 0.3, hooks=None) -> AnySizeOutput:
+                 gligen_boxes=None, gligen_scheduled_sampling_beta: float = 0.3, true_cfg_scale: float = 1.0,
+                 hooks=None) -> AnySizeOutput:
         """Generate ``num_images_per_prompt`` images of exactly ``width x height`` pixels per prompt.
         Positionally ``(prompt, height, width)``, diffusers' order. ``generator``: one for all images (drawn
         from in turn), or a list of one per image (prompt-major), as in diffusers.
@@ -546,7 +555,8 @@ class AnySizePipeline:
         ``gligen_boxes`` (a GLIGEN base): phrases grounded to boxes ``(x0, y0, x1, y1)``, fractions of
         the output, as diffusers' GLIGEN pipeline takes them; each tile of every base-model phase reads
         the boxes where they fall in it (:mod:`anysize.core.grounding`); the gated layers act during the
-        first ``gligen_scheduled_sampling_beta`` of each phase's steps.
+        first ``gligen_scheduled_sampling_beta`` of each phase's steps. ``true_cfg_scale`` (FLUX, > 1,
+        with ``negative_prompt``): diffusers' true CFG, an unconditional call beside each tile's.
         """
         gligen_phrases = tuple(gligen_phrases or ())
         gligen_boxes = tuple(tuple(b) if isinstance(b, (list, tuple)) else b for b in gligen_boxes or ())

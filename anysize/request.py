@@ -96,6 +96,7 @@ class Request:
     gligen_phrases: tuple = field(default=(), hash=False)
     gligen_boxes: tuple = field(default=(), hash=False)
     gligen_scheduled_sampling_beta: float = 0.3
+    true_cfg_scale: float = 1.0  # FLUX: diffusers' true CFG with the negative prompt (> 1), off at 1
     cross_attention_kwargs: dict | None = field(default=None, hash=False)  # to every UNet call: {"scale": LoRA scale}
     regions: tuple = field(default=(), hash=False)  # region prompts (anysize.regions); validate() normalizes
     # ControlNet: per ControlNet of the pipeline, its control image's digest (or TILE) and its settings;
@@ -328,6 +329,8 @@ class Request:
             if not ok:
                 raise ValueError(f"gligen_boxes[{k}]={box!r}: must be (x0, y0, x1, y1), fractions of the image in "
                                  "[0, 1] with x0 < x1 and y0 < y1")
+        if not (_is_number(self.true_cfg_scale) and 1 <= self.true_cfg_scale < math.inf):
+            raise ValueError(f"true_cfg_scale={self.true_cfg_scale!r}: must be a number >= 1 (1: off)")
         beta = self.gligen_scheduled_sampling_beta
         if not (_is_number(beta) and 0 <= beta <= 1):
             raise ValueError(f"gligen_scheduled_sampling_beta={beta!r}: must be a number in [0, 1]")
@@ -342,6 +345,7 @@ class Request:
                  if data[n] is not None}
         extra |= {"guidance_rescale": data["guidance_rescale"]} if self.guidance_rescale else {}
         extra |= {"long_prompt": data["long_prompt"]} if self.long_prompt != "cut" else {}
+        extra |= {"true_cfg_scale": data["true_cfg_scale"]} if self.true_cfg_scale != 1 else {}
         extra |= {n: data[n] for n in ("gligen_phrases", "gligen_boxes", "gligen_scheduled_sampling_beta")} \
             if self.gligen_phrases else {}
         return {name: data[name] for name in _SAMPLING_FIELDS} | regions | control | extra

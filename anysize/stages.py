@@ -325,7 +325,7 @@ def denoiser(model, prompt: str | None, negative_prompt: str | None, guidance_sc
 
 def _transformer_denoiser(model, family: str, prompt: str, negative_prompt: str | None, guidance_scale: float,
                           latent: tuple[int, int] | None, regions, embeds, cross_attention_kwargs,
-                          controls=(), guidance_rescale: float = 0.0, **extra):
+                          controls=(), guidance_rescale: float = 0.0, true_cfg_scale: float = 1.0, **extra):
     """An SD3 or FLUX tile denoiser (:mod:`anysize.core.dit`), its prompt through diffusers' own
     ``encode_prompt``; each tile gets its global position. What anysize does only for UNets is refused
     in one line."""
@@ -338,12 +338,20 @@ def _transformer_denoiser(model, family: str, prompt: str, negative_prompt: str 
     device = model.transformer.device
     lora = (cross_attention_kwargs or {}).get("scale")
     if family == "flux":
-        if negative_prompt:
-            raise ValueError("negative_prompt: FLUX.1 samples without an unconditional branch (its guidance is "
-                             "embedded: guidance_scale); leave the negative prompt out")
-        pos, pooled, _ = model.encode_prompt(prompt, prompt_2=None, device=device, num_images_per_prompt=1,
-                                             lora_scale=lora)
-        return FluxTileDenoiser(model.transformer, pos, pooled, guidance_scale=guidance_scale)
+        if bool(negative_prompt) != (true_cfg_scale > 1):
+            raise ValueError("negative_prompt and true_cfg_scale: FLUX.1's guidance is embedded (guidance_scale); "
+                             "a negative prompt acts only through true CFG, so pass both (true_cfg_scale > 1, CLI: "
+                             "--true-cfg X) or neither")
+        encode = dict(prompt_2=None, device=device, num_images_per_prompt=1, lora_scale=lora)
+        pos, pooled, _ = model.encode_prompt(prompt, **encode)
+        negative = {}
+        if true_cfg_scale > 1:  # diffusers' FluxPipeline true CFG: a second, unconditional call per tile
+            neg, neg_pooled, _ = model.encode_prompt(negative_prompt, **encode)
+            negative = dict(true_cfg_scale=true_cfg_scale, negative_prompt_embeds=neg,
+                            negative_pooled_prompt_embeds=neg_pooled)
+        return FluxTileDenoiser(model.transformer, pos, pooled, guidance_scale=guidance_scale, **negative)
+    if true_cfg_scale != 1:
+        raise ValueError(f"true_cfg_scale: FLUX's; an {family.upper()} base guides with guidance_scale (CFG)")
     do_cfg = guidance_scale > 1.0
     pos, neg, pooled, neg_pooled = model.encode_prompt(
         prompt, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
@@ -455,7 +463,8 @@ def _phase_denoiser(ctx: Context, phase: Phase, prompt: str, timesteps=None, ima
     ctx.denoiser = denoiser(phase.model, prompt, req.negative_prompt, phase.guidance_scale, phase.size,
                             regions=req.regions, latent=phase.latent, controls=controls, clip_skip=req.clip_skip,
                             cross_attention_kwargs=req.cross_attention_kwargs, embeds=embeds,
-                            long_prompt=req.long_prompt, guidance_rescale=req.guidance_rescale, **extra)
+                            long_prompt=req.long_prompt, guidance_rescale=req.guidance_rescale,
+                            **({"true_cfg_scale": req.true_cfg_scale} if req.true_cfg_scale != 1 else {}), **extra)
     return ctx.denoiser
 
 

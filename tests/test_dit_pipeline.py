@@ -111,10 +111,27 @@ def test_unet_only_features_are_refused_in_one_line(pipe, call, words):
     assert words in str(caught.value) and "\n" not in str(caught.value)
 
 
-def test_flux_refuses_a_negative_prompt(dirs):
+def test_flux_true_cfg_with_a_negative_prompt_is_flux_pipeline(dirs):
+    """FLUX's negative prompt acts through true CFG (diffusers' true_cfg_scale): stage 1 is FluxPipeline
+    bit for bit; a negative prompt alone, or true CFG alone, is refused in one line before any compute."""
     p = AnySizePipeline.from_pretrained(dirs["flux"], device="cpu", buckets=SMALL)
-    with pytest.raises(ValueError, match="negative_prompt: FLUX.1 samples without an unconditional branch"):
-        p("a red cat", height=48, width=96, num_inference_steps=1, negative_prompt="dark")
+    p.set_progress_bar_config(disable=True)
+    kw = dict(height=48, width=96, num_inference_steps=2, guidance_scale=3.5, output_type="latent")
+    ours = p("a red cat", negative_prompt="dark", true_cfg_scale=4.0, generator=gen(2), **kw).images[0]
+    ref = FluxPipeline(**p.base.components)
+    ref.set_progress_bar_config(disable=True)
+    theirs = ref("a red cat", negative_prompt="dark", true_cfg_scale=4.0, generator=gen(2), **kw).images
+    assert torch.equal(ours, unpack(theirs, 24, 48))
+    assert not torch.equal(ours, p("a red cat", generator=gen(2), **kw).images[0])
+    for bad in (dict(negative_prompt="dark"), dict(true_cfg_scale=4.0)):
+        with pytest.raises(ValueError, match="negative prompt acts only through true CFG"):
+            p("a red cat", **bad, **kw)
+
+
+def test_true_cfg_is_flux_only(dirs):
+    p = AnySizePipeline.from_pretrained(dirs["sd3"], device="cpu", buckets=SMALL)
+    with pytest.raises(ValueError, match="true_cfg_scale=2.0: FLUX's true CFG; this base \\(sd3\\)"):
+        p("a red cat", height=48, width=96, num_inference_steps=1, true_cfg_scale=2.0)
 
 
 def test_cli_generates_with_a_transformer_base(dirs, arch, tmp_path, capsys):
