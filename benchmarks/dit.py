@@ -2,7 +2,7 @@
 
 ``positions``: random-weight FLUX- and SD3-shaped transformers (the published block structure, reduced
 depth and width so a CPU runs them), sampled on a flow-matching schedule from one noise: untiled, and
-tiled (a fixed "naive" grid and FSTD) with each tile at its global position or at local positions from
+tiled (a fixed "naive" grid, FSTD, and explicit overlap at half-tile stride) with each tile at its global position or at local positions from
 its own corner (what tiled nodes do). Reported per arm: the final latent's difference from the untiled
 one (mean |tiled - untiled| over mean |untiled|), and the band ratio of that difference at the tile
 pitch (anysize.train.seams: 1.0 is no band; FSTD's grid moves every step, so its pitch is the tile
@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 RESULTS = ROOT / "benchmarks" / "results"
 
+METHODS = ("naive", "fstd", "overlap")  # a fixed grid; FSTD's moving one; stride-1/2 overlap, Gaussian blend
 # The published structure at reduced size: FLUX's double- and single-stream blocks with 3-axis RoPE,
 # SD3's joint blocks with its absolute sin-cos table.
 REDUCED = {
@@ -93,7 +94,7 @@ def positions(args) -> None:
             with torch.inference_mode():
                 ref = sample_tiled(_denoiser(arch, net, text, pooled, latent, "global"), noise.clone(),
                                    _scheduler(arch, args.steps, latent), TilingConfig(method="none"), progress=False)
-                for method in ("naive", "fstd"):
+                for method in METHODS:
                     for where in ("global", "local"):
                         out = sample_tiled(_denoiser(arch, net, text, pooled, latent, where), noise.clone(),
                                            _scheduler(arch, args.steps, latent),
@@ -127,7 +128,7 @@ def _write_positions(rows: list[dict], args) -> None:
              "| model | tiling | positions | difference from untiled (mean over seeds) | band ratio at the tile pitch |",
              "|---|---|---|---|---|"]
     for arch in ("flux", "sd3"):
-        for method in ("naive", "fstd"):
+        for method in METHODS:
             for where in ("global", "local"):
                 sel = [r for r in rows if (r["arch"], r["tiling"], r["positions"]) == (arch, method, where)]
                 diff = np.mean([r["difference"] for r in sel])
