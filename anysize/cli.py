@@ -502,8 +502,9 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a VAE, a base model, an x4 upscaler or a ControlNet; fine-tune on your images",
                        description="Aspect-ratio bucketed training (ARAD): every batch from one bucket. "
                                    "Run again with the same -o to resume from the last checkpoint.")
-    p.add_argument("task", choices=("vae", "base", "upscaler", "controlnet"),
-                   help="what to train (controlnet: of the --init base model, on the scenes' object silhouettes)")
+    p.add_argument("task", choices=("vae", "base", "upscaler", "controlnet", "gligen"),
+                   help="what to train (controlnet: of the --init base model, on the scenes' object silhouettes; "
+                        "gligen: gated layers added to the --init base, on the scenes' phrases and boxes)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="run directory (checkpoints, model/)")
     p.add_argument("--data", default="scenes", metavar="SRC",
                    help="'scenes' (the procedural domain) or a folder of images with .txt captions")

@@ -474,7 +474,8 @@ def _grounding(phase: Phase, req, timesteps) -> TileGrounding:
     first ``beta`` of the steps it runs (scheduled sampling)."""
     model = phase.model
     device = model.text_encoder.device
-    tokens = model.tokenizer(list(req.gligen_phrases), padding=True, return_tensors="pt").to(device)
+    tokens = model.tokenizer(list(req.gligen_phrases), padding=True, truncation=True,  # past the window: cut
+                             max_length=model.tokenizer.model_max_length, return_tensors="pt").to(device)
     embeds = model.text_encoder(**tokens).pooler_output
     steps = [float(t) for t in timesteps]
     grounded = int(req.gligen_scheduled_sampling_beta * len(steps))

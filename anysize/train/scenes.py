@@ -617,6 +617,11 @@ def render(scene: Scene, width: int, height: int, supersample: int = 2) -> np.nd
     return render_crop(scene, width, height, (0, 0, height, width), supersample)
 
 
+def object_phrase(obj: SceneObject) -> str:
+    """One object as the caption names it alone: "a big striped red circle"."""
+    return _phrase(1, obj.size, obj.pattern, obj.color, obj.shape)
+
+
 def object_boxes(scene: Scene, width: int, height: int) -> list[tuple[float, float, float, float]]:
     """Pixel bounding boxes ``(top, left, bottom, right)`` of the objects' bounding squares."""
     s = min(width, height)

@@ -28,13 +28,15 @@ from tqdm.auto import tqdm
 
 from ..buckets import Bucket, arad_buckets, model_granularity, native_side, nearest_bucket
 from ..models import component_dir
-from .scenes import (BACKGROUND_PHRASES, COLORS, NUMBER_WORDS, PATTERNS, PLURALS, SHAPES, SIZES, render, render_crop,
-                     render_mask, sample_scene)
+from .scenes import (BACKGROUND_PHRASES, COLORS, NUMBER_WORDS, PATTERNS, PLURALS, SHAPES, SIZES, object_boxes,
+                     object_phrase, render, render_crop, render_mask, sample_scene)
 from ..core.vae import vae_scale_factor
 from ..io.atomic import atomic_write, replace_dir
 
-TASKS = ("vae", "base", "upscaler", "controlnet")
+TASKS = ("vae", "base", "upscaler", "controlnet", "gligen")
 CONTROL_CAPTION_DROP = 0.3  # share of ControlNet batches' captions left empty: it must also work from the mask alone
+GLIGEN_OBJECTS = 30  # diffusers' GLIGEN pipeline pads to (and cuts at) 30 grounded phrases
+GLIGEN_GROUNDING_DROP = 0.1  # share of GLIGEN images trained without their grounding
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -105,6 +107,9 @@ class TrainConfig:
         if self.task == "controlnet" and (self.init is None or self.data != "scenes"):
             raise ValueError("task 'controlnet': needs init (the base model it steers) and data 'scenes' "
                              "(its condition, the object silhouettes, comes from the scene renderer)")
+        if self.task == "gligen" and (self.init is None or self.data != "scenes"):
+            raise ValueError("task 'gligen': needs init (the base model it grounds) and data 'scenes' "
+                             "(the phrases and boxes come from the scene renderer)")
         if self.decoder_only and (self.task != "vae" or self.init is None):
             raise ValueError("decoder_only: needs task 'vae' and init (the VAE whose encoder stays frozen)")
         if self.data != "scenes" and not Path(self.data).is_dir():
@@ -148,12 +153,15 @@ class SceneData:
             return np.stack([_render_job(j) for j in jobs])
         return np.stack(list(self.pool.map(_render_job, jobs, chunksize=max(1, len(jobs) // 32))))
 
-    def batch(self, bucket: Bucket, n: int, masks: bool = False):
+    def batch(self, bucket: Bucket, n: int, masks: bool = False, boxes: bool = False):
         """``n`` scenes at ``bucket``: (images, captions), and their silhouettes (:func:`render_mask`)
-        with ``masks``."""
+        with ``masks``, or with ``boxes`` per image its objects' ``((x0, y0, x1, y1), phrase)``, the box
+        in fractions of the image, clipped (:func:`grounding`)."""
         w, h = bucket
         scenes = [sample_scene(self.rng, h / w) for _ in range(n)]
         images, captions = self._render([(s, w, h, None) for s in scenes]), [s.caption for s in scenes]
+        if boxes:
+            return images, captions, [grounding(s, w, h) for s in scenes]
         if not masks:
             return images, captions
         return images, captions, np.stack([render_mask(s, w, h) for s in scenes])
@@ -169,6 +177,17 @@ class SceneData:
             top, left = int(self.rng.integers(0, h - size + 1)), int(self.rng.integers(0, w - size + 1))
             jobs.append((scene, w, h, (top, left, top + size, left + size)))
         return self._render(jobs)
+
+
+def grounding(scene, width: int, height: int) -> list[tuple[tuple[float, float, float, float], str]]:
+    """A scene's objects as GLIGEN phrases and boxes: ``((x0, y0, x1, y1), "a big red circle")``, the
+    box (the object's bounding square, :func:`~anysize.train.scenes.object_boxes`) in fractions of the
+    image, clipped to it."""
+    out = []
+    for obj, (top, left, bottom, right) in zip(scene.objects, object_boxes(scene, width, height)):
+        box = (max(0.0, left / width), max(0.0, top / height), min(1.0, right / width), min(1.0, bottom / height))
+        out.append((box, object_phrase(obj)))
+    return out
 
 
 class FolderData:
@@ -360,6 +379,9 @@ class Trainer:
         if c.task == "controlnet":
             self._build_controlnet()
             return
+        if c.task == "gligen":
+            self._build_gligen()
+            return
         if c.task == "base":
             self.unet = self._load("unet", lambda: new_unet(c.resolution // self._factor(), 4, dim))
             native = native_side(self.vae, self.unet)
@@ -393,6 +415,26 @@ class Trainer:
         for m in (self.unet, self.text_encoder):
             m.requires_grad_(False)
         self.trainable, self.frozen = [self.controlnet], [self.vae, self.text_encoder, self.unet]
+
+    def _build_gligen(self) -> None:
+        """The init base model's UNet with GLIGEN's gated self-attention added (diffusers'
+        ``attention_type="gated"`` and its box projection), every base weight loaded and frozen: only the
+        new layers train, their gates starting shut (GLIGEN's tanh(0)), so training starts from the base
+        model's own output. Its EMA and checkpoints hold the whole UNet (the frozen part stays as it is)."""
+        from diffusers import UNet2DConditionModel
+
+        c = self.config
+        base = self._load("unet", None)
+        c.resolution = native_side(self.vae, base)
+        self.unet = UNet2DConditionModel.from_config({**base.config, "attention_type": "gated"})
+        missing, unexpected = self.unet.load_state_dict(base.state_dict(), strict=False)
+        new = [k for k in missing if not (k.startswith("position_net.") or ".fuser." in k)]
+        if unexpected or new:
+            raise RuntimeError(f"gligen: the gated UNet does not take the base's weights ({(unexpected + new)[:3]})")
+        for name, p in self.unet.named_parameters():
+            p.requires_grad_(name.startswith("position_net.") or ".fuser." in name)
+        self.text_encoder.requires_grad_(False)
+        self.trainable, self.frozen = [self.unet], [self.vae, self.text_encoder]
 
     def _factor(self) -> int:
         return vae_scale_factor(self.vae)
@@ -457,6 +499,8 @@ class Trainer:
             return error if c.decoder_only else error + 1e-6 * posterior.kl().mean()
         if c.task == "controlnet":
             return self._controlnet_loss()
+        if c.task == "gligen":
+            return self._gligen_loss()
         if c.task == "base":
             with self._timing("data"):
                 images, captions = self.data.batch(self._bucket(), c.batch_size)
@@ -495,6 +539,38 @@ class Trainer:
         down, mid = self.controlnet(noisy, t, encoder_hidden_states=text, controlnet_cond=cond, return_dict=False)
         pred = self.unet(noisy, t, encoder_hidden_states=text, down_block_additional_residuals=down,
                          mid_block_additional_residual=mid).sample
+        return F.mse_loss(pred, noise)
+
+    def _gligen_loss(self) -> torch.Tensor:
+        """The epsilon loss with every object's phrase grounded to its box (fractions of the image, the
+        CLIP pooled phrase embeddings, as diffusers' GLIGEN pipeline feeds them); captions dropped as for
+        ControlNet, the grounding dropped (masks 0) one time in ten, so the model also keeps its plain
+        output."""
+        c, device = self.config, self.device
+        with self._timing("data"):
+            images, captions, grounding = self.data.batch(self._bucket(), c.batch_size, boxes=True)
+        captions = [t if self.rng.random() > CONTROL_CAPTION_DROP else "" for t in captions]
+        latents = self._latents(to_tensor(images).to(device))
+        n = latents.shape[0]
+        boxes = torch.zeros(n, GLIGEN_OBJECTS, 4, device=device)
+        embeds = torch.zeros(n, GLIGEN_OBJECTS, self.unet.config.cross_attention_dim, device=device)
+        masks = torch.zeros(n, GLIGEN_OBJECTS, device=device)
+        with torch.no_grad():
+            text = self._encode_text(captions)
+            for i, objects in enumerate(grounding):
+                if not objects or self.rng.random() < GLIGEN_GROUNDING_DROP:
+                    continue
+                objects = objects[:GLIGEN_OBJECTS]
+                ids = self.tokenizer([p for _, p in objects], padding=True, truncation=True,
+                                     max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
+                embeds[i, : len(objects)] = self.text_encoder(ids.to(device)).pooler_output
+                boxes[i, : len(objects)] = torch.tensor([b for b, _ in objects], device=device)
+                masks[i, : len(objects)] = 1
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,), device=device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        gligen = {"boxes": boxes, "positive_embeddings": embeds, "masks": masks}
+        pred = self.unet(noisy, t, encoder_hidden_states=text, cross_attention_kwargs={"gligen": gligen}).sample
         return F.mse_loss(pred, noise)
 
     # -- loop
@@ -599,7 +675,7 @@ class Trainer:
             return self.controlnet  # a diffusers ControlNetModel directory (config.json + safetensors)
         sched = DPMSolverMultistepScheduler.from_config(self.noise_scheduler.config)
         parts = dict(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet)
-        if self.config.task == "base":
+        if self.config.task in ("base", "gligen"):  # a GLIGEN base: the gated UNet in an SD pipeline
             return StableDiffusionPipeline(**parts, scheduler=sched, safety_checker=None, feature_extractor=None,
                                            requires_safety_checker=False)
         scale = self.vae.config.scaling_factor
