@@ -20,6 +20,10 @@ bucket's image stretched 2x, a resize; its condition is squeezed into the bucket
 ``--full WxH`` runs both stages (with the default x4 upscaler, which keeps stage 1's layout; with
 ``--img2img``, img2img passes of the base model, each tile steered by its crop of the condition).
 Each row is appended to ``--jsonl`` as it comes and a rerun skips the rows there.
+
+``--gligen DIR``: a GLIGEN base (e.g. ``anysize train gligen`` of the default base) grounding each object's
+phrase to its bounding square (``anysize.train.trainer.grounding``) instead of the ControlNet, against the
+shipped base without grounding; the same scores.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import torch  # noqa: E402
 from anysize import AnySizePipeline  # noqa: E402
 from anysize.train.evaluate import SAT_MIN, VALUE_MIN, _hsv, detect_objects, score  # noqa: E402
 from anysize.train.scenes import object_boxes, render_mask, sample_scene  # noqa: E402
+from anysize.train.trainer import grounding  # noqa: E402
 from results_log import (STAGE1_SIZES, add_layout_arguments, append, done_keys, ratio_label,  # noqa: E402
                          run_and_tabulate, size_order)
 
@@ -64,10 +69,18 @@ def measure(image: np.ndarray, scene, condition: np.ndarray) -> dict:
             "objects": len(scene.objects), "exact": bool(score(found, scene)["exact"])}
 
 
+def methods(args) -> tuple[str, str]:
+    return ("gligen", "none") if args.gligen else METHODS
+
+
 def run(args) -> None:
-    loaded = AnySizePipeline.from_pretrained(controlnet="default")
+    loaded = AnySizePipeline.from_pretrained(controlnet=None if args.gligen else "default")
     upscaler = None if args.img2img else loaded.upscaler
-    pipe = AnySizePipeline(loaded.base, upscaler, controlnet=loaded.controlnets)
+    if args.gligen:
+        grounded = AnySizePipeline.from_pretrained(args.gligen, img2img=True)
+        pipe = AnySizePipeline(grounded.base, upscaler)
+    else:
+        pipe = AnySizePipeline(loaded.base, upscaler, controlnet=loaded.controlnets)
     plain = AnySizePipeline(loaded.base, upscaler)
     for p in (pipe, plain):
         p.set_progress_bar_config(disable=True)
@@ -78,12 +91,16 @@ def run(args) -> None:
         for i in range(args.layouts):
             scene = sample_scene(args.seed + i, height / width)
             condition = render_mask(scene, width, height)
-            for method in METHODS:
+            for method in methods(args):
                 if (ratio, size, i, method) in done:
                     continue
                 start = time.perf_counter()
                 extra = {"control_image": PIL.Image.fromarray(condition)} if method == "controlnet" else {}
-                image = (pipe if method == "controlnet" else plain)(
+                if method == "gligen":
+                    objects = grounding(scene, width, height)
+                    extra = {"gligen_phrases": [p for _, p in objects], "gligen_boxes": [b for b, _ in objects],
+                             "gligen_scheduled_sampling_beta": args.gligen_beta}
+                image = (plain if method == "none" else pipe)(
                     scene.caption, width=width, height=height, num_inference_steps=args.steps,
                     upscale_inference_steps=args.upscale_steps, guidance_scale=4, upscale_guidance_scale=1,
                     strength=args.strength, generator=torch.Generator().manual_seed(args.seed + i), **extra).images[0]
@@ -99,10 +116,12 @@ def run(args) -> None:
 
 def table(jsonl: Path) -> str:
     rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    METHODS = ("gligen", "none") if any(r["method"] == "gligen" for r in rows) else ("controlnet", "none")  # noqa: N806
+    name = "GLIGEN" if METHODS[0] == "gligen" else "ControlNet"
 
     keys = sorted({(r["ratio"], r["size"]) for r in rows}, key=size_order)
-    lines = ["| W:H | size | layouts | mask IoU: ControlNet | none | objects in place: ControlNet | none | "
-             "exact: ControlNet | none | s / image: ControlNet | none |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| W:H | size | layouts | mask IoU: {name} | none | objects in place: {name} | none | "
+             f"exact: {name} | none | s / image: {name} | none |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for ratio, size in keys:
         by = {m: [r for r in rows if (r["ratio"], r["size"], r["method"]) == (ratio, size, m)] for m in METHODS}
         n = min(len(by[m]) for m in METHODS)
@@ -153,6 +172,9 @@ def main() -> None:
                    help="with --full: stage 2 img2img with the base model, every pass steered tile by tile (default: "
                         "the x4 upscaler, which the ControlNet does not steer: the layout is stage 1's)")
     p.add_argument("--strength", type=float, default=0.3, help="img2img passes")
+    p.add_argument("--gligen", type=Path, default=None, metavar="DIR",
+                   help="a GLIGEN base: ground each object's phrase to its box instead of the ControlNet")
+    p.add_argument("--gligen-beta", type=float, default=0.3, help="GLIGEN's scheduled sampling (default 0.3)")
     p.add_argument("--figure", type=Path, default=None, metavar="JPG",
                    help="with --samples: layout 0 of every size in the samples, condition / none / ControlNet")
     p.add_argument("--figure-sizes", nargs="+", default=None, metavar="WxH")
