@@ -146,9 +146,6 @@ def unet_activation_bytes(unet: Any, height: int, width: int, batch: int) -> int
     return int(live * features * batch * _dtype_bytes(unet.dtype) + _largest_weight_bytes(unet))
 
 
-# Text tokens a transformer's joint attention carries beside the image's: FLUX's T5 window (512), SD3's
-# CLIP (77) and T5 (256) windows.
-_TEXT_TOKENS = {"flux": 512, "sd3": 333}
 # Live (tokens x hidden) tensors of one transformer block: the residual stream, the normed input, q, k, v,
 # the attention output and the MLP's 4x-wide hidden layer. An estimate from the block's structure, NOT
 # calibrated by a measured peak (unlike the UNet's); attention itself runs in fused kernels here.
@@ -159,7 +156,7 @@ def transformer_activation_bytes(net: Any, height: int, width: int, batch: int) 
     """Peak activation bytes of one SD3 / FLUX transformer call on ``batch`` latents of ``height x
     width`` latent px, weights excluded (:data:`_TRANSFORMER_LIVE`, uncalibrated)."""
     config, p = net.config, _nets.granularity(net)
-    tokens = math.ceil(height / p) * math.ceil(width / p) + _TEXT_TOKENS[_nets.kind(net)]
+    tokens = math.ceil(height / p) * math.ceil(width / p) + _nets.text_tokens(_nets.kind(net))
     hidden = int(config.num_attention_heads) * int(config.attention_head_dim)
     return int(_TRANSFORMER_LIVE * tokens * hidden * batch * _dtype_bytes(net.dtype) + _largest_weight_bytes(net))
 

@@ -391,9 +391,6 @@ def load_embedding(pipe, source, token: str | None = None, *, allow_pickle: bool
 
 
 # ---------------------------------------------------------------------- prompts
-TRANSFORMER_TEXT_WINDOW = {"flux": 512, "sd3": 256}  # diffusers' default max_sequence_length of each
-
-
 def prompt_problems(pipe, prompt: str, chunked: bool = False) -> list[str]:
     """What ``pipe``'s text encoder will not read of ``prompt``, one line each: tokens past its window
     (cut by diffusers' ``encode_prompt``, unless ``chunked``: read window by window), and words its
@@ -408,7 +405,7 @@ def prompt_problems(pipe, prompt: str, chunked: bool = False) -> list[str]:
     family = nets.kind(net) if net is not None else "unet"
     t5 = getattr(pipe, "tokenizer_3" if family == "sd3" else "tokenizer_2", None) if family != "unet" else None
     if t5 is not None:  # the T5 encoder reads the prompt (diffusers' max_sequence_length); CLIP adds a summary
-        tokenizer, limit = t5, TRANSFORMER_TEXT_WINDOW[family]
+        tokenizer, limit = t5, nets.T5_WINDOW[family]
     ids = tokenizer(prompt, truncation=False).input_ids
     if len(ids) > limit and not chunked:
         kept = tokenizer.decode(ids[1 : limit - 1], skip_special_tokens=True)

@@ -225,10 +225,6 @@ def _factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def _native(unet) -> int:
-    return nets.native_latent(unet)
-
-
 def _streams(output_path) -> bool:
     if output_path is None:
         return False
@@ -265,7 +261,7 @@ def build(request: Request, *, base_model=None, upscaler=None, buckets=None, gra
         if nets.is_transformer(net):  # whole patches (a bucket has them already); the decode crops to size
             g = nets.granularity(net)
             lat = (-(-lat[0] // g) * g, -(-lat[1] // g) * g)
-        tiling = dataclasses.replace(config, tile_size=config.tile_size or _native(net))
+        tiling = dataclasses.replace(config, tile_size=config.tile_size or nets.native_latent(net))
         if untiled:
             tiling = dataclasses.replace(tiling, method="none")
         banded = kind != "base" and banded_sampling(lat[0], lat[1], limit, tiling.method,

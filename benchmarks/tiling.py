@@ -55,7 +55,6 @@ UNETS = {
 
 
 TRANSFORMERS = ("flux", "sd3")
-TEXT_TOKENS = {"flux": 512, "sd3": 333}  # T5's window (FLUX), CLIP's 77 + T5's 256 (SD3)
 
 
 def build_transformer(args):
@@ -68,13 +67,15 @@ def build_transformer(args):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from random_models import FLUX_SCHEDULER, transformer
 
+    from anysize.core.nets import text_tokens
+
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     with torch.device(args.device):
         net = transformer(args.unet).to(dtype).eval()
     g = torch.Generator().manual_seed(0)
     width, pooled = net.config.joint_attention_dim, net.config.pooled_projection_dim
-    text = [torch.randn(1, TEXT_TOKENS[args.unet], width, generator=g).to(args.device, dtype) for _ in range(2)]
+    text = [torch.randn(1, text_tokens(args.unet), width, generator=g).to(args.device, dtype) for _ in range(2)]
     pools = [torch.randn(1, pooled, generator=g).to(args.device, dtype) for _ in range(2)]
     lat = args.size // args.vae_factor
     if args.unet == "flux":

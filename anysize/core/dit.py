@@ -33,6 +33,7 @@ from collections.abc import Sequence
 
 import torch
 
+from . import nets
 from .tiling import Box
 
 POSITIONS = ("global", "local")
@@ -52,9 +53,28 @@ def _rows(value: torch.Tensor | None, n: int) -> torch.Tensor | None:
     return value.expand(n, *value.shape[1:])
 
 
-class _Callbacks:
-    """What a ``callback_on_step_end`` may read and change of a transformer tile denoiser: its guidance
-    scale (``pipe._guidance_scale``), for the steps left; its embeddings are not exposed (no tensors)."""
+class _TransformerTiles:
+    """What the FLUX and SD3 tile denoisers share: one transformer call per tile (its images together),
+    the facts of their network (:mod:`anysize.core.nets`), and what a ``callback_on_step_end`` may read
+    and change: the guidance scale (``pipe._guidance_scale``), for the steps left; the embeddings are not
+    exposed (no tensors)."""
+
+    transformer: torch.nn.Module
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, boxes: Sequence[Box]) -> torch.Tensor:
+        per = x.shape[0] // len(boxes)  # images per box
+        return torch.cat([self._tile(x[i * per : (i + 1) * per], t, box)  # each subclass's own tile call
+                          for i, box in enumerate(boxes)])
+
+    @property
+    def granularity(self) -> int:
+        """FLUX's 2x2 packing, SD3's patch: tile sides and (with edges="cut") tile corners keep it."""
+        return nets.granularity(self.transformer)
+
+    @property
+    def native_tile_size(self) -> int:
+        """Latent px: FLUX's 1024 px training side at its VAE's factor 8, SD3's ``sample_size``."""
+        return nets.native_latent(self.transformer)
 
     def callback_tensors(self, names) -> dict[str, torch.Tensor]:
         return {}
@@ -89,7 +109,7 @@ def flux_image_ids(h: int, w: int, top: float = 0.0, left: float = 0.0, *, devic
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
-class FluxTileDenoiser(_Callbacks):
+class FluxTileDenoiser(_TransformerTiles):
     """Tile-level denoiser over a diffusers ``FluxTransformer2DModel`` (16-channel latents, 2x2 patches).
 
     ``prompt_embeds`` (B or 1, L, D) and ``pooled_prompt_embeds`` (B or 1, P): the T5 and CLIP
@@ -99,9 +119,6 @@ class FluxTileDenoiser(_Callbacks):
     per tile and ``neg + s * (pos - neg)``, as diffusers' ``true_cfg_scale``. ``positions``: "global"
     (each tile's ids where it lies in the whole latent) or "local" (ids from 0, as tiled nodes do).
     """
-
-    granularity = 2  # a 2x2 patch: tile sides and (with edges="cut") tile corners are even
-    native_tile_size = 128  # latent px: FLUX's 1024 px training side at the VAE's factor 8
 
     def __init__(self, transformer, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor, *,
                  guidance_scale: float = 3.5, true_cfg_scale: float = 1.0,
@@ -117,10 +134,6 @@ class FluxTileDenoiser(_Callbacks):
                                                                            negative_pooled_prompt_embeds)
         self.guidance_scale, self.true_cfg_scale = guidance_scale, true_cfg_scale
         self.joint_attention_kwargs = joint_attention_kwargs
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, boxes: Sequence[Box]) -> torch.Tensor:
-        per = x.shape[0] // len(boxes)  # images per box
-        return torch.cat([self._tile(x[i * per : (i + 1) * per], t, box) for i, box in enumerate(boxes)])
 
     def _tile(self, x: torch.Tensor, t: torch.Tensor, box: Box) -> torch.Tensor:
         b, _, h, w = x.shape
@@ -151,7 +164,7 @@ class FluxTileDenoiser(_Callbacks):
 
 
 # ---------------------------------------------------------------------- SD3
-class SD3TileDenoiser(_Callbacks):
+class SD3TileDenoiser(_TransformerTiles):
     """Tile-level denoiser over a diffusers ``SD3Transformer2DModel`` (SD 3.0 / 3.5), with CFG.
 
     ``prompt_embeds`` (B or 1, L, D) / ``pooled_prompt_embeds`` (B or 1, P) and their negatives: as
@@ -180,14 +193,6 @@ class SD3TileDenoiser(_Callbacks):
         self.positions_used = positions if fits else "local"
         self._full_corner = ((self.table - full[0]) // 2, (self.table - full[1]) // 2)
 
-    @property
-    def granularity(self) -> int:
-        return self.patch
-
-    @property
-    def native_tile_size(self) -> int:
-        return int(self.transformer.config.sample_size)
-
     def corner(self, box: Box) -> tuple[int, int]:
         """Where tile ``box``'s crop of the positional table starts (in patches)."""
         top, left, bottom, right = box
@@ -195,10 +200,6 @@ class SD3TileDenoiser(_Callbacks):
             return self._full_corner[0] + top // self.patch, self._full_corner[1] + left // self.patch
         h, w = -(-(bottom - top) // self.patch), -(-(right - left) // self.patch)
         return (self.table - h) // 2, (self.table - w) // 2  # the tile's own centred crop, as diffusers
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, boxes: Sequence[Box]) -> torch.Tensor:
-        per = x.shape[0] // len(boxes)  # images per box
-        return torch.cat([self._tile(x[i * per : (i + 1) * per], t, box) for i, box in enumerate(boxes)])
 
     def _tile(self, x: torch.Tensor, t: torch.Tensor, box: Box) -> torch.Tensor:
         b, dtype = x.shape[0], self.transformer.dtype

@@ -7,6 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 FLUX_NATIVE_LATENT = 128  # FLUX.1's 1024 px training side at its VAE's factor 8 (its config has no sample_size)
+T5_WINDOW = {"flux": 512, "sd3": 256}  # diffusers' default max_sequence_length: the T5 tokens each reads
+CLIP_WINDOW = 77
 
 
 def kind(net: Any) -> str:
@@ -41,6 +43,12 @@ def granularity(net: Any) -> int:
     if k == "sd3":
         return int(net.config.patch_size)
     return 2 ** (len(net.config.block_out_channels) - 1)
+
+
+def text_tokens(kind_: str) -> int:
+    """The text tokens a transformer's joint attention carries beside the image's: FLUX's T5 window,
+    SD3's CLIP window and T5 window joined."""
+    return T5_WINDOW[kind_] + (CLIP_WINDOW if kind_ == "sd3" else 0)
 
 
 def latent_channels(net: Any) -> int:

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
-from . import distributed
+from . import distributed, nets
 from .control import TileControl
 from .control import residuals as control_residuals
 from .grounding import TileGrounding
@@ -554,13 +554,12 @@ class UNetTileDenoiser:
     @property
     def native_tile_size(self) -> int:
         """The UNet's native latent side (``sample_size``): the tile side when the config leaves it open."""
-        size = self.unet.config.sample_size
-        return int(size if isinstance(size, int) else max(size))
+        return nets.native_latent(self.unet)
 
     @property
     def granularity(self) -> int:
         """The UNet's downsampling factor: a tile side it divides evenly at every level."""
-        return 2 ** (len(self.unet.config.block_out_channels) - 1)
+        return nets.granularity(self.unet)
 
     def _per_box(self, value: torch.Tensor | None, n_boxes: int) -> torch.Tensor | None:
         return None if value is None else value.repeat(n_boxes, *([1] * (value.dim() - 1)))
