@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .buckets import BEYOND_BUCKETS
+from .core.grounding import MAX_OBJECTS
 from .core.tiling import METHODS, TilingConfig
 from .regions import Region, normalize
 
@@ -200,6 +201,8 @@ class Request:
         self._check_gligen()
         if self.long_prompt not in LONG_PROMPTS:
             raise ValueError(f"long_prompt={self.long_prompt!r}: must be one of {', '.join(LONG_PROMPTS)}")
+        if not (_is_number(self.true_cfg_scale) and 1 <= self.true_cfg_scale < math.inf):
+            raise ValueError(f"true_cfg_scale={self.true_cfg_scale!r}: must be a number >= 1 (1: off)")
         if not (_is_number(self.guidance_rescale) and 0 <= self.guidance_rescale <= 1):
             raise ValueError(f"guidance_rescale={self.guidance_rescale!r}: must be a number in [0, 1]")
         kwargs = self.cross_attention_kwargs
@@ -319,8 +322,8 @@ class Request:
         if len(phrases) != len(boxes):
             raise ValueError(f"gligen_phrases and gligen_boxes: {len(phrases)} phrases for {len(boxes)} boxes; "
                              "one box each")
-        if len(phrases) > 30:
-            raise ValueError(f"gligen_phrases: {len(phrases)}; GLIGEN grounds at most 30")
+        if len(phrases) > MAX_OBJECTS:
+            raise ValueError(f"gligen_phrases: {len(phrases)}; GLIGEN grounds at most {MAX_OBJECTS}")
         for k, (phrase, box) in enumerate(zip(phrases, boxes)):
             if not isinstance(phrase, str) or not phrase.strip():
                 raise ValueError(f"gligen_phrases[{k}]={phrase!r}: must be a non-empty text")
@@ -329,8 +332,6 @@ class Request:
             if not ok:
                 raise ValueError(f"gligen_boxes[{k}]={box!r}: must be (x0, y0, x1, y1), fractions of the image in "
                                  "[0, 1] with x0 < x1 and y0 < y1")
-        if not (_is_number(self.true_cfg_scale) and 1 <= self.true_cfg_scale < math.inf):
-            raise ValueError(f"true_cfg_scale={self.true_cfg_scale!r}: must be a number >= 1 (1: off)")
         beta = self.gligen_scheduled_sampling_beta
         if not (_is_number(beta) and 0 <= beta <= 1):
             raise ValueError(f"gligen_scheduled_sampling_beta={beta!r}: must be a number in [0, 1]")

@@ -33,7 +33,7 @@ from .core import bands, nets
 from .core.checkpoint import RunDir, RunInterrupted, sample_resumable
 from .core.control import TileControl
 from .core.dit import FluxTileDenoiser, SD3TileDenoiser
-from .core.grounding import TileGrounding
+from .core.grounding import TileGrounding, phrase_embeddings
 from .core.progress import Progress
 from .core.regions import TileRegion
 from .core.sampler import UNetTileDenoiser, sample_banded
@@ -472,11 +472,7 @@ def _grounding(phase: Phase, req, timesteps) -> TileGrounding:
     """GLIGEN's phrases embedded as diffusers' GLIGEN pipeline embeds them (the text encoder's pooled
     output of the phrases, padded together) and their boxes, for this phase's latent; grounded during the
     first ``beta`` of the steps it runs (scheduled sampling)."""
-    model = phase.model
-    device = model.text_encoder.device
-    tokens = model.tokenizer(list(req.gligen_phrases), padding=True, truncation=True,  # past the window: cut
-                             max_length=model.tokenizer.model_max_length, return_tensors="pt").to(device)
-    embeds = model.text_encoder(**tokens).pooler_output
+    embeds = phrase_embeddings(phase.model.tokenizer, phase.model.text_encoder, req.gligen_phrases)
     steps = [float(t) for t in timesteps]
     grounded = int(req.gligen_scheduled_sampling_beta * len(steps))
     return TileGrounding(tuple(req.gligen_boxes), embeds, tuple(phase.latent), frozenset(steps[:grounded]))

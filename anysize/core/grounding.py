@@ -70,13 +70,25 @@ class TileGrounding:
         return {"boxes": boxes_t, "positive_embeddings": embeds_t, "masks": masks_t}
 
 
-def set_gated(unet, enabled: bool) -> None:
-    """Turn the UNet's gated self-attention layers on or off (diffusers' ``enable_fuser``)."""
+def gated_layers(unet) -> list:
+    """The UNet's gated self-attention layers, whose ``enabled`` switches them (diffusers' ``enable_fuser``)."""
     from diffusers.models.attention import GatedSelfAttentionDense
 
-    for module in unet.modules():
-        if type(module) is GatedSelfAttentionDense:
-            module.enabled = enabled
+    return [m for m in unet.modules() if type(m) is GatedSelfAttentionDense]
+
+
+def is_gligen_parameter(name: str) -> bool:
+    """Whether a UNet parameter belongs to what GLIGEN adds to a base model: the box projection
+    (``position_net``) or a gated self-attention layer (``fuser``)."""
+    return name.startswith("position_net.") or ".fuser." in name
+
+
+def phrase_embeddings(tokenizer, text_encoder, phrases) -> torch.Tensor:
+    """The phrases' embeddings as diffusers' GLIGEN pipeline takes them: the text encoder's pooled output
+    of the phrases tokenized together (padded; cut at the tokenizer's window)."""
+    tokens = tokenizer(list(phrases), padding=True, truncation=True, max_length=tokenizer.model_max_length,
+                       return_tensors="pt").to(text_encoder.device)
+    return text_encoder(**tokens).pooler_output
 
 
 def is_grounded(unet) -> bool:

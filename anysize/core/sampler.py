@@ -24,7 +24,7 @@ import torch
 from . import distributed, nets
 from .control import TileControl
 from .control import residuals as control_residuals
-from .grounding import TileGrounding
+from .grounding import TileGrounding, gated_layers
 from .progress import Progress, progress_bar
 from .regions import TileRegion, region_mask
 from .regions import blend as region_blend
@@ -548,7 +548,7 @@ class UNetTileDenoiser:
         self.negative_added_cond_kwargs = negative_added_cond_kwargs or added_cond_kwargs
         self.regions, self.controls = tuple(regions), tuple(controls)
         self.grounding = grounding
-        self._gated = [m for m in unet.modules() if type(m).__name__ == "GatedSelfAttentionDense"] if grounding else []
+        self._gated = gated_layers(unet) if grounding else []
         self._row_linears = _per_sample_linears(unet) + [m for c in self.controls for m in _per_sample_linears(c.model)]
 
     @property

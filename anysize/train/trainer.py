@@ -30,12 +30,12 @@ from ..buckets import Bucket, arad_buckets, model_granularity, native_side, near
 from ..models import component_dir
 from .scenes import (BACKGROUND_PHRASES, COLORS, NUMBER_WORDS, PATTERNS, PLURALS, SHAPES, SIZES, object_boxes,
                      object_phrase, render, render_crop, render_mask, sample_scene)
+from ..core.grounding import MAX_OBJECTS, is_gligen_parameter, phrase_embeddings
 from ..core.vae import vae_scale_factor
 from ..io.atomic import atomic_write, replace_dir
 
 TASKS = ("vae", "base", "upscaler", "controlnet", "gligen")
 CONTROL_CAPTION_DROP = 0.3  # share of ControlNet batches' captions left empty: it must also work from the mask alone
-GLIGEN_OBJECTS = 30  # diffusers' GLIGEN pipeline pads to (and cuts at) 30 grounded phrases
 GLIGEN_GROUNDING_DROP = 0.1  # share of GLIGEN images trained without their grounding
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -428,11 +428,11 @@ class Trainer:
         c.resolution = native_side(self.vae, base)
         self.unet = UNet2DConditionModel.from_config({**base.config, "attention_type": "gated"})
         missing, unexpected = self.unet.load_state_dict(base.state_dict(), strict=False)
-        new = [k for k in missing if not (k.startswith("position_net.") or ".fuser." in k)]
+        new = [k for k in missing if not is_gligen_parameter(k)]
         if unexpected or new:
             raise RuntimeError(f"gligen: the gated UNet does not take the base's weights ({(unexpected + new)[:3]})")
         for name, p in self.unet.named_parameters():
-            p.requires_grad_(name.startswith("position_net.") or ".fuser." in name)
+            p.requires_grad_(is_gligen_parameter(name))
         self.text_encoder.requires_grad_(False)
         self.trainable, self.frozen = [self.unet], [self.vae, self.text_encoder]
 
@@ -552,18 +552,17 @@ class Trainer:
         captions = [t if self.rng.random() > CONTROL_CAPTION_DROP else "" for t in captions]
         latents = self._latents(to_tensor(images).to(device))
         n = latents.shape[0]
-        boxes = torch.zeros(n, GLIGEN_OBJECTS, 4, device=device)
-        embeds = torch.zeros(n, GLIGEN_OBJECTS, self.unet.config.cross_attention_dim, device=device)
-        masks = torch.zeros(n, GLIGEN_OBJECTS, device=device)
+        boxes = torch.zeros(n, MAX_OBJECTS, 4, device=device)
+        embeds = torch.zeros(n, MAX_OBJECTS, self.unet.config.cross_attention_dim, device=device)
+        masks = torch.zeros(n, MAX_OBJECTS, device=device)
         with torch.no_grad():
             text = self._encode_text(captions)
             for i, objects in enumerate(grounding):
                 if not objects or self.rng.random() < GLIGEN_GROUNDING_DROP:
                     continue
-                objects = objects[:GLIGEN_OBJECTS]
-                ids = self.tokenizer([p for _, p in objects], padding=True, truncation=True,
-                                     max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
-                embeds[i, : len(objects)] = self.text_encoder(ids.to(device)).pooler_output
+                objects = objects[:MAX_OBJECTS]
+                embeds[i, : len(objects)] = phrase_embeddings(self.tokenizer, self.text_encoder,
+                                                              [p for _, p in objects])
                 boxes[i, : len(objects)] = torch.tensor([b for b, _ in objects], device=device)
                 masks[i, : len(objects)] = 1
         noise = torch.randn_like(latents)
