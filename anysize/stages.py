@@ -327,21 +327,13 @@ def _transformer_denoiser(model, family: str, prompt: str, negative_prompt: str 
                           latent: tuple[int, int] | None, regions, embeds, cross_attention_kwargs,
                           controls=(), guidance_rescale: float = 0.0, true_cfg_scale: float = 1.0, **extra):
     """An SD3 or FLUX tile denoiser (:mod:`anysize.core.dit`), its prompt through diffusers' own
-    ``encode_prompt``; each tile gets its global position. What anysize does only for UNets is refused
-    in one line."""
-    for what, used in (("regions", regions), ("control_image (ControlNet)", controls), ("prompt_embeds", embeds),
-                       ("guidance_rescale", guidance_rescale)):
-        if used:
-            raise ValueError(f"{what}: anysize supports it for SD 1.x / 2.x and SDXL; this base is {family.upper()}")
-    if extra:
-        raise ValueError(f"{', '.join(extra)}: not for a {family.upper()} base")
+    ``encode_prompt``; each tile gets its global position. What anysize does only for UNets (regions,
+    ControlNets, prompt embeddings, guidance rescale, GLIGEN; FLUX's negative prompt without true CFG)
+    was refused in one line when the request was checked (``AnySizePipeline._validate``)."""
+    assert not (regions or controls or embeds or guidance_rescale or extra), "checked by AnySizePipeline._validate"
     device = model.transformer.device
     lora = (cross_attention_kwargs or {}).get("scale")
     if family == "flux":
-        if bool(negative_prompt) != (true_cfg_scale > 1):
-            raise ValueError("negative_prompt and true_cfg_scale: FLUX.1's guidance is embedded (guidance_scale); "
-                             "a negative prompt acts only through true CFG, so pass both (true_cfg_scale > 1, CLI: "
-                             "--true-cfg X) or neither")
         encode = dict(prompt_2=None, device=device, num_images_per_prompt=1, lora_scale=lora)
         pos, pooled, _ = model.encode_prompt(prompt, **encode)
         negative = {}
@@ -350,8 +342,6 @@ def _transformer_denoiser(model, family: str, prompt: str, negative_prompt: str 
             negative = dict(true_cfg_scale=true_cfg_scale, negative_prompt_embeds=neg,
                             negative_pooled_prompt_embeds=neg_pooled)
         return FluxTileDenoiser(model.transformer, pos, pooled, guidance_scale=guidance_scale, **negative)
-    if true_cfg_scale != 1:
-        raise ValueError(f"true_cfg_scale: FLUX's; an {family.upper()} base guides with guidance_scale (CFG)")
     do_cfg = guidance_scale > 1.0
     pos, neg, pooled, neg_pooled = model.encode_prompt(
         prompt, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
