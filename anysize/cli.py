@@ -321,7 +321,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         help="the weights' variant, e.g. fp16 for a directory of *.fp16.safetensors")
     models.add_argument("--img2img", action="store_true", help="upscale img2img-style with the base model")
     models.add_argument("--no-t5", dest="without_t5", action="store_true",
-                        help="an SD3 --base without its T5 text encoder (4.7B parameters): its CLIP encoders alone "
+                        help="an SD3 --base without its T5 text encoder (4.8B parameters): its CLIP encoders alone "
                              "read the prompt")
     models.add_argument("--lora", type=_lora, action="append", default=None, metavar="PATH[:SCALE]",
                         help="a LoRA of the base model (.safetensors, kohya/A1111 or diffusers format) and its "

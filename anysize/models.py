@@ -160,7 +160,7 @@ def load_pipeline(source: str | os.PathLike, *, device: torch.device, dtype: tor
     """A diffusers pipeline from a directory, a single ``.safetensors`` file (SD 1.x/2.x, SDXL, the x4
     upscaler; ``config``: a diffusers directory of the same family, which diffusers needs offline), or
     a hub id; ``variant``: the weights' variant (``"fp16"`` for ``*.fp16.safetensors``);
-    ``without_t5``: an SD3 directory without its T5 encoder (4.7B parameters; diffusers then encodes
+    ``without_t5``: an SD3 directory without its T5 encoder (4.8B parameters; diffusers then encodes
     the prompt with the two CLIP encoders alone).
 
     Raises :class:`ModelLoadError` with one line naming the source and what was tried.
