@@ -34,6 +34,7 @@ TILING = ("fstd", "overlap", "naive", "none")  # anysize.core.tiling.METHODS, na
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 SCHEDULER_NAMES = tuple(SCHEDULERS)
 MIN_SIDE = 8
+UPSCALER_STEPS = "the upscaler's own choice, 1 with the default model; else 20"  # AnySizePipeline.default_upscale_steps
 EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 COMMAND_FILE = "command.json"  # in a --run-dir: the command line that ``anysize resume`` runs again
 
@@ -184,8 +185,8 @@ def _add_generate(sub) -> None:
                                    "it with tiled diffusion to exactly WxH.")
     p.add_argument("prompt", metavar="PROMPT")
     _add_request(p, steps=30)
-    p.add_argument("--upscale-steps", type=_int_at_least(1), default=20, metavar="N",
-                   help="stage 2 sampling steps per pass (default 20)")
+    p.add_argument("--upscale-steps", type=_int_at_least(1), default=None, metavar="N",
+                   help=f"stage 2 sampling steps per pass (default: {UPSCALER_STEPS})")
     p.add_argument("--guidance", type=_float_in(0, math.inf), default=7.5, metavar="X",
                    help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--upscale-guidance", type=_float_in(0, math.inf), default=None, metavar="X",
@@ -223,7 +224,7 @@ def _add_panorama(p: argparse.ArgumentParser) -> None:
 def _add_upscale(sub) -> None:
     p = sub.add_parser("upscale", help="enlarge an image to exactly WxH pixels (stage 2 alone)")
     p.add_argument("image", metavar="IMAGE", help="input image (any format Pillow reads)")
-    _add_request(p, steps=20)
+    _add_request(p, steps=None)
     p.add_argument("--prompt", default="", metavar="TEXT", help="what the image shows (default: empty)")
     p.add_argument("--negative", default=None, metavar="TEXT", help="negative prompt")
     p.add_argument("--guidance", type=_float_in(0, math.inf), default=1.0, metavar="X",
@@ -241,7 +242,7 @@ def _add_request(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--seed", type=_seed, default=None, metavar="N", help="random seed (default: a random one, "
                    "printed and stored in the file)")
     p.add_argument("--steps", type=_int_at_least(1), default=steps, metavar="N",
-                   help=f"sampling steps (default {steps})")
+                   help=f"sampling steps (default {steps or UPSCALER_STEPS})")
     p.add_argument("--run-dir", default=None, metavar="DIR",
                    help="checkpoint the run in DIR; after a crash or Ctrl-C, 'anysize resume DIR' continues it")
     p.add_argument("--checkpoint-every", type=_int_at_least(1), default=1, metavar="N",
@@ -304,8 +305,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                          help="fraction of each phase's steps before a ControlNet starts acting (default 0)")
     control.add_argument("--control-end", type=_float_in(0, 1), action="append", default=None, metavar="X",
                          help="fraction of each phase's steps after which it stops (default 1)")
-    p.add_argument("--color-fix", choices=("adain", "none"), default="adain",
-                   help="match stage 2's colour statistics to its input's (default adain)")
+    p.add_argument("--color-fix", choices=("backproject", "adain", "none"), default="backproject",
+                   help="backproject: make each stage-2 pass's output average down to its input (its colours and "
+                        "shapes at the input's resolution); adain: match only the colour statistics (default "
+                        "backproject)")
     p.add_argument("--strength", type=_float_in(0, 1, low_open=True), default=0.3, metavar="X",
                    help="img2img upscaling: how much each pass may change (default 0.3)")
     p.add_argument("--noise-level", type=_int_at_least(0), default=20, metavar="N",
@@ -382,6 +385,10 @@ def _run(args: argparse.Namespace, source, extra: dict, pipe=None, **request) ->
     out = check_output_path(args.output, args.size)
     controls = _control_images(args)  # read before the models load: a bad file stops at once
     pipe = _load(args) if pipe is None else pipe
+    if "upscale_inference_steps" in request and request["upscale_inference_steps"] is None:
+        # recorded resolved, so the metadata and --from-image say the steps that ran
+        request["upscale_inference_steps"] = pipe.default_upscale_steps
+        extra["upscale_steps" if request["call"] == "generate" else "steps"] = pipe.default_upscale_steps
     from .request import Request
     from .stages import image_digest
 
@@ -528,6 +535,12 @@ def _add_train(sub) -> None:
                         "a GPU run needs a few to keep the model busy)")
     p.add_argument("--max-minutes", type=_float_in(0, 1e6, low_open=True), default=None, metavar="M",
                    help="stop after M minutes of training (checkpoint and export); run again to continue")
+    p.add_argument("--final-t-fraction", type=_float_in(0, 1), default=0.0, metavar="F",
+                   help="base / upscaler: fraction of each batch trained at the last timestep, where a "
+                        "one-step sampler evaluates the model (default 0: uniform timesteps)")
+    p.add_argument("--blur-fraction", type=_float_in(0, 1), default=0.0, metavar="F",
+                   help="upscaler: fraction of each batch whose low-res input is also blurred, as a later pass's "
+                        "input (an upscaler's output) is softer than a downsampled image (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_train)
 
@@ -541,6 +554,7 @@ def _train(args: argparse.Namespace) -> int:
         crop=args.crop, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         checkpoint_every=args.checkpoint_every, seed=args.seed, workers=args.workers,
         max_minutes=args.max_minutes, progress=not args.quiet, decoder_only=args.decoder_only,
+        final_t_fraction=args.final_t_fraction, blur_fraction=args.blur_fraction,
     )
     print(train(config))
     return 0

@@ -27,6 +27,48 @@ class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message is one line naming what was tried."""
 
 
+SETTINGS_FILE = "anysize.json"  # optional, beside model_index.json: how the model wants to be run
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """What a model directory's optional ``anysize.json`` says about running it (diffusers has no place
+    for it). ``upscale_inference_steps``: the steps of a stage-2 pass with this model when the call
+    gives none (None: the pipeline's default, 20). ``text``: False for a model trained on the empty
+    prompt only (the default upscaler): it then gets the empty prompt, no negative prompt and no
+    regions, whatever the call's, since any other text is outside what it learned."""
+
+    upscale_inference_steps: int | None = None
+    text: bool = True
+
+
+def read_settings(root: str | os.PathLike) -> ModelSettings:
+    """The :class:`ModelSettings` of a diffusers directory (the defaults where it has no ``anysize.json``);
+    one-line :class:`ModelLoadError` for a file that is not what it should be."""
+    path = Path(root) / SETTINGS_FILE
+    if not path.is_file():
+        return ModelSettings()
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: not readable JSON ({_first_line(exc)})") from exc
+    known = {"upscale_inference_steps", "text"}
+    if not isinstance(data, dict) or set(data) - known:
+        raise ModelLoadError(f"{path}: must be an object with only {', '.join(sorted(known))}")
+    steps, text = data.get("upscale_inference_steps"), data.get("text", True)
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+        raise ModelLoadError(f"{path}: upscale_inference_steps={steps!r} must be an integer >= 1")
+    if not isinstance(text, bool):
+        raise ModelLoadError(f"{path}: text={text!r} must be true or false")
+    return ModelSettings(upscale_inference_steps=steps, text=text)
+
+
+def settings_of(pipe) -> ModelSettings:
+    """The settings a loaded pipeline came with (:func:`load_pipeline` reads them; a pipeline built
+    elsewhere has the defaults)."""
+    return getattr(pipe, "anysize_settings", None) or ModelSettings()
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     """float16 on accelerators (the VAE is upcast where it overflows), float32 on the CPU."""
     return torch.float32 if device.type == "cpu" else torch.float16
@@ -206,6 +248,7 @@ def load_pipeline(source: str | os.PathLike, *, device: torch.device, dtype: tor
                              f"(got {type(pipe).__name__})")
     if path.is_dir():
         restore_vae_scale(pipe.vae, path)
+        pipe.anysize_settings = read_settings(path)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

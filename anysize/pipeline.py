@@ -403,6 +403,13 @@ class AnySizePipeline:
         return _nets.of(self.base if self.base is not None else self.upscaler).dtype
 
     @property
+    def default_upscale_steps(self) -> int:
+        """Stage 2's steps per pass when a call gives none: the upscaler's own choice (its directory's
+        ``anysize.json``, :class:`anysize.models.ModelSettings`; the embedded default model's is 1), else 20."""
+        own = models.settings_of(self.upscaler).upscale_inference_steps if self.upscaler is not None else None
+        return own or 20
+
+    @property
     def stage2_factor(self) -> int:
         return 4 if self.upscaler is not None else 2
 
@@ -413,7 +420,7 @@ class AnySizePipeline:
     # ------------------------------------------------------------------ requests and plans
     def check_inputs(self, prompt, width, height, num_inference_steps=1, upscale_inference_steps=1,
                      guidance_scale=1.0, tiling="fstd", tile_size=None, tile_batch_size=None, output_type="pil",
-                     strength=0.3, color_fix="adain", noise_level=20, **request) -> None:
+                     strength=0.3, color_fix="backproject", noise_level=20, **request) -> None:
         """Validate every argument before any compute (:meth:`anysize.request.Request.validate`);
         ``num_inference_steps=None`` checks a stage-2-only call (:meth:`upscale`)."""
         self._validate(Request(
@@ -425,6 +432,8 @@ class AnySizePipeline:
 
     def _validate(self, request: Request) -> Request:
         up = self.upscaler
+        if request.upscale_inference_steps is None:
+            request = dataclasses.replace(request, upscale_inference_steps=self.default_upscale_steps)
         level = 1000 if up is None else int(getattr(up.config, "max_noise_level", None) or 350)
         request = request.validate(has_base=self.base is not None, max_noise_level=level,
                                    controlnets=len(self.controlnets))
@@ -491,12 +500,12 @@ class AnySizePipeline:
     @torch.no_grad()
     def __call__(self, prompt=None, height: int = 1024, width: int = 1024, *,
                  generator: torch.Generator | list[torch.Generator] | None = None, num_images_per_prompt: int = 1,
-                 num_inference_steps: int = 30, upscale_inference_steps: int = 20, guidance_scale: float = 7.5,
+                 num_inference_steps: int = 30, upscale_inference_steps: int | None = None, guidance_scale: float = 7.5,
                  upscale_guidance_scale: float | None = None, negative_prompt: str | None = None,
                  tiling: str | TilingConfig = "fstd", tile_size: int | None = None,
                  tile_batch_size: int | None = None, output_type: str = "pil",
                  callback_on_step_end: Callable | None = None, noise_level: int = 20, strength: float = 0.3,
-                 color_fix: str | None = "adain", max_memory: int | None = None, vae_tile_size: int | None = None,
+                 color_fix: str | None = "backproject", max_memory: int | None = None, vae_tile_size: int | None = None,
                  output_path=None, output_metadata: dict | None = None, run_dir=None, checkpoint_every: int = 1,
                  latent_memory: int | None = None, panorama: str = "stretch", regions=None,
                  control_image=None, controlnet_conditioning_scale: float | list[float] = 1.0,
@@ -514,15 +523,18 @@ class AnySizePipeline:
         Positionally ``(prompt, height, width)``, diffusers' order. ``generator``: one for all images (drawn
         from in turn), or a list of one per image (prompt-major), as in diffusers.
 
-        Stage 1 uses ``num_inference_steps`` and ``guidance_scale``; stage 2 ``upscale_inference_steps``,
-        ``upscale_guidance_scale`` (default ``guidance_scale``) and ``noise_level`` (x4 upscaler) or
+        Stage 1 uses ``num_inference_steps`` and ``guidance_scale``; stage 2 ``upscale_inference_steps``
+        (None: :attr:`default_upscale_steps`, the upscaler's own choice), ``upscale_guidance_scale`` (default ``guidance_scale``) and ``noise_level`` (x4 upscaler) or
         ``strength`` (img2img). ``tiling``: "fstd" | "overlap" | "naive" | "none", or a
         :class:`~anysize.core.tiling.TilingConfig` (stride, shift, weighting...); ``tile_size`` in latent
         px (None: the model's native sample size); ``tile_batch_size`` tiles per UNet call and
         ``vae_tile_size`` the VAE decode's core tile (latent px): None lets the memory planner choose
         within ``max_memory`` bytes (default: what is free), and a request that cannot fit raises
         :class:`~anysize.memory.MemoryPreflightError` before any compute (``out.memory_plan``).
-        ``color_fix="adain"`` matches stage 2's colour statistics to stage 1's.
+        ``color_fix``: "backproject" (default) makes each stage-2 pass's output consistent with its input
+        (area-averaged back down, it gives the input: :mod:`anysize.io.backproject`), so stage 2 keeps
+        stage 1's colours and shapes and adds only what lies above their resolution; "adain" matches
+        only the colour statistics to stage 1's (StableSR's AdaIN fix); None or "none" leaves them.
         ``callback_on_step_end(pipe, step, timestep, kwargs)`` gets ``{"latents", "stage"}`` and may
         return ``{"latents": tensor}``; ``hooks``: an object (or list) with ``on_phase_start(phase)`` /
         ``on_phase_end(phase)``, called around each phase of the plan (:class:`anysize.stages.Hooks`).
@@ -582,12 +594,12 @@ class AnySizePipeline:
                         callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
 
     @torch.no_grad()
-    def upscale(self, image, width: int, height: int, prompt: str = "", *, num_inference_steps: int = 20,
+    def upscale(self, image, width: int, height: int, prompt: str = "", *, num_inference_steps: int | None = None,
                 guidance_scale: float = 1.0, negative_prompt: str | None = None,
                 tiling: str | TilingConfig = "fstd", tile_size: int | None = None,
                 tile_batch_size: int | None = None, vae_tile_size: int | None = None,
                 generator: torch.Generator | None = None, output_type: str = "pil", noise_level: int = 20,
-                strength: float = 0.3, color_fix: str | None = "adain", callback_on_step_end: Callable | None = None,
+                strength: float = 0.3, color_fix: str | None = "backproject", callback_on_step_end: Callable | None = None,
                 max_memory: int | None = None, output_path=None, output_metadata: dict | None = None,
                 run_dir=None, checkpoint_every: int = 1, latent_memory: int | None = None,
                 regions=None, control_image=None, controlnet_conditioning_scale: float | list[float] = 1.0,

@@ -22,7 +22,7 @@ from .core.tiling import METHODS, TilingConfig
 from .regions import Region, normalize
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-COLOR_FIXES = ("adain", "none")
+COLOR_FIXES = ("backproject", "adain", "none")
 CALLS = ("generate", "upscale")
 MIN_SIDE = 8
 TILE = "tile"  # a control image that is each stage-2 pass's own input (ControlNet-tile upscaling)
@@ -67,7 +67,7 @@ class Request:
     call: str = "generate"
     negative_prompt: str | None = None
     num_inference_steps: int | None = 30
-    upscale_inference_steps: int = 20
+    upscale_inference_steps: int | None = None  # None: the stage-2 model's (AnySizePipeline.default_upscale_steps)
     guidance_scale: float = 7.5
     upscale_guidance_scale: float | None = None
     tiling: str | TilingConfig = "fstd"
@@ -79,7 +79,7 @@ class Request:
     output_type: str = "pil"
     noise_level: int = 20
     strength: float = 0.3
-    color_fix: str | None = "adain"
+    color_fix: str | None = "backproject"
     panorama: str = "stretch"
     source_size: tuple[int, int] | None = None  # upscale: the input image's (width, height)
     source_digest: str | None = None  # upscale: a hash of the input's pixels (run directories compare it)
@@ -128,7 +128,7 @@ class Request:
 
     @property
     def color_fixed(self) -> bool:
-        return self.color_fix == "adain"
+        return self.color_fix in ("adain", "backproject")
 
     def tiling_config(self) -> TilingConfig:
         """The tiling as a :class:`TilingConfig`, with ``tile_size`` / ``tile_batch_size`` given on their own
@@ -163,7 +163,7 @@ class Request:
         steps = self.num_inference_steps
         for name, value, minimum in (("width", self.width, MIN_SIDE), ("height", self.height, MIN_SIDE),
                                      ("num_inference_steps", 1 if steps is None else steps, 1),
-                                     ("upscale_inference_steps", self.upscale_inference_steps, 1),
+                                     ("upscale_inference_steps", _or(self.upscale_inference_steps, 1), 1),
                                      ("tile_batch_size", _or(self.tile_batch_size, 1), 1),
                                      ("vae_tile_size", _or(self.vae_tile_size, 8), 8),
                                      ("noise_level", self.noise_level, 0),

@@ -51,8 +51,11 @@ STATES = ("queued", "running", "done", "failed", "cancelled")
 OPTIONS = {"negative": "--negative", "seed": "--seed", "steps": "--steps", "upscale_steps": "--upscale-steps",
            "guidance": "--guidance", "upscale_guidance": "--upscale-guidance", "tiling": "--tiling",
            "scheduler": "--scheduler", "tile_size": "--tile-size"}
-FIELDS = ("prompt", "width", "height", "model", *OPTIONS)
-DEFAULTS = {"width": 768, "height": 384, "steps": 30, "upscale_steps": 20, "guidance": 7.5, "tiling": "fstd"}
+# fields of one line per value, each line a repeat of the option
+LINES = {"regions": "--region"}
+FIELDS = ("prompt", "width", "height", "model", *OPTIONS, *LINES)
+# upscale_steps is left empty: the model's own choice (AnySizePipeline.default_upscale_steps)
+DEFAULTS = {"width": 768, "height": 384, "steps": 30, "guidance": 7.5, "tiling": "fstd"}
 DEFAULT_MODEL = "default"
 MAX_PROMPT = 4000  # characters: far past any text encoder's window, short of abuse
 EVENT_INTERVAL = 0.1  # s: progress events of one job at most this often (the state changes always go)
@@ -146,6 +149,11 @@ def job_argv(commands: Commands, fields: Any, models: dict[str, list[str]], out:
             value = str(seed)
         if value:
             argv.append(f"{flag}={value}")  # '=': a value that starts with '-' stays a value
+    for name, flag in LINES.items():
+        value = fields.get(name)
+        if value is not None and not isinstance(value, str):
+            raise FieldError(f"{name}: {json.dumps(value)} is not a text (one per line)")
+        argv += [f"{flag}={line.strip()}" for line in (value or "").splitlines() if line.strip()]
     argv += models[model]
     try:
         commands.parse(argv)
@@ -166,7 +174,7 @@ def _text(value: Any, name: str) -> str:
 def _field_message(message: str) -> str:
     """The parser's message with the option named as the form's field ('argument --steps: ...' ->
     'steps: ...'; '--size' -> 'width x height')."""
-    names = {flag: name for name, flag in OPTIONS.items()} | {"--size": "width x height"}
+    names = {flag: name for name, flag in (OPTIONS | LINES).items()} | {"--size": "width x height"}
     for flag, name in sorted(names.items(), key=lambda kv: -len(kv[0])):
         message = re.sub(rf"(argument )?{re.escape(flag)}(?![\w-])", name, message)
     return message

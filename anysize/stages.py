@@ -39,6 +39,7 @@ from .core.regions import TileRegion
 from .core.sampler import UNetTileDenoiser, sample_banded
 from .core.vae import tiled_decode, tiled_encode, vae_scale_factor
 from .io import stream
+from .io.backproject import backproject
 from .io.output import save_image
 from .plan import Phase, RunPlan, Size
 from .regions import FEATHER, Region
@@ -214,6 +215,7 @@ def run_image(ctx: Context, prompt: str, source: PIL.Image.Image | None = None, 
 def _run_phases(ctx: Context, prompt: str, source, file):
     image = reference = source
     latents = array = None
+    backprojected = ctx.plan.request.color_fix == "backproject"
     for phase in ctx.plan.phases:
         with ctx.phase(phase):
             if phase.kind == "base":
@@ -227,6 +229,8 @@ def _run_phases(ctx: Context, prompt: str, source, file):
             elif phase.kind == "decode":
                 array = decode(ctx, phase, latents)
                 if not phase.last:  # the next pass (or the resize) reads the PIL image
+                    if backprojected and image is not None:  # a pass's output, consistent with its input
+                        backproject(array, image)
                     image, array = PIL.Image.fromarray(array), None
                     reference = image if reference is None else reference  # stage 1's: the colour reference
             else:
@@ -239,6 +243,8 @@ def _output(ctx: Context, array, image, reference, file):
     req = ctx.plan.request
     if array is None:
         array = np.array(_resize(image, req.size))
+    elif req.color_fix == "backproject" and ctx.plan.passes:
+        array = backproject(array, image)  # the last pass's input
     elif req.color_fixed and ctx.plan.passes:
         array = adain_color_fix(array, reference)
     if file is not None:
@@ -444,14 +450,17 @@ def _phase_denoiser(ctx: Context, phase: Phase, prompt: str, timesteps=None, ima
                     **extra) -> UNetTileDenoiser:
     """:func:`denoiser` for a sampling phase of ``ctx``'s plan: its model, guidance, size and latent,
     the request's negative prompt and regions, and the ControlNets that steer it (``timesteps``: the
-    ones the phase runs; ``image``: its input, the control image of a :data:`TILE` ControlNet)."""
+    ones the phase runs; ``image``: its input, the control image of a :data:`TILE` ControlNet). A model
+    trained without text (:class:`anysize.models.ModelSettings`) gets the empty prompt and no regions."""
     req = ctx.plan.request
+    text = models.settings_of(phase.model).text
+    prompt, negative, regions = (prompt, req.negative_prompt, req.regions) if text else ("", None, ())
     controls = _controls(ctx, phase, timesteps, image) if phase.controls else ()
     embeds = ctx.text_embeds if phase.kind in ("base", "img2img") else None  # the base model's embeddings
     if req.gligen_phrases and phase.kind in ("base", "img2img"):
         extra["grounding"] = _grounding(phase, req, timesteps)
-    ctx.denoiser = denoiser(phase.model, prompt, req.negative_prompt, phase.guidance_scale, phase.size,
-                            regions=req.regions, latent=phase.latent, controls=controls, clip_skip=req.clip_skip,
+    ctx.denoiser = denoiser(phase.model, prompt, negative, phase.guidance_scale, phase.size,
+                            regions=regions, latent=phase.latent, controls=controls, clip_skip=req.clip_skip,
                             cross_attention_kwargs=req.cross_attention_kwargs, embeds=embeds,
                             long_prompt=req.long_prompt, guidance_rescale=req.guidance_rescale,
                             **({"true_cfg_scale": req.true_cfg_scale} if req.true_cfg_scale != 1 else {}), **extra)

@@ -177,7 +177,7 @@ def main() -> int:
     p.add_argument("--scenes", type=int, default=8)
     p.add_argument("--scene-seed", type=int, default=500)
     p.add_argument("--steps", type=int, default=30, help="stage-1 steps (generate)")
-    p.add_argument("--upscale-steps", type=int, default=20)
+    p.add_argument("--upscale-steps", type=int, default=None, help="default: the upscaler's own (1 for the default model)")
     p.add_argument("--no-generate", dest="generate", action="store_false", help="the ground-truth rows only")
     p.add_argument("--jsonl", type=Path, required=True)
     p.add_argument("--table", type=Path, default=None)

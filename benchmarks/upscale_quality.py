@@ -182,6 +182,7 @@ def run(args) -> dict:
     vae_factor = vae_scale_factor(pipe.upscaler.vae)
     tile = args.tile_size or int(pipe.upscaler.unet.config.sample_size)
     w, h = args.base_size
+    args.steps = args.steps or pipe.default_upscale_steps  # the upscaler's own choice (its anysize.json)
     kw = dict(num_inference_steps=args.steps, noise_level=args.noise_level, guidance_scale=args.guidance,
               tile_size=args.tile_size, tile_batch_size=args.tile_batch, color_fix=args.color_fix)
     # warm-up: lazy initialisation (kernels, allocator) must not land in the first method's time
@@ -267,12 +268,12 @@ def main(argv=None) -> int:
     p.add_argument("--scenes", type=int, default=4)
     p.add_argument("--scene-seed", type=int, default=0, help="scenes use seeds SCENE_SEED .. SCENE_SEED + N - 1")
     p.add_argument("--seed", type=int, default=0, help="upscaler noise seed (scene i: SEED + i, every method)")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=None, help="default: the upscaler's own (1 for the default model), else 20")
     p.add_argument("--noise-level", type=int, default=20)
     p.add_argument("--guidance", type=float, default=1.0)
     p.add_argument("--tile-size", type=int, default=None, help="latent px (default: the upscaler's sample_size)")
     p.add_argument("--tile-batch", type=int, default=8)
-    p.add_argument("--color-fix", choices=("adain", "none"), default="adain")
+    p.add_argument("--color-fix", choices=("backproject", "adain", "none"), default="backproject")
     p.add_argument("--seam-halfwidth", type=int, default=1, help="differences counted either side of a grid line")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: float16 on GPUs)")
@@ -281,7 +282,7 @@ def main(argv=None) -> int:
     p.add_argument("--crop-size", type=int, default=64, help="crop side in output px")
     p.add_argument("--crop-zoom", type=int, default=4)
     args = p.parse_args(argv)
-    if args.scenes < 1 or args.steps < 1:
+    if args.scenes < 1 or (args.steps is not None and args.steps < 1):
         p.error("--scenes and --steps must be >= 1")
     args.factors, args.methods = list(dict.fromkeys(args.factors)), list(dict.fromkeys(args.methods))
     results = run(args)

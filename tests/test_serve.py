@@ -91,6 +91,9 @@ def wait_for(url: str, job_id: int, states=("done", "failed", "cancelled"), time
     ({"prompt": "x", "width": 64, "height": 64, "steps": [2]}, ["steps", "[2]", "not a number"]),
     ({"prompt": "x", "width": True, "height": 64}, ["width", "true"]),
     ({"prompt": "x" * 5000, "width": 64, "height": 64}, ["prompt", "5000 characters"]),
+    ({"prompt": "x", "width": 64, "height": 64, "regions": "0,0,1,1:a\n0,0,0.5,1"},
+     ["regions", "x0,y0,x1,y1:prompt"]),
+    ({"prompt": "x", "width": 64, "height": 64, "regions": ["0,0,1,1:a"]}, ["regions", "not a text"]),
     ([1, 2], ["JSON object"]),
 ])
 def test_bad_fields_get_one_line_naming_the_field(tmp_path, models, fields, words):
@@ -117,6 +120,11 @@ def test_fields_become_the_generate_command_line(tmp_path, models):
     second = server.submit({"prompt": "again", "width": 64, "height": 64})
     assert second.id == 2 and 0 <= second.seed < 2**32, "no seed: one drawn at once, shown from the start"
     assert second.file.name == f"00002-{second.seed}.png"
+    third = server.submit({"prompt": "two", "width": 64, "height": 32,
+                           "regions": "0,0,0.5,1:a red circle on grass\n\n 0.5,0,1,1,0.5:-a blue square \n"})
+    args = cli.build_parser().parse_args(["generate", *third.argv])
+    assert [(prompt, weight) for _, prompt, weight in args.region] == [("a red circle on grass", 1.0),
+                                                                       ("-a blue square", 0.5)]
 
 
 # ---------------------------------------------------------------------- the queue and the worker

@@ -14,6 +14,7 @@ budget is 40 MB in all); the pipeline casts back to its working dtype on load.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -21,11 +22,15 @@ from pathlib import Path
 import torch
 
 DEST = Path(__file__).resolve().parents[1] / "anysize" / "default_model"
+# Each part's anysize.json (anysize.models.ModelSettings). The upscaler was trained on the empty prompt
+# only, and one step scores best with it (docs/benchmarks.md, "Upscaling quality").
+SETTINGS = {"upscaler": {"upscale_inference_steps": 1, "text": False}}
 
 
-def save_fp16(source: str | Path, out: Path, vae: str | Path | None = None) -> int:
+def save_fp16(source: str | Path, out: Path, vae: str | Path | None = None, settings: dict | None = None) -> int:
     """``source`` (a diffusers directory) saved to ``out`` with its UNet, VAE (``vae``'s if given) and
-    text encoder in float16, through a temp directory renamed into place; returns the bytes written."""
+    text encoder in float16, and ``settings`` as its ``anysize.json``, through a temp directory
+    renamed into place; returns the bytes written."""
     from diffusers import AutoencoderKL, DiffusionPipeline
 
     from anysize.models import component_dir, restore_vae_scale
@@ -39,13 +44,15 @@ def save_fp16(source: str | Path, out: Path, vae: str | Path | None = None) -> i
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
+    if settings:
+        (tmp / "anysize.json").write_text(json.dumps(settings, indent=1) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
 
 
 def ship(source: str, role: str, vae: str | None = None) -> int:
-    return save_fp16(source, DEST / role, vae)
+    return save_fp16(source, DEST / role, vae, SETTINGS.get(role))
 
 
 def main(argv: list[str]) -> int:

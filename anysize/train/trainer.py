@@ -38,6 +38,7 @@ TASKS = ("vae", "base", "upscaler", "controlnet", "gligen")
 CONTROL_CAPTION_DROP = 0.3  # share of ControlNet batches' captions left empty: it must also work from the mask alone
 GLIGEN_GROUNDING_DROP = 0.1  # share of GLIGEN images trained without their grounding
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+BLUR_SIGMA = (0.5, 2.0)  # low-res px: the range of blur_fraction's Gaussian (an x4 output is about 1 px soft)
 
 
 @dataclass
@@ -60,6 +61,14 @@ class TrainConfig:
         plain numpy on the CPU, so on a GPU it can leave the model waiting (``log.jsonl`` says how long).
     max_minutes: stop after this much training time (checkpoint, then export); a later run with the
         same ``output_dir`` resumes towards ``steps``.
+    final_t_fraction: "base" / "upscaler": the fraction of each batch trained at the last timestep
+        (the rest uniform over all of them). A one-step sampler evaluates the model there only: at
+        ``T - 1`` the sample is almost pure noise, so the prediction is the model's estimate of the
+        clean latent from the condition alone (the mean of what fits it, which is what PSNR rewards).
+    blur_fraction: "upscaler": the fraction of each batch whose low-res input is also blurred (Gaussian,
+        sigma uniform in :data:`BLUR_SIGMA` low-res px). The second pass of an x16 enlargement reads
+        the first pass's output, softer than a downsampled image; trained on sharp inputs only, the
+        model leaves such an input soft.
     decoder_only: "vae" only, with ``init``: train the decoder and keep the encoder (and its
         ``scaling_factor``) as they are, so the latents of models trained on this VAE stay valid. This is
         how a shipped VAE is sharpened without retraining the UNets that sample its latents.
@@ -84,6 +93,8 @@ class TrainConfig:
     max_minutes: float | None = None
     progress: bool = True
     decoder_only: bool = False
+    final_t_fraction: float = 0.0
+    blur_fraction: float = 0.0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -94,6 +105,9 @@ class TrainConfig:
             raise ValueError(f"buckets={self.buckets!r}: must be 'arad' or 'square'")
         if not isinstance(self.workers, int) or self.workers < 0:
             raise ValueError(f"workers={self.workers!r}: must be a non-negative integer")
+        for name in ("final_t_fraction", "blur_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be in [0, 1]")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes={self.max_minutes!r}: must be positive")
         for name in ("resolution", "crop", "steps", "batch_size", "checkpoint_every"):
@@ -509,18 +523,36 @@ class Trainer:
         else:
             with self._timing("data"):
                 high = self.data.crops(c.crop, c.batch_size)
-            low = F.avg_pool2d(to_tensor(high), 4)
+            low = self._blur(F.avg_pool2d(to_tensor(high), 4))
             level = torch.randint(0, c.max_noise_level + 1, (c.batch_size,))
             cond = self.low_res_scheduler.add_noise(low, torch.randn_like(low), level).to(device)
             latents, captions = self._latents(to_tensor(high).to(device)), [""] * c.batch_size
         noise = torch.randn_like(latents)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
+        T = self.noise_scheduler.config.num_train_timesteps
+        t = torch.randint(0, T, (latents.shape[0],), device=device)
+        if c.final_t_fraction:
+            t = torch.where(torch.rand(t.shape, device=device) < c.final_t_fraction, T - 1, t)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         target = noise if c.task == "base" else self.noise_scheduler.get_velocity(latents, noise, t)
         x = noisy if cond is None else torch.cat([noisy, cond], dim=1)
         labels = None if cond is None else level.to(device)
         pred = self.unet(x, t, encoder_hidden_states=self._encode_text(captions), class_labels=labels).sample
         return F.mse_loss(pred, target)
+
+    def _blur(self, low: torch.Tensor) -> torch.Tensor:
+        """``blur_fraction`` of the batch Gaussian-blurred (reflected edges), each image with its own sigma;
+        drawn from the run's numpy generator, so a resumed run draws what an unbroken one would."""
+        chosen = self.rng.random(low.shape[0]) < self.config.blur_fraction
+        sigmas = self.rng.uniform(*BLUR_SIGMA, low.shape[0])
+        for k in np.flatnonzero(chosen):
+            radius = math.ceil(3 * sigmas[k])
+            x = torch.arange(-radius, radius + 1, dtype=low.dtype)
+            g = torch.exp(-0.5 * (x / sigmas[k]) ** 2)
+            g = (g / g.sum()).repeat(low.shape[1], 1, 1)  # one (1, n) kernel per channel
+            img = F.pad(low[k:k + 1], (radius, radius, radius, radius), mode="reflect")
+            img = F.conv2d(img, g[:, None, :, :].transpose(2, 3), groups=low.shape[1])  # rows
+            low[k:k + 1] = F.conv2d(img, g[:, None], groups=low.shape[1])  # columns
+        return low
 
     def _controlnet_loss(self) -> torch.Tensor:
         """The frozen base model's epsilon loss with the ControlNet's residuals added, the silhouettes
