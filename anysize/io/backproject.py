@@ -59,8 +59,8 @@ def backproject(target, source: PIL.Image.Image, rounds: int = ROUNDS, rows: int
     consistent with ``source``, the image it enlarges: ``rounds`` rounds of back-projection, ``rows``
     output rows at a time (default :func:`anysize.memory.color_fix_rows`). Returns ``target``."""
     out = stream.as_rows(target)
-    src = np.asarray(source.convert("RGB"))
-    h, w = src.shape[:2]
+    source = source if source.mode == "RGB" else source.convert("RGB")
+    w, h = source.size
     H, W = out.height, out.width
     if H < h or W < w:
         raise ValueError(f"backproject: the output ({W}x{H}) must not be smaller than its source ({w}x{h})")
@@ -79,7 +79,8 @@ def backproject(target, source: PIL.Image.Image, rounds: int = ROUNDS, rows: int
                 top, bottom = int(np.floor(measured * scale)), min(H, int(np.ceil(end * scale)))
                 rows_in = out.read(top, bottom)
                 down = area_reduce(area_reduce(rows_in, 1, col_edges), 0, np.arange(measured, end + 1) * scale - top)
-                err = np.concatenate([err, (src[measured:end] - down).astype(np.float32)], 0)
+                src = np.asarray(source.crop((0, measured, w, end)))  # a band: the source is never copied whole
+                err = np.concatenate([err, (src - down).astype(np.float32)], 0)
                 measured = end
             # correct the rows whose taps are all measured; the rows the next read needs stay as they were
             limit = H if measured == h else min(int(np.searchsorted(row_idx[:, 3], measured)),
