@@ -524,9 +524,9 @@ class AnySizePipeline:
         from in turn), or a list of one per image (prompt-major), as in diffusers.
 
         Stage 1 uses ``num_inference_steps`` and ``guidance_scale``; stage 2 ``upscale_inference_steps``
-        (None: :attr:`default_upscale_steps`, the upscaler's own choice), ``upscale_guidance_scale`` (default ``guidance_scale``) and ``noise_level`` (x4 upscaler) or
-        ``strength`` (img2img). ``tiling``: "fstd" | "overlap" | "naive" | "none", or a
-        :class:`~anysize.core.tiling.TilingConfig` (stride, shift, weighting...); ``tile_size`` in latent
+        (None: :attr:`default_upscale_steps`, the upscaler's own choice), ``upscale_guidance_scale``
+        (default ``guidance_scale``) and ``noise_level`` (x4 upscaler) or ``strength`` (img2img).
+        ``tiling``: "fstd" | "overlap" | "naive" | "none", or a :class:`~anysize.core.tiling.TilingConfig` (stride, shift, weighting...); ``tile_size`` in latent
         px (None: the model's native sample size); ``tile_batch_size`` tiles per UNet call and
         ``vae_tile_size`` the VAE decode's core tile (latent px): None lets the memory planner choose
         within ``max_memory`` bytes (default: what is free), and a request that cannot fit raises
