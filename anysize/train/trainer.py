@@ -38,7 +38,6 @@ TASKS = ("vae", "base", "upscaler", "controlnet", "gligen")
 CONTROL_CAPTION_DROP = 0.3  # share of ControlNet batches' captions left empty: it must also work from the mask alone
 GLIGEN_GROUNDING_DROP = 0.1  # share of GLIGEN images trained without their grounding
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-BLUR_SIGMA = (0.5, 2.0)  # low-res px: the range of blur_fraction's Gaussian (an x4 output is about 1 px soft)
 
 
 @dataclass
@@ -65,10 +64,6 @@ class TrainConfig:
         (the rest uniform over all of them). A one-step sampler evaluates the model there only: at
         ``T - 1`` the sample is almost pure noise, so the prediction is the model's estimate of the
         clean latent from the condition alone (the mean of what fits it, which is what PSNR rewards).
-    blur_fraction: "upscaler": the fraction of each batch whose low-res input is also blurred (Gaussian,
-        sigma uniform in :data:`BLUR_SIGMA` low-res px). The second pass of an x16 enlargement reads
-        the first pass's output, softer than a downsampled image; trained on sharp inputs only, the
-        model leaves such an input soft.
     decoder_only: "vae" only, with ``init``: train the decoder and keep the encoder (and its
         ``scaling_factor``) as they are, so the latents of models trained on this VAE stay valid. This is
         how a shipped VAE is sharpened without retraining the UNets that sample its latents.
@@ -94,7 +89,6 @@ class TrainConfig:
     progress: bool = True
     decoder_only: bool = False
     final_t_fraction: float = 0.0
-    blur_fraction: float = 0.0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -105,9 +99,8 @@ class TrainConfig:
             raise ValueError(f"buckets={self.buckets!r}: must be 'arad' or 'square'")
         if not isinstance(self.workers, int) or self.workers < 0:
             raise ValueError(f"workers={self.workers!r}: must be a non-negative integer")
-        for name in ("final_t_fraction", "blur_fraction"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name}={getattr(self, name)!r}: must be in [0, 1]")
+        if not 0.0 <= self.final_t_fraction <= 1.0:
+            raise ValueError(f"final_t_fraction={self.final_t_fraction!r}: must be in [0, 1]")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes={self.max_minutes!r}: must be positive")
         for name in ("resolution", "crop", "steps", "batch_size", "checkpoint_every"):
@@ -523,7 +516,7 @@ class Trainer:
         else:
             with self._timing("data"):
                 high = self.data.crops(c.crop, c.batch_size)
-            low = self._blur(F.avg_pool2d(to_tensor(high), 4))
+            low = F.avg_pool2d(to_tensor(high), 4)
             level = torch.randint(0, c.max_noise_level + 1, (c.batch_size,))
             cond = self.low_res_scheduler.add_noise(low, torch.randn_like(low), level).to(device)
             latents, captions = self._latents(to_tensor(high).to(device)), [""] * c.batch_size
@@ -538,21 +531,6 @@ class Trainer:
         labels = None if cond is None else level.to(device)
         pred = self.unet(x, t, encoder_hidden_states=self._encode_text(captions), class_labels=labels).sample
         return F.mse_loss(pred, target)
-
-    def _blur(self, low: torch.Tensor) -> torch.Tensor:
-        """``blur_fraction`` of the batch Gaussian-blurred (reflected edges), each image with its own sigma;
-        drawn from the run's numpy generator, so a resumed run draws what an unbroken one would."""
-        chosen = self.rng.random(low.shape[0]) < self.config.blur_fraction
-        sigmas = self.rng.uniform(*BLUR_SIGMA, low.shape[0])
-        for k in np.flatnonzero(chosen):
-            radius = math.ceil(3 * sigmas[k])
-            x = torch.arange(-radius, radius + 1, dtype=low.dtype)
-            g = torch.exp(-0.5 * (x / sigmas[k]) ** 2)
-            g = (g / g.sum()).repeat(low.shape[1], 1, 1)  # one (1, n) kernel per channel
-            img = F.pad(low[k:k + 1], (radius, radius, radius, radius), mode="reflect")
-            img = F.conv2d(img, g[:, None, :, :].transpose(2, 3), groups=low.shape[1])  # rows
-            low[k:k + 1] = F.conv2d(img, g[:, None], groups=low.shape[1])  # columns
-        return low
 
     def _controlnet_loss(self) -> torch.Tensor:
         """The frozen base model's epsilon loss with the ControlNet's residuals added, the silhouettes
