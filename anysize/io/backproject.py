@@ -19,7 +19,6 @@ from __future__ import annotations
 import numpy as np
 import PIL.Image
 
-from .. import memory
 from . import stream
 
 ROUNDS = 2  # a third round moved PSNR by 0.01 dB on the scene benchmark (docs/benchmarks.md)
@@ -54,17 +53,17 @@ def cubic_taps(big: int, small: int) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(i[:, None] + np.arange(-1, 3), 0, small - 1), weights
 
 
-def backproject(target, source: PIL.Image.Image, rounds: int = ROUNDS, rows: int | None = None):
+def backproject(target, source: PIL.Image.Image, rounds: int = ROUNDS, rows: int = 256):
     """Make ``target`` (an (H, W, 3) uint8 array or a :class:`~anysize.io.stream.Rows`, in place)
     consistent with ``source``, the image it enlarges: ``rounds`` rounds of back-projection, ``rows``
-    output rows at a time (default :func:`anysize.memory.color_fix_rows`). Returns ``target``."""
+    output rows at a time (the pipeline passes :func:`anysize.memory.color_fix_rows`). Returns ``target``."""
     out = stream.as_rows(target)
     source = source if source.mode == "RGB" else source.convert("RGB")
     w, h = source.size
     H, W = out.height, out.width
     if H < h or W < w:
         raise ValueError(f"backproject: the output ({W}x{H}) must not be smaller than its source ({w}x{h})")
-    band = memory.color_fix_rows(W) if rows is None else rows
+    band = rows
     scale = H / h
     step = max(1, int(band / scale))  # source rows measured per read
     col_edges = np.arange(w + 1) * (W / w)
