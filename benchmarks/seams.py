@@ -154,7 +154,7 @@ def figure(profiles_dir: Path, out: Path, sizes=("1024x768", "1280x720")) -> Non
     sizes = [s for s in sizes if (profiles_dir / f"{s}_bicubic.npy").exists()]
     fig, axes = plt.subplots(len(sizes), 1, figsize=(11, 3.2 * len(sizes)), squeeze=False)
     for ax, size in zip(axes[:, 0], sizes):
-        for method in ("bicubic", "naive", "fstd clamp auto", "fstd"):
+        for method in ("bicubic", "naive", "fstd single", "fstd"):
             file = profiles_dir / f"{size}_{method.replace(' ', '_')}.npy"
             if file.exists():
                 ax.plot(np.load(file), label=method, lw=1)

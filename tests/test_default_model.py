@@ -68,15 +68,17 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(255.0**2 / err))
 
 
-def test_default_upscaler_enlarges_a_scene_about_as_well_as_bicubic(default_pipe):
+def test_default_upscaler_enlarges_a_scene_better_than_bicubic(default_pipe):
     from anysize.train.scenes import render, sample_scene
 
+    assert default_pipe.default_upscale_steps == 1  # upscaler/anysize.json
     scene = sample_scene(0, 0.75)
     low, truth = Image.fromarray(render(scene, 64, 48)), render(scene, 256, 192)
-    out = default_pipe.upscale(low, 256, 192, "", num_inference_steps=10, generator=torch.Generator().manual_seed(0))
+    out = default_pipe.upscale(low, 256, 192, scene.caption, generator=torch.Generator().manual_seed(0))
     bicubic = _psnr(low.resize((256, 192), Image.BICUBIC), truth)
-    # measured: bicubic 26.5 dB, the shipped upscaler ~25.5 dB; a broken latent scale gives ~19 dB
-    assert _psnr(out.images[0], truth) > bicubic - 3.0
+    # measured: bicubic 26.47 dB, the shipped upscaler with its defaults (one step, back-projection)
+    # 27.53 dB; 20 steps with AdaIN ~25.5 dB, a broken latent scale ~19 dB
+    assert _psnr(out.images[0], truth) > bicubic + 0.5
 
 
 def test_wide_and_tall_buckets_keep_a_64_px_shorter_side(default_pipe):
