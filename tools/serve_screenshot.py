@@ -51,7 +51,7 @@ def main() -> None:
                 page.click("#generate")
             page.wait_for_selector("#job-1.done", timeout=600_000)
             page.wait_for_selector("#job-2.running .desc:text-matches('stage 2')", timeout=600_000)
-            page.wait_for_function("document.querySelector('#job-2 progress').value > 200", timeout=600_000)
+            page.wait_for_function("document.querySelector('#job-2 progress').value > 0", timeout=600_000)
             page.wait_for_function("document.querySelector('#job-1 img').naturalWidth > 0")
             page.evaluate("document.querySelector('#job-1 details').open = true")
             path = Path(tmp) / "page.png"
