@@ -230,7 +230,7 @@ def _run_phases(ctx: Context, prompt: str, source, file):
                 array = decode(ctx, phase, latents)
                 if not phase.last:  # the next pass (or the resize) reads the PIL image
                     if backprojected and image is not None:  # a pass's output, consistent with its input
-                        backproject(array, image, rows=memory.color_fix_rows(array.shape[1]))
+                        _backproject(array, image)
                     image, array = PIL.Image.fromarray(array), None
                     reference = image if reference is None else reference  # stage 1's: the colour reference
             else:
@@ -244,7 +244,7 @@ def _output(ctx: Context, array, image, reference, file):
     if array is None:
         array = np.array(_resize(image, req.size))
     elif req.color_fix == "backproject" and ctx.plan.passes:
-        array = backproject(array, image, rows=memory.color_fix_rows(stream.as_rows(array).width))  # the last pass's input
+        array = _backproject(array, image)  # the last pass's input
     elif req.color_fixed and ctx.plan.passes:
         array = adain_color_fix(array, reference)
     if file is not None:
@@ -256,6 +256,11 @@ def _output(ctx: Context, array, image, reference, file):
     if req.output_type == "pt":
         return torch.from_numpy(array).permute(2, 0, 1).float().div(255.0)
     return array  # "latent" with no pass: nothing to enlarge
+
+
+def _backproject(array, source: PIL.Image.Image):
+    """:func:`anysize.io.backproject.backproject` of a pass's output onto its input, in the colour fix's bands."""
+    return backproject(array, source, rows=memory.color_fix_rows(stream.as_rows(array).width))
 
 
 def _decode_to_raster(ctx: Context, phase: Phase, latents, path: Path) -> stream.Raster:

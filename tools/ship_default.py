@@ -33,7 +33,7 @@ def save_fp16(source: str | Path, out: Path, vae: str | Path | None = None, sett
     renamed into place; returns the bytes written."""
     from diffusers import AutoencoderKL, DiffusionPipeline
 
-    from anysize.models import component_dir, restore_vae_scale
+    from anysize.models import SETTINGS_FILE, component_dir, restore_vae_scale
 
     out = Path(out)
     parts = {} if vae is None else {"vae": AutoencoderKL.from_pretrained(component_dir(vae, "vae"), use_safetensors=True)}
@@ -45,7 +45,7 @@ def save_fp16(source: str | Path, out: Path, vae: str | Path | None = None, sett
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
     if settings:
-        (tmp / "anysize.json").write_text(json.dumps(settings, indent=1) + "\n")
+        (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=1) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return sum(p.stat().st_size for p in out.rglob("*") if p.is_file())

@@ -63,12 +63,12 @@ def backproject(target, source: PIL.Image.Image, rounds: int = ROUNDS, rows: int
     H, W = out.height, out.width
     if H < h or W < w:
         raise ValueError(f"backproject: the output ({W}x{H}) must not be smaller than its source ({w}x{h})")
-    band = rows
     scale = H / h
-    step = max(1, int(band / scale))  # source rows measured per read
+    step = max(1, int(rows / scale))  # source rows measured per read
     col_edges = np.arange(w + 1) * (W / w)
     col_idx, col_w = cubic_taps(W, w)
     row_idx, row_w = cubic_taps(H, h)
+    col_w, row_w = col_w.astype(np.float32), row_w.astype(np.float32)  # once, not per band
     for _ in range(rounds):
         err, err_top = np.zeros((0, w, 3), np.float32), 0  # the error of source rows err_top.. measured so far
         measured = corrected = 0  # source rows measured, output rows corrected
@@ -84,13 +84,13 @@ def backproject(target, source: PIL.Image.Image, rounds: int = ROUNDS, rows: int
             # correct the rows whose taps are all measured; the rows the next read needs stay as they were
             limit = H if measured == h else min(int(np.searchsorted(row_idx[:, 3], measured)),
                                                 int(np.floor(measured * scale)))
-            for start in range(corrected, limit, band):
-                stop = min(limit, start + band)
-                taps, tw = row_idx[start:stop] - err_top, row_w[start:stop, :, None, None].astype(np.float32)
+            for start in range(corrected, limit, rows):
+                stop = min(limit, start + rows)
+                taps, tw = row_idx[start:stop] - err_top, row_w[start:stop, :, None, None]
                 coarse = sum(tw[:, k] * err[taps[:, k]] for k in range(4))  # (n, w, 3)
                 fixed = out.read(start, stop).astype(np.float32)
                 for k in range(4):
-                    fixed += col_w[None, :, k, None].astype(np.float32) * coarse[:, col_idx[:, k]]
+                    fixed += col_w[None, :, k, None] * coarse[:, col_idx[:, k]]
                 out.write_rows(start, np.clip(fixed.round(), 0, 255).astype(np.uint8))
             corrected = max(corrected, limit)
             if corrected < H:  # forget the error rows no later tap reads
