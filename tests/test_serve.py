@@ -320,15 +320,26 @@ def test_cli_serve_errors_are_one_line(capsys):
 
 # ---------------------------------------------------------------------- what a person sees
 class SlowRun(serve.Runner):
-    """The real runner, with each tile slowed by 0.1 s, so a screenshot can catch a job running."""
+    """The real runner, with each tile slowed by 0.1 s, so a screenshot can catch a job running.
+    ``gate``: an event each tile waits for (at most 60 s) before it counts, so a test holds the job
+    running until it has seen what it needs: the page's events arrive when the browser's connection
+    is up, which timing alone does not promise."""
+
+    def __init__(self, commands, gate: threading.Event | None = None):
+        super().__init__(commands)
+        self.gate = gate
 
     def __call__(self, job, bar):
+        gate = self.gate
+
         def slow(**kw):
             inner = bar(**kw)
 
             class Bar:
                 def update(self, n=1):
                     time.sleep(0.1)
+                    if gate is not None and not gate.wait(60):
+                        raise TimeoutError("the test never opened the gate")
                     inner.update(n)
 
                 def close(self):
@@ -364,7 +375,8 @@ def test_page_in_a_browser(tmp_path, models):
     if browser_path is None:
         pytest.fail("no 'chromium' or 'chromium-browser' binary on PATH: install Debian's chromium "
                     "(apt-get install -y chromium) to run this test")
-    server = serve.Server(COMMANDS, tmp_path / "out", models, run=SlowRun(COMMANDS))
+    gate = threading.Event()  # the job runs its first tile once the page has shown it running
+    server = serve.Server(COMMANDS, tmp_path / "out", models, run=SlowRun(COMMANDS, gate))
     shots = Path(os.environ.get("ANYSIZE_SHOTS", tmp_path / "shots"))  # ANYSIZE_SHOTS=DIR keeps them
     with running(server) as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
@@ -391,6 +403,7 @@ def test_page_in_a_browser(tmp_path, models):
         page.screenshot(path=shots / "running.png")
         bar = page.eval_on_selector("#job-1 progress", "b => [b.value, b.max]")
         assert 0 <= bar[0] <= bar[1] and bar[1] >= 1
+        gate.set()
         page.wait_for_selector("#job-1.done", timeout=120_000)
         page.wait_for_function("document.querySelector('#job-1 img').naturalWidth > 0")
         assert page.eval_on_selector("#job-1 img", "i => [i.naturalWidth, i.naturalHeight]") == [96, 64]
