@@ -338,27 +338,39 @@ def _transformer_denoiser(model, family: str, prompt: str, negative_prompt: str 
                           latent: tuple[int, int] | None, regions, embeds, cross_attention_kwargs,
                           controls=(), guidance_rescale: float = 0.0, true_cfg_scale: float = 1.0, **extra):
     """An SD3 or FLUX tile denoiser (:mod:`anysize.core.dit`), its prompt through diffusers' own
-    ``encode_prompt``; each tile gets its global position. What anysize does only for UNets (regions,
-    ControlNets, prompt embeddings, guidance rescale, GLIGEN; FLUX's negative prompt without true CFG)
-    was refused in one line when the request was checked (``AnySizePipeline._validate``)."""
-    assert not (regions or controls or embeds or guidance_rescale or extra), "checked by AnySizePipeline._validate"
+    ``encode_prompt``; each tile gets its global position, and so does each region prompt's crop. What
+    anysize does only for UNets (ControlNets, prompt embeddings, guidance rescale, GLIGEN; FLUX's negative
+    prompt without true CFG) was refused in one line when the request was checked
+    (``AnySizePipeline._validate``)."""
+    assert not (controls or embeds or guidance_rescale or extra), "checked by AnySizePipeline._validate"
     device = model.transformer.device
     lora = (cross_attention_kwargs or {}).get("scale")
     if family == "flux":
         encode = dict(prompt_2=None, device=device, num_images_per_prompt=1, lora_scale=lora)
         pos, pooled, _ = model.encode_prompt(prompt, **encode)
+
+        def embed(text):
+            embeds, pooled_embeds, _ = model.encode_prompt(text, **encode)
+            return embeds, pooled_embeds
+        tile_regions = [_transformer_region(r, latent, embed) for r in regions]
         negative = {}
         if true_cfg_scale > 1:  # diffusers' FluxPipeline true CFG: a second, unconditional call per tile
             neg, neg_pooled, _ = model.encode_prompt(negative_prompt, **encode)
             negative = dict(true_cfg_scale=true_cfg_scale, negative_prompt_embeds=neg,
                             negative_pooled_prompt_embeds=neg_pooled)
-        return FluxTileDenoiser(model.transformer, pos, pooled, guidance_scale=guidance_scale, **negative)
+        return FluxTileDenoiser(model.transformer, pos, pooled, guidance_scale=guidance_scale, regions=tile_regions,
+                                **negative)
     do_cfg = guidance_scale > 1.0
-    pos, neg, pooled, neg_pooled = model.encode_prompt(
-        prompt, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
-        do_classifier_free_guidance=do_cfg, negative_prompt=negative_prompt, lora_scale=lora)
+    encode = dict(prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1, lora_scale=lora)
+    pos, neg, pooled, neg_pooled = model.encode_prompt(prompt, do_classifier_free_guidance=do_cfg,
+                                                       negative_prompt=negative_prompt, **encode)
+
+    def embed(text):  # positive only: a region's crop takes the call's negative prompt
+        embeds, _, pooled_embeds, _ = model.encode_prompt(text, do_classifier_free_guidance=False, **encode)
+        return embeds, pooled_embeds
     return SD3TileDenoiser(model.transformer, pos, pooled, latent=latent, guidance_scale=guidance_scale,
-                           negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled)
+                           negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled,
+                           regions=[_transformer_region(r, latent, embed) for r in regions])
 
 
 def set_timesteps(phase: Phase) -> None:
@@ -500,17 +512,29 @@ def _controls(ctx: Context, phase: Phase, timesteps, image: PIL.Image.Image | No
     return out
 
 
-def _tile_region(model, region: Region, latent: tuple[int, int], time_ids: torch.Tensor | None,
-                 text: dict | None = None) -> TileRegion:
-    """A region's prompt embedded (positive only: its crop's unconditional pass takes the negative
-    prompt) and its box on this phase's latent, with the feather :data:`anysize.regions.FEATHER` of
-    its shorter side. ``time_ids``: SDXL's, the global prompt's (None for other models); ``text``:
-    ``encode_prompt``'s clip_skip and lora_scale, as for the global prompt."""
-    device = model.unet.device
+def _region_place(region: Region, latent: tuple[int, int]) -> dict:
+    """A region's box on this phase's (h, w) latent, in latent px, with the feather
+    :data:`anysize.regions.FEATHER` of its shorter side and the canvas: :class:`TileRegion`'s fields."""
     lat_h, lat_w = latent
     x0, y0, x1, y1 = region.box
     box = (x0 * lat_w, y0 * lat_h, x1 * lat_w, y1 * lat_h)
-    feather = FEATHER * min(box[2] - box[0], box[3] - box[1])
+    return dict(box=box, weight=region.weight, feather=FEATHER * min(box[2] - box[0], box[3] - box[1]),
+                canvas=(lat_h, lat_w))
+
+
+def _transformer_region(region: Region, latent: tuple[int, int], embed) -> TileRegion:
+    """An SD3 / FLUX region: ``embed(prompt)`` gives its (embeddings, pooled embedding)."""
+    embeds, pooled = embed(region.prompt)
+    return TileRegion(embeds, added={"pooled_projections": pooled}, **_region_place(region, latent))
+
+
+def _tile_region(model, region: Region, latent: tuple[int, int], time_ids: torch.Tensor | None,
+                 text: dict | None = None) -> TileRegion:
+    """A region's prompt embedded (positive only: its crop's unconditional pass takes the negative
+    prompt) and placed on this phase's latent (:func:`_region_place`). ``time_ids``: SDXL's, the
+    global prompt's (None for other models); ``text``: ``encode_prompt``'s clip_skip and lora_scale, as
+    for the global prompt."""
+    device = model.unet.device
     added = None
     if time_ids is not None:
         embeds, _, pooled, _ = model.encode_prompt(region.prompt, device=device, num_images_per_prompt=1,
@@ -518,7 +542,7 @@ def _tile_region(model, region: Region, latent: tuple[int, int], time_ids: torch
         added = {"text_embeds": pooled, "time_ids": time_ids}
     else:
         embeds, _ = model.encode_prompt(region.prompt, device, 1, False, **(text or {}))
-    return TileRegion(embeds, box, region.weight, feather, (lat_h, lat_w), added)
+    return TileRegion(embeds, added=added, **_region_place(region, latent))
 
 
 def _desc(ctx: Context, phase: Phase) -> str:

@@ -12,6 +12,7 @@ from diffusers import StableDiffusion3Pipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from anysize.core.dit import FluxTileDenoiser, SD3TileDenoiser, flux_image_ids, pack, unpack
+from anysize.core.regions import TileRegion
 from anysize.core.sampler import TiledModel, sample_tiled
 from anysize.core.tiling import TilingConfig
 
@@ -218,6 +219,65 @@ def test_global_positions_bring_tiles_nearer_the_untiled_model(arch, flux, sd3):
         tiled = TiledModel(make(positions), config, height=h, width=w, num_steps=1)(x, t, 0)
         errors[positions] = ((tiled - whole).abs().mean() / whole.abs().mean()).item()
     assert errors["global"] < errors["local"], errors
+
+
+# ---------------------------------------------------------------------- region prompts
+def _regional(arch, flux, sd3, embeds, pooled, latent, regions=(), scale=4.0):
+    """A tile denoiser of ``arch`` with CFG (SD3) or true CFG (FLUX) and these ``regions``."""
+    neg, neg_pooled = text(21)
+    if arch == "flux":
+        return FluxTileDenoiser(flux, embeds, pooled, true_cfg_scale=scale, negative_prompt_embeds=neg,
+                                negative_pooled_prompt_embeds=neg_pooled, regions=regions)
+    return SD3TileDenoiser(sd3, embeds, pooled, latent=latent, guidance_scale=scale, negative_prompt_embeds=neg,
+                           negative_pooled_prompt_embeds=neg_pooled, regions=regions)
+
+
+@pytest.mark.parametrize("arch", ["flux", "sd3"])
+def test_region_prompts_in_transformer_tiles(arch, flux, sd3):
+    """On a 16 x 24 latent in 8 x 8 tiles, a region over columns 0..12 (feather 1): the tiles it does not
+    reach are the tiles without regions bit for bit; where it covers a whole tile its prompt replaces the
+    global one bit for bit; on a tile it covers in part it is evaluated on the tile's crop to it, that crop
+    with the positions it has in the whole latent (a denoiser called on the crop's own box gives the
+    same bits), and the ramp mixes the two."""
+    h, w = 16, 24
+    (embeds, pooled), (other, other_pooled) = text(1), text(2)
+    region = TileRegion(other, (0.0, 0.0, 12.0, 16.0), weight=1.0, feather=1.0, canvas=(h, w),
+                        added={"pooled_projections": other_pooled})
+    x, t = torch.randn(1, 16, h, w, generator=gen(3)), torch.tensor(600.0)
+    config = TilingConfig(method="naive", tile_size=8)
+
+    def whole(den):
+        return TiledModel(den, config, height=h, width=w, num_steps=1)(x, t, 0)
+
+    plain = whole(_regional(arch, flux, sd3, embeds, pooled, (h, w)))
+    with_region = whole(_regional(arch, flux, sd3, embeds, pooled, (h, w), [region]))
+    as_global = whole(_regional(arch, flux, sd3, other, other_pooled, (h, w)))
+    assert torch.equal(with_region[..., 16:], plain[..., 16:])
+    assert torch.equal(with_region[..., :8], as_global[..., :8])
+    crop_den = _regional(arch, flux, sd3, other, other_pooled, (h, w))
+    crops = torch.cat([crop_den(x[..., top : top + 8, 8:12], t, [(top, 8, top + 8, 12)]) for top in (0, 8)], dim=-2)
+    assert torch.equal(with_region[..., 8:11], crops[..., :3])
+    local = _regional(arch, flux, sd3, other, other_pooled, (h, w))(x[..., 0:8, 8:12], t, [(0, 0, 8, 4)])
+    assert not torch.equal(local[..., :3], crops[..., :8, :3]), "the crop's place in the whole latent is read"
+    ramp = with_region[..., 11:12]
+    assert not torch.equal(ramp, plain[..., 11:12]) and not torch.equal(ramp, crops[..., 3:4])
+
+
+@pytest.mark.parametrize("arch", ["flux", "sd3"])
+def test_transformer_regions_are_bit_identical_whatever_the_tile_batch(arch, flux, sd3):
+    h, w = 24, 40
+    (embeds, pooled), (a, a_pooled), (b, b_pooled) = text(8), text(5), text(6)
+    regions = [TileRegion(a, (3.0, 2.0, 21.5, 15.0), 1.0, 1.5, added={"pooled_projections": a_pooled}),
+               TileRegion(b, (15.0, 9.0, 40.0, 24.0), 0.7, 2.5, added={"pooled_projections": b_pooled})]
+    den = _regional(arch, flux, sd3, embeds, pooled, (h, w), regions)
+    noise = torch.randn(1, 16, h, w, generator=gen(11))
+    results = []
+    for batch in (1, 3, 16):
+        scheduler = flux_timesteps(flow_scheduler(True), 2, (h, w))
+        results.append(sample_tiled(den, noise.clone(), scheduler, TilingConfig(tile_size=16, tile_batch_size=batch),
+                                    generator=gen(2), progress=False))
+    assert torch.isfinite(results[0]).all()
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
 
 
 # ---------------------------------------------------------------------- torchrun: tiles across 2 processes

@@ -100,7 +100,6 @@ def test_a_run_directory_resumes_to_the_same_image(pipe, tmp_path):
 
 
 @pytest.mark.parametrize("call, words", [
-    (dict(regions=[((0, 0, 0.5, 1), "a dog")]), "regions: anysize supports it for SD 1.x / 2.x and SDXL"),
     (dict(guidance_rescale=0.5), "guidance_rescale: anysize supports it"),
     (dict(prompt_embeds=torch.zeros(1, 4, 32), prompt=None), "prompt_embeds: anysize takes them for SD"),
 ])
@@ -109,6 +108,34 @@ def test_unet_only_features_are_refused_in_one_line(pipe, call, words):
     with pytest.raises(ValueError) as caught:
         pipe(height=48, width=96, num_inference_steps=1, **kwargs)
     assert words in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_region_prompts_reach_both_stages_of_a_transformer(pipe, arch, monkeypatch):
+    """Region prompts on SD3 / FLUX: every phase's denoiser gets the region, its box on that phase's
+    latent and its own pooled embedding; the region changes the image, mostly where it lies; the
+    metadata records it."""
+    from anysize.core import dit
+
+    den_cls = dit.FluxTileDenoiser if arch == "flux" else dit.SD3TileDenoiser
+    seen = []
+    real = den_cls.__init__
+
+    def spy(self, *args, regions=(), **kwargs):
+        seen.append(tuple(regions))
+        real(self, *args, regions=regions, **kwargs)
+
+    monkeypatch.setattr(den_cls, "__init__", spy)
+    kw = dict(height=117, width=203, tile_size=16, **KW, **negative(arch))
+    out = pipe("a red cat", regions=[((0, 0, 100, 117), "a blue dog")], generator=gen(1), **kw)
+    assert out.images[0].size == (203, 117)
+    assert out.info[0]["regions"] == [[[0.0, 0.0, 100 / 203, 1.0], "a blue dog", 1.0]]
+    assert len(seen) >= 2 and all(len(r) == 1 for r in seen), "stage 1 and every stage-2 pass"
+    widths = [r[0].canvas[1] for r in seen]
+    assert widths == sorted(widths) and widths[0] < widths[-1]
+    assert all(r[0].added["pooled_projections"].ndim == 2 for r in seen)
+    plain = np.asarray(pipe("a red cat", generator=gen(1), **kw).images[0]).astype(float)
+    diff = np.abs(np.asarray(out.images[0]).astype(float) - plain)
+    assert diff[:, :90].mean() > 2 * diff[:, 120:].mean() > 0
 
 
 def test_flux_true_cfg_with_a_negative_prompt_is_flux_pipeline(dirs):

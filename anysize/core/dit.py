@@ -34,6 +34,7 @@ from collections.abc import Sequence
 import torch
 
 from . import nets
+from .regions import TileRegion, blend, reaches, region_crop, region_mask
 from .tiling import Box
 
 POSITIONS = ("global", "local")
@@ -55,16 +56,42 @@ def _rows(value: torch.Tensor | None, n: int) -> torch.Tensor | None:
 
 class _TransformerTiles:
     """What the FLUX and SD3 tile denoisers share: one transformer call per tile (its images together),
-    the facts of their network (:mod:`anysize.core.nets`), and what a ``callback_on_step_end`` may read
-    and change: the guidance scale (``pipe._guidance_scale``), for the steps left; the embeddings are not
-    exposed (no tensors)."""
+    region prompts, the facts of their network (:mod:`anysize.core.nets`), and what a
+    ``callback_on_step_end`` may read and change: the guidance scale (``pipe._guidance_scale``), for the
+    steps left; the embeddings are not exposed (no tensors).
+
+    ``regions`` (:class:`~anysize.core.regions.TileRegion`, boxes in this latent's px, ``added`` holding
+    the region prompt's ``pooled_projections``): as the UNet denoiser's, each region reaching into a tile
+    is evaluated on the tile's crop to the region (on the tile's patch grid) and blended by its mask. The
+    crop gets the positions it has in the whole image, like any tile, so the region's prompt composes
+    where the region lies, not as the corner of an image."""
 
     transformer: torch.nn.Module
+    regions: tuple[TileRegion, ...] = ()
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, boxes: Sequence[Box]) -> torch.Tensor:
         per = x.shape[0] // len(boxes)  # images per box
-        return torch.cat([self._tile(x[i * per : (i + 1) * per], t, box)  # each subclass's own tile call
-                          for i, box in enumerate(boxes)])
+        outs = []
+        for i, box in enumerate(boxes):
+            xi = x[i * per : (i + 1) * per]
+            out = self._tile(xi, t, box)  # each subclass's own tile call
+            outs.append(self._with_regions(xi, t, box, out) if self.regions else out)
+        return torch.cat(outs)
+
+    def _with_regions(self, x: torch.Tensor, t: torch.Tensor, box: Box, out: torch.Tensor) -> torch.Tensor:
+        """Tile ``box``'s guided output ``out`` with the region prompts reaching into it blended in."""
+        outs, masks = [], []
+        for r in self.regions:
+            if not reaches(r, box):
+                continue
+            crop = region_crop(r, box, self.granularity, aligned=True)
+            ct, cl, cb, cr = crop[0] - box[0], crop[1] - box[1], crop[2] - box[0], crop[3] - box[1]
+            full = torch.zeros_like(out)
+            full[:, :, ct:cb, cl:cr] = self._tile(x[:, :, ct:cb, cl:cr], t, crop, r.embeds,
+                                                  r.added["pooled_projections"])
+            outs.append(full)
+            masks.append(region_mask(r, box).to(out.device))  # zero outside the crop already
+        return blend(out, outs, masks)
 
     @property
     def granularity(self) -> int:
@@ -124,8 +151,9 @@ class FluxTileDenoiser(_TransformerTiles):
                  guidance_scale: float = 3.5, true_cfg_scale: float = 1.0,
                  negative_prompt_embeds: torch.Tensor | None = None,
                  negative_pooled_prompt_embeds: torch.Tensor | None = None, positions: str = "global",
-                 joint_attention_kwargs: dict | None = None):
+                 joint_attention_kwargs: dict | None = None, regions: Sequence[TileRegion] = ()):
         _check_positions(positions)
+        self.regions = tuple(regions)
         if true_cfg_scale > 1 and (negative_prompt_embeds is None or negative_pooled_prompt_embeds is None):
             raise ValueError("true_cfg_scale > 1: needs negative_prompt_embeds and negative_pooled_prompt_embeds")
         self.transformer, self.positions = transformer, positions
@@ -135,7 +163,10 @@ class FluxTileDenoiser(_TransformerTiles):
         self.guidance_scale, self.true_cfg_scale = guidance_scale, true_cfg_scale
         self.joint_attention_kwargs = joint_attention_kwargs
 
-    def _tile(self, x: torch.Tensor, t: torch.Tensor, box: Box) -> torch.Tensor:
+    def _tile(self, x: torch.Tensor, t: torch.Tensor, box: Box, embeds: torch.Tensor | None = None,
+              pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """The guided output of tile ``box`` (``embeds`` / ``pooled``: a region's prompt instead of the
+        global one; true CFG's negative stays the call's)."""
         b, _, h, w = x.shape
         if h % 2 or w % 2:
             raise ValueError(f"a FLUX tile must have even sides (2x2 patches), got {h}x{w}")
@@ -156,7 +187,7 @@ class FluxTileDenoiser(_TransformerTiles):
                                    joint_attention_kwargs=self.joint_attention_kwargs, return_dict=False)[0]
             return unpack(out, h, w)
 
-        out = run(self.prompt_embeds, self.pooled_prompt_embeds)
+        out = (run(self.prompt_embeds, self.pooled_prompt_embeds) if embeds is None else run(embeds, pooled))
         if self.true_cfg_scale > 1:
             neg = run(self.negative_prompt_embeds, self.negative_pooled_prompt_embeds)
             out = neg + self.true_cfg_scale * (out - neg)
@@ -176,8 +207,9 @@ class SD3TileDenoiser(_TransformerTiles):
                  latent: tuple[int, int], guidance_scale: float = 7.0,
                  negative_prompt_embeds: torch.Tensor | None = None,
                  negative_pooled_prompt_embeds: torch.Tensor | None = None, positions: str = "global",
-                 joint_attention_kwargs: dict | None = None):
+                 joint_attention_kwargs: dict | None = None, regions: Sequence[TileRegion] = ()):
         _check_positions(positions)
+        self.regions = tuple(regions)
         self.do_cfg = guidance_scale > 1.0
         if self.do_cfg and (negative_prompt_embeds is None or negative_pooled_prompt_embeds is None):
             raise ValueError("guidance_scale > 1: needs negative_prompt_embeds and negative_pooled_prompt_embeds")
@@ -201,9 +233,14 @@ class SD3TileDenoiser(_TransformerTiles):
         h, w = -(-(bottom - top) // self.patch), -(-(right - left) // self.patch)
         return (self.table - h) // 2, (self.table - w) // 2  # the tile's own centred crop, as diffusers
 
-    def _tile(self, x: torch.Tensor, t: torch.Tensor, box: Box) -> torch.Tensor:
+    def _tile(self, x: torch.Tensor, t: torch.Tensor, box: Box, embeds: torch.Tensor | None = None,
+              pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """The guided output of tile ``box`` (``embeds`` / ``pooled``: a region's prompt instead of the
+        global one; the unconditional rows stay the call's negative prompt)."""
         b, dtype = x.shape[0], self.transformer.dtype
-        pos, pooled = _rows(self.prompt_embeds, b), _rows(self.pooled_prompt_embeds, b)
+        if embeds is None:
+            embeds, pooled = self.prompt_embeds, self.pooled_prompt_embeds
+        pos, pooled = _rows(embeds, b), _rows(pooled, b)
         if self.do_cfg:  # unconditional rows first, one call, as diffusers' StableDiffusion3Pipeline
             x = torch.cat([x, x])
             pos = torch.cat([_rows(self.negative_prompt_embeds, b), pos])

@@ -28,7 +28,8 @@ class TileRegion:
     latent px of this phase (floats); ``weight``: the mask's height; ``feather``: the ramp's width in
     latent px; ``canvas``: the latent's (height, width), where a side of the box on the canvas's edge
     (or beyond) has no ramp, so a region reaching the edge is whole there; ``added``: SDXL's added
-    conditions for this prompt (its pooled ``text_embeds`` and the ``time_ids``), None elsewhere."""
+    conditions for this prompt (its pooled ``text_embeds`` and the ``time_ids``), SD3's and FLUX's
+    pooled embedding (``pooled_projections``), None for SD 1.x / 2.x."""
 
     embeds: torch.Tensor
     box: tuple[float, float, float, float]
@@ -70,6 +71,27 @@ def reaches(region: TileRegion, box: Box) -> bool:
     x0, y0, x1, y1 = region._sides()
     return bool(_ramp(top, bottom, y0, y1, region.feather).max() > 0
                 and _ramp(left, right, x0, x1, region.feather).max() > 0)
+
+
+def region_crop(region: TileRegion, box: Box, granularity: int, aligned: bool = False) -> Box:
+    """The part of tile ``box`` a region prompt is evaluated on: the tile cut to the region's box,
+    rounded outward to whole pixels and widened (inside the tile) to a multiple of ``granularity``.
+    ``aligned``: the crop's sides on the tile's own ``granularity`` grid, so a transformer's patches in
+    the crop are the tile's patches (its positions then fall on the same patch grid)."""
+    top, left, bottom, right = box
+    x0, y0, x1, y1 = region.box
+    g = granularity
+
+    def side(lo: float, hi: float, start: int, end: int) -> tuple[int, int]:
+        a, b = max(start, math.floor(lo)), min(end, math.ceil(hi))
+        if aligned:
+            a, b = start + (a - start) // g * g, min(end, start + -(-(b - start) // g) * g)
+        need = min(-(b - a) % g, end - start - (b - a))
+        grow = min(need, end - b)
+        return a - (need - grow), b + grow
+
+    (t0, b0), (l0, r0) = side(y0, y1, top, bottom), side(x0, x1, left, right)
+    return t0, l0, b0, r0
 
 
 def blend(global_out: torch.Tensor, region_outs: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:

@@ -14,7 +14,6 @@ import contextlib
 import copy
 import hashlib
 import inspect
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
@@ -26,7 +25,7 @@ from .control import TileControl
 from .control import residuals as control_residuals
 from .grounding import TileGrounding, gated_layers
 from .progress import Progress, progress_bar
-from .regions import TileRegion, region_mask
+from .regions import TileRegion, region_crop, region_mask
 from .regions import blend as region_blend
 from .regions import reaches as regions_reach
 from .tiling import Box, TilingConfig, tile_weights
@@ -641,20 +640,8 @@ class UNetTileDenoiser:
                     self.negative_added_cond_kwargs = {**self.negative_added_cond_kwargs, key: neg}
 
     def _region_crop(self, region: TileRegion, box: Box) -> Box:
-        """The part of tile ``box`` a region prompt is evaluated on: the tile cut to the region's box
-        (rounded outward to whole pixels), widened to the UNet's granularity inside the tile."""
-        top, left, bottom, right = box
-        x0, y0, x1, y1 = region.box
-        g = self.granularity
-
-        def side(lo: float, hi: float, start: int, end: int) -> tuple[int, int]:
-            a, b = max(start, math.floor(lo)), min(end, math.ceil(hi))
-            need = min(-(b - a) % g, end - start - (b - a))
-            grow = min(need, end - b)
-            return a - (need - grow), b + grow
-
-        (t0, b0), (l0, r0) = side(y0, y1, top, bottom), side(x0, x1, left, right)
-        return t0, l0, b0, r0
+        """The part of tile ``box`` a region prompt is evaluated on (:func:`anysize.core.regions.region_crop`)."""
+        return region_crop(region, box, self.granularity)
 
     def _with_regions(self, x: torch.Tensor, t: torch.Tensor, boxes: Sequence[Box], out: torch.Tensor) -> torch.Tensor:
         """Blend into each tile's guided output ``out`` the region prompts reaching into it. A region is
