@@ -319,7 +319,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     models.add_argument("--upscaler", metavar="PATH", help="x4 upscaler model (SD x4-upscaler layout)")
     models.add_argument("--config", default=None, metavar="DIR",
                         help="with a single-file --base: a diffusers directory of its family (diffusers needs the "
-                             "original config, offline from disk)")
+                             "original config, offline from disk; an SD3 / FLUX transformer file takes its VAE and "
+                             "text encoders from it)")
     models.add_argument("--variant", default=None, metavar="NAME",
                         help="the weights' variant, e.g. fp16 for a directory of *.fp16.safetensors")
     models.add_argument("--img2img", action="store_true", help="upscale img2img-style with the base model")

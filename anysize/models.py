@@ -168,20 +168,68 @@ def _without_t5(path: Path, role: str) -> dict:
     return {"text_encoder_3": None, "tokenizer_3": None}
 
 
-def _single_file_class(path: Path, role: str):
-    """The diffusers class a single-file checkpoint loads as: the x4 upscaler for the upscaler role,
-    SDXL when the file has SDXL's second text encoder (``conditioner.embedders.1``), else SD 1.x/2.x."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionUpscalePipeline, StableDiffusionXLPipeline
+# A key only each diffusion transformer's original checkpoint layout has (with or without the
+# ``model.diffusion_model.`` prefix of ComfyUI / Stability files), and the diffusers pipeline of its family
+_TRANSFORMER_FILES = {"sd3": ("joint_blocks.0.x_block.attn.qkv.weight", "StableDiffusion3Pipeline",
+                              "SD3Transformer2DModel"),
+                      "flux": ("double_blocks.0.img_attn.qkv.weight", "FluxPipeline", "FluxTransformer2DModel")}
+
+
+def _file_family(path: Path, role: str) -> str:
+    """What a single-file checkpoint holds: "upscaler" for the upscaler role; "sd3" / "flux" for an MMDiT
+    or FLUX transformer in its original layout; "sdxl" when it has SDXL's second text encoder
+    (``conditioner.embedders.1``); else "sd" (SD 1.x / 2.x)."""
     from safetensors import safe_open
 
     if role == "upscaler":
-        return StableDiffusionUpscalePipeline
+        return "upscaler"
     try:
         with safe_open(str(path), framework="pt") as f:
-            sdxl = any(k.startswith("conditioner.embedders.1.") for k in f.keys())
+            keys = set(f.keys())
     except Exception:  # not readable as safetensors: let diffusers say why
-        sdxl = False
-    return StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+        return "sd"
+    for family, (key, _, _) in _TRANSFORMER_FILES.items():
+        if key in keys or f"model.diffusion_model.{key}" in keys:
+            return family
+    return "sdxl" if any(k.startswith("conditioner.embedders.1.") for k in keys) else "sd"
+
+
+def _single_file_class(family: str):
+    """The diffusers pipeline class a UNet single-file checkpoint of ``family`` loads as."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionUpscalePipeline, StableDiffusionXLPipeline
+
+    return {"upscaler": StableDiffusionUpscalePipeline, "sdxl": StableDiffusionXLPipeline}.get(
+        family, StableDiffusionPipeline)
+
+
+def _transformer_from_file(path: Path, family: str, role: str, config, dtype: torch.dtype, allow_pickle: bool,
+                           variant: str | None, without_t5: bool):
+    """An SD3 / FLUX pipeline whose transformer is the single file's (diffusers' ``from_single_file``
+    converts the original layout) and whose VAE, text encoders and scheduler are those of ``config``,
+    a diffusers directory of the same family: what these files need, since the published ones hold the
+    transformer alone (FLUX.1's ``flux1-dev.safetensors``) or beside encoders diffusers takes from a
+    directory anyway. One-line :class:`ModelLoadError` for a missing or mismatched ``config``."""
+    import diffusers
+    from diffusers import DiffusionPipeline
+
+    _, pipeline_name, transformer_name = _TRANSFORMER_FILES[family]
+    what = f"{role} {path}: a single-file {family.upper()} transformer"
+    if config is None:
+        raise ModelLoadError(f"{what} needs its family's VAE and text encoders: pass config=DIR (CLI: --config "
+                             f"DIR), a diffusers {pipeline_name} directory")
+    cfg = Path(config).expanduser()
+    index_file = cfg / "model_index.json"
+    if not index_file.is_file():
+        raise ModelLoadError(f"{what}: config {cfg} is not a diffusers directory (no model_index.json)")
+    found = json.loads(index_file.read_text()).get("_class_name")
+    if found != pipeline_name:
+        raise ModelLoadError(f"{what}: config {cfg} is a {found}, not a {pipeline_name}")
+    _check_weights(cfg, role, allow_pickle)
+    transformer = getattr(diffusers, transformer_name).from_single_file(
+        str(path), config=str(cfg), subfolder="transformer", dtype=dtype, local_files_only=True)
+    drop = _without_t5(cfg, role) if without_t5 else {}
+    return DiffusionPipeline.from_pretrained(cfg, transformer=transformer, dtype=dtype, local_files_only=True,
+                                             use_safetensors=not allow_pickle or None, variant=variant, **drop)
 
 
 def _hint(exc: Exception, path: Path, single_file: bool) -> str:
@@ -200,10 +248,11 @@ def load_pipeline(source: str | os.PathLike, *, device: torch.device, dtype: tor
                   allow_pickle: bool = False, role: str = "model", config=None, variant: str | None = None,
                   without_t5: bool = False):
     """A diffusers pipeline from a directory, a single ``.safetensors`` file (SD 1.x/2.x, SDXL, the x4
-    upscaler; ``config``: a diffusers directory of the same family, which diffusers needs offline), or
+    upscaler; ``config``: a diffusers directory of the same family, which diffusers needs offline; an
+    SD3 or FLUX transformer in its original layout, with the VAE and text encoders of ``config``), or
     a hub id; ``variant``: the weights' variant (``"fp16"`` for ``*.fp16.safetensors``);
-    ``without_t5``: an SD3 directory without its T5 encoder (4.8B parameters; diffusers then encodes
-    the prompt with the two CLIP encoders alone).
+    ``without_t5``: SD3 without its T5 encoder (4.8B parameters; diffusers then encodes the prompt with
+    the two CLIP encoders alone).
 
     Raises :class:`ModelLoadError` with one line naming the source and what was tried.
     """
@@ -212,8 +261,10 @@ def load_pipeline(source: str | os.PathLike, *, device: torch.device, dtype: tor
 
     path = Path(source).expanduser()
     dlogging.set_verbosity_error()
-    if without_t5 and not path.is_dir():
-        raise ModelLoadError(f"{role} {source}: without_t5 (--no-t5) needs an SD3 diffusers directory")
+    family = _file_family(path, role) if path.is_file() else None
+    if without_t5 and not (path.is_dir() or family == "sd3"):
+        raise ModelLoadError(f"{role} {source}: without_t5 (--no-t5) needs an SD3 diffusers directory or an SD3 "
+                             "single file with its config directory")
     try:
         if path.is_dir():
             if not (path / "model_index.json").is_file():
@@ -227,8 +278,11 @@ def load_pipeline(source: str | os.PathLike, *, device: torch.device, dtype: tor
                     variant=variant, **_no_safety_checker(path), **drop)
         elif path.is_file():
             _check_weights(path, role, allow_pickle)
-            extra = {"config": str(Path(config).expanduser())} if config is not None else {}
-            pipe = _single_file_class(path, role).from_single_file(str(path), dtype=dtype, local_files_only=True,
+            if family in _TRANSFORMER_FILES:
+                pipe = _transformer_from_file(path, family, role, config, dtype, allow_pickle, variant, without_t5)
+            else:
+                extra = {"config": str(Path(config).expanduser())} if config is not None else {}
+                pipe = _single_file_class(family).from_single_file(str(path), dtype=dtype, local_files_only=True,
                                                                    **extra)
         elif _is_hub_id(source):
             pipe = DiffusionPipeline.from_pretrained(str(source), dtype=dtype, use_safetensors=not allow_pickle or None,
@@ -249,6 +303,8 @@ def load_pipeline(source: str | os.PathLike, *, device: torch.device, dtype: tor
     if path.is_dir():
         restore_vae_scale(pipe.vae, path)
         pipe.anysize_settings = read_settings(path)
+    elif family in _TRANSFORMER_FILES:  # its config directory's, which gave all but the transformer
+        pipe.anysize_settings = read_settings(Path(config).expanduser())
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

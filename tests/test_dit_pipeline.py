@@ -203,3 +203,82 @@ def test_samplers_of_a_flow_matching_model(pipe):
             p.set_scheduler("dpm++2m")
     finally:
         pipe.base.scheduler = original
+
+
+# ---------------------------------------------------------------------- single-file transformers
+def _sd3_file(dirs, tmp_path, seed=5):
+    """A single-file SD3 checkpoint (original MMDiT layout) of a transformer of the tiny SD3's config with
+    other weights than the directory's: (its path, that transformer)."""
+    from diffusers import SD3Transformer2DModel
+    from safetensors.torch import save_file
+
+    config = SD3Transformer2DModel.load_config(dirs["sd3"] / "transformer")
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel.from_config(config).eval()
+    path = tmp_path / "sd3_tiny.safetensors"
+    save_file(tiny_models.sd3_original_layout(transformer), str(path))
+    return path, transformer
+
+
+def test_a_single_file_sd3_transformer_with_its_config_directory(dirs, tmp_path, capsys):
+    """An SD3 transformer in its original single-file layout loads (``config=``: the family's diffusers
+    directory, for the VAE and text encoders): its weights bit for bit, not the directory's, and stage 1 is
+    diffusers' StableDiffusion3Pipeline with that transformer bit for bit; the CLI runs it; without a
+    config, or with another family's, one line and exit 1."""
+    path, source = _sd3_file(dirs, tmp_path)
+    p = AnySizePipeline.from_pretrained(path, config=dirs["sd3"], device="cpu", buckets=SMALL)
+    p.set_progress_bar_config(disable=True)
+    loaded, want = p.base.transformer.state_dict(), source.state_dict()
+    assert loaded.keys() == want.keys() and all(torch.equal(loaded[k], want[k]) for k in want)
+    directory = StableDiffusion3Pipeline.from_pretrained(dirs["sd3"])
+    assert not torch.equal(directory.transformer.proj_out.weight, loaded["proj_out.weight"])
+    kw = dict(height=48, width=96, num_inference_steps=2, guidance_scale=4.0, negative_prompt="dark",
+              output_type="latent")
+    ours = p("a red cat", generator=gen(3), **kw).images[0]
+    ref = StableDiffusion3Pipeline(**{**directory.components, "transformer": source})
+    ref.set_progress_bar_config(disable=True)
+    assert torch.equal(ours, ref("a red cat", generator=gen(3), **kw).images)
+    capsys.readouterr()
+    out = tmp_path / "file.png"
+    args = ["generate", "a red cat", "--size", "130x70", "-o", str(out), "--base", str(path), "--steps", "1",
+            "--upscale-steps", "1", "--buckets", "96x48,64x64,48x96", "--tile-size", "16", "--device", "cpu"]
+    assert cli.main([*args, "--config", str(dirs["sd3"])]) == 0, capsys.readouterr().err
+    assert read_metadata(out)["width"] == 130
+    for extra, words in (([], "needs its family's VAE and text encoders: pass config=DIR (CLI: --config DIR)"),
+                         (["--config", str(dirs["flux"])], "is a FluxPipeline, not a StableDiffusion3Pipeline")):
+        capsys.readouterr()
+        assert cli.main([*args[:5], str(tmp_path / "no.png"), *args[6:], *extra]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err and "Traceback" not in err, err
+        assert not (tmp_path / "no.png").exists()
+
+
+def test_a_single_file_flux_transformer_goes_to_diffusers_with_its_config(dirs, tmp_path, monkeypatch):
+    """A FLUX file (original layout, ``double_blocks.*``, as flux1-dev.safetensors) is read by diffusers'
+    ``FluxTransformer2DModel.from_single_file`` with the config directory's ``transformer`` subfolder, and
+    the pipeline is that directory's with the file's transformer. diffusers' FLUX conversion fixes
+    FLUX.1's width (3072), so a tiny FLUX cannot be converted: here diffusers' converter is replaced by
+    one returning a tiny transformer, and what is checked is the routing anysize does around it."""
+    import diffusers
+    from safetensors.torch import save_file
+
+    path = tmp_path / "flux_tiny.safetensors"
+    save_file({"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": torch.zeros(3, 1)}, str(path))
+    config = diffusers.FluxTransformer2DModel.load_config(dirs["flux"] / "transformer")
+    torch.manual_seed(7)
+    source = diffusers.FluxTransformer2DModel.from_config(config).eval()
+    calls = []
+
+    def converted(cls, file, **kwargs):
+        calls.append((file, kwargs))
+        return source
+
+    monkeypatch.setattr(diffusers.FluxTransformer2DModel, "from_single_file", classmethod(converted))
+    p = AnySizePipeline.from_pretrained(path, config=dirs["flux"], device="cpu", buckets=SMALL)
+    assert type(p.base).__name__ == "FluxPipeline" and p.base.transformer is source
+    (file, kwargs), = calls
+    assert file == str(path) and kwargs["config"] == str(dirs["flux"]) and kwargs["subfolder"] == "transformer"
+    p.set_progress_bar_config(disable=True)
+    assert p("a red cat", height=48, width=96, num_inference_steps=1, generator=gen(1)).images[0].size == (96, 48)
+    with pytest.raises(Exception, match="is a StableDiffusion3Pipeline, not a FluxPipeline"):
+        AnySizePipeline.from_pretrained(path, config=dirs["sd3"], device="cpu")

@@ -217,3 +217,48 @@ def make_gligen_base(directory: Path) -> Path:
     )
     pipe.save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+# ---------------------------------------------------------------------- single-file (original) layouts
+def _swap_halves(weight: torch.Tensor) -> torch.Tensor:
+    """(a, b) halves along dim 0 -> (b, a): the original MMDiT's adaLN order is shift, scale where
+    diffusers' AdaLayerNormContinuous has scale, shift (the swap is its own inverse)."""
+    a, b = weight.chunk(2)
+    return torch.cat([b, a])
+
+
+def sd3_original_layout(transformer) -> dict[str, torch.Tensor]:
+    """A diffusers ``SD3Transformer2DModel``'s weights in the original MMDiT checkpoint layout (the keys
+    of Stability's single-file ``sd3*.safetensors``, under ``model.diffusion_model.``), written here from
+    the layout's definition so a test can make a single-file checkpoint of a tiny model: q, k, v fused
+    into ``qkv``, the last block's context modulation and the final layer's in shift-scale order."""
+    sd = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
+    last = transformer.config.num_layers - 1
+    out = {"pos_embed": sd.pop("pos_embed.pos_embed")}
+    simple = {"pos_embed.proj": "x_embedder.proj", "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+              "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+              "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+              "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2", "context_embedder": "context_embedder",
+              "proj_out": "final_layer.linear"}
+    for ours, theirs in simple.items():
+        for p in ("weight", "bias"):
+            out[f"{theirs}.{p}"] = sd.pop(f"{ours}.{p}")
+    for p in ("weight", "bias"):
+        out[f"final_layer.adaLN_modulation.1.{p}"] = _swap_halves(sd.pop(f"norm_out.linear.{p}"))
+    for i in range(transformer.config.num_layers):
+        src, dst = f"transformer_blocks.{i}.", f"joint_blocks.{i}."
+        for p in ("weight", "bias"):
+            out[f"{dst}x_block.attn.qkv.{p}"] = torch.cat([sd.pop(f"{src}attn.to_{n}.{p}") for n in "qkv"])
+            out[f"{dst}context_block.attn.qkv.{p}"] = torch.cat([sd.pop(f"{src}attn.add_{n}_proj.{p}") for n in "qkv"])
+            out[f"{dst}x_block.attn.proj.{p}"] = sd.pop(f"{src}attn.to_out.0.{p}")
+            out[f"{dst}x_block.adaLN_modulation.1.{p}"] = sd.pop(f"{src}norm1.linear.{p}")
+            context = sd.pop(f"{src}norm1_context.linear.{p}")
+            out[f"{dst}context_block.adaLN_modulation.1.{p}"] = _swap_halves(context) if i == last else context
+            out[f"{dst}x_block.mlp.fc1.{p}"] = sd.pop(f"{src}ff.net.0.proj.{p}")
+            out[f"{dst}x_block.mlp.fc2.{p}"] = sd.pop(f"{src}ff.net.2.{p}")
+            if i != last:
+                out[f"{dst}context_block.attn.proj.{p}"] = sd.pop(f"{src}attn.to_add_out.{p}")
+                out[f"{dst}context_block.mlp.fc1.{p}"] = sd.pop(f"{src}ff_context.net.0.proj.{p}")
+                out[f"{dst}context_block.mlp.fc2.{p}"] = sd.pop(f"{src}ff_context.net.2.{p}")
+    assert not sd, f"not mapped: {sorted(sd)}"  # qk-norm and dual-attention (3.5) layers: not in the tiny model
+    return {f"model.diffusion_model.{k}": v.contiguous() for k, v in out.items()}
