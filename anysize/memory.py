@@ -164,17 +164,24 @@ def transformer_activation_bytes(net: Any, height: int, width: int, batch: int) 
 def controlnet_bytes(nets: list, height: int, width: int, batch: int) -> int:
     """Extra activation bytes of ControlNets steering a UNet call on ``batch`` latents of ``height x
     width``: the residuals they hand the UNet (every down block's outputs and the mid block's, live
-    through the UNet call; twice over with several ControlNets, the sum and the next one's) and the
+    through the UNet call; a FLUX ControlNet's: one per block; twice over with several ControlNets,
+    the sum and the next one's) and the
     ControlNet call's own working set beyond them (its largest weight; its activations are freed
     before the UNet's peak). An estimate from the configs, not calibrated by a measured peak."""
     if not nets:
         return 0
     config = nets[0].config
+    sets = 2 if len(nets) > 1 else 1
+    if hasattr(config, "num_single_layers"):  # a FLUX ControlNet: one (tokens x width) residual a block
+        blocks = int(config.num_layers) + int(config.num_single_layers)
+        tokens = math.ceil(height / 2) * math.ceil(width / 2)
+        inner = int(config.num_attention_heads) * int(config.attention_head_dim)
+        return int(blocks * tokens * inner * batch * sets * _dtype_bytes(nets[0].dtype)
+                   + max(_largest_weight_bytes(n) for n in nets))
     residual = sum(c * math.ceil(height / 2**i) * math.ceil(width / 2**i) * (int(config.layers_per_block) + 1)
                    for i, c in enumerate(config.block_out_channels))
     residual += config.block_out_channels[-1] * math.ceil(height / 2 ** (len(config.block_out_channels) - 1)) \
         * math.ceil(width / 2 ** (len(config.block_out_channels) - 1))
-    sets = 2 if len(nets) > 1 else 1
     return int(residual * batch * sets * _dtype_bytes(nets[0].dtype) + max(_largest_weight_bytes(n) for n in nets))
 
 
@@ -387,9 +394,8 @@ def _sampling(unet: Any, lat_h: int, lat_w: int, tiling: str, tile: int, batch: 
         rows = band_rows((1, channels, lat_h, lat_w), minimum=th)
         state = sampler_state_bytes(min(lat_h, rows + 2 * th), lat_w, channels)
         detail += f", state on disk in bands of {rows} rows"
-    if _nets.is_transformer(unet):
-        return _RUNTIME_BYTES + state + transformer_activation_bytes(unet, th, tw, calls), detail
-    return (_RUNTIME_BYTES + state + unet_activation_bytes(unet, th, tw, calls)
+    activation = (transformer_activation_bytes if _nets.is_transformer(unet) else unet_activation_bytes)
+    return (_RUNTIME_BYTES + state + activation(unet, th, tw, calls)
             + controlnet_bytes(list(controlnets), th, tw, calls)), detail
 
 

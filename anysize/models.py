@@ -381,19 +381,25 @@ def controlnet_factor(net) -> int:
     return 2 ** (len(channels) - 1)
 
 
+CONTROLNET_CLASSES = ("ControlNetModel", "FluxControlNetModel")  # the diffusers classes anysize steers with
+
+
 def load_controlnet(source, *, device: torch.device, dtype: torch.dtype, allow_pickle: bool = False):
-    """A diffusers ``ControlNetModel`` from a directory (``config.json`` + weights), a single
-    ``.safetensors`` file, a hub id, a loaded model (moved to ``device`` / ``dtype``), or "default":
-    the default model's (its condition: object silhouettes, white on black,
-    :func:`anysize.train.scenes.render_mask`). Raises :class:`ModelLoadError` with one line."""
+    """A diffusers ``ControlNetModel`` (SD 1.x / 2.x, SDXL) or ``FluxControlNetModel`` (FLUX.1) from a
+    directory (``config.json`` + weights), a single ``.safetensors`` file (``ControlNetModel``), a hub
+    id, a loaded model (moved to ``device`` / ``dtype``), or "default": the default model's (its
+    condition: object silhouettes, white on black, :func:`anysize.train.scenes.render_mask`). Raises
+    :class:`ModelLoadError` with one line."""
+    import diffusers
     from diffusers import ControlNetModel
     from diffusers.utils import logging as dlogging
 
     if isinstance(source, str) and source == "default":
         source = default_controlnet_path()
     if isinstance(source, torch.nn.Module):
-        if not hasattr(getattr(source, "config", None), "conditioning_embedding_out_channels"):
-            raise ModelLoadError(f"controlnet: a {type(source).__name__} is not a diffusers ControlNetModel")
+        if type(source).__name__ not in CONTROLNET_CLASSES:
+            raise ModelLoadError(f"controlnet: a {type(source).__name__} is not a diffusers "
+                                 f"{' or '.join(CONTROLNET_CLASSES)}")
         return source.to(device, dtype).eval()
     path = Path(source).expanduser()
     dlogging.set_verbosity_error()
@@ -403,12 +409,13 @@ def load_controlnet(source, *, device: torch.device, dtype: torch.dtype, allow_p
             if not config.is_file():
                 raise ModelLoadError(f"controlnet {path}: directory has no config.json (not a diffusers ControlNet)")
             name = json.loads(config.read_text()).get("_class_name", "")
-            if name != "ControlNetModel":
+            if name not in CONTROLNET_CLASSES:
                 raise ModelLoadError(f"controlnet {path}: is a {name or 'model of unknown class'}; anysize runs "
-                                     "diffusers ControlNetModel checkpoints (SD 1.x/2.x and SDXL)")
+                                     "diffusers ControlNetModel (SD 1.x/2.x and SDXL) and FluxControlNetModel "
+                                     "checkpoints")
             _check_weights(path, "controlnet", allow_pickle)
-            net = ControlNetModel.from_pretrained(path, dtype=dtype, use_safetensors=not allow_pickle or None,
-                                                  local_files_only=True)
+            net = getattr(diffusers, name).from_pretrained(path, dtype=dtype, use_safetensors=not allow_pickle or None,
+                                                           local_files_only=True)
         elif path.is_file():
             _check_weights(path, "controlnet", allow_pickle)
             net = ControlNetModel.from_single_file(str(path), dtype=dtype, local_files_only=True)
@@ -428,10 +435,15 @@ def check_controlnet(net, base, index: int = 0) -> None:
     channels, text width, SDXL-ness and control-pixel factor must match the base model's."""
     from .core.vae import vae_scale_factor
 
+    family, name = model_kind(base).family, f"controlnet[{index}]"
+    flux_net = type(net).__name__ == "FluxControlNetModel"
+    if family == "flux" or flux_net:
+        _check_flux_controlnet(net, base, name, family, flux_net)
+        return
     if model_kind(base).is_transformer:
-        raise ModelLoadError(f"controlnet[{index}]: anysize steers SD 1.x / 2.x and SDXL UNets with ControlNets; "
-                             f"this base is {model_kind(base).family.upper()}")
-    unet, config, name = base.unet.config, net.config, f"controlnet[{index}]"
+        raise ModelLoadError(f"{name}: anysize steers SD 1.x / 2.x, SDXL and FLUX with ControlNets; this base is "
+                             f"{family.upper()}")
+    unet, config = base.unet.config, net.config
     checks = (("latent channels", config.in_channels, unet.in_channels),
               ("text embedding width (cross_attention_dim)", config.cross_attention_dim, unet.cross_attention_dim),
               ("added conditioning (addition_embed_type)", config.addition_embed_type, unet.addition_embed_type),
@@ -440,6 +452,30 @@ def check_controlnet(net, base, index: int = 0) -> None:
         if got != want:
             raise ModelLoadError(f"{name}: {what} is {got}, the base model's is {want}; this ControlNet was "
                                  "made for another base model")
+
+
+def _check_flux_controlnet(net, base, name: str, family: str, flux_net: bool) -> None:
+    """:func:`check_controlnet` for FLUX: a ``FluxControlNetModel`` of InstantX's layout (its condition
+    VAE-encoded, no pixel hint block, no union modes) whose widths are the base transformer's."""
+    if not (flux_net and family == "flux"):
+        raise ModelLoadError(f"{name}: a {type(net).__name__} for a {family.upper()} base; a FLUX base takes a "
+                             "FluxControlNetModel and a FluxControlNetModel a FLUX base")
+    config, transformer = net.config, base.transformer.config
+    if config.conditioning_embedding_channels is not None:
+        raise ModelLoadError(f"{name}: a FLUX ControlNet with a pixel hint block (XLabs' layout); anysize takes "
+                             "ControlNets whose condition is VAE-encoded (InstantX's layout)")
+    if config.num_mode is not None:
+        raise ModelLoadError(f"{name}: a FLUX ControlNet-Union (num_mode={config.num_mode}); its control modes are "
+                             "not supported yet")
+    checks = (("latent channels (in_channels)", config.in_channels, transformer.in_channels),
+              ("text embedding width (joint_attention_dim)", config.joint_attention_dim,
+               transformer.joint_attention_dim),
+              ("width (heads x head dim)", config.num_attention_heads * config.attention_head_dim,
+               transformer.num_attention_heads * transformer.attention_head_dim))
+    for what, got, want in checks:
+        if got != want:
+            raise ModelLoadError(f"{name}: {what} is {got}, the base model's is {want}; this ControlNet was made "
+                                 "for another base model")
 
 
 # ---------------------------------------------------------------------- LoRA

@@ -199,7 +199,8 @@ class AnySizePipeline:
     ``base``: a diffusers text-to-image pipeline (SD 1.x/2.x, epsilon or v-prediction; SDXL).
     ``upscaler``: a pipeline in the SD x4-upscaler layout, or None to upscale img2img-style with the
     base model itself (``strength``), as Tiled Diffusion and Ultimate SD Upscale users do.
-    ``controlnet``: a diffusers ``ControlNetModel`` of the base model, or a list of them; each call
+    ``controlnet``: a diffusers ``ControlNetModel`` (``FluxControlNetModel`` for FLUX) of the base
+    model, or a list of them; each call
     then passes one ``control_image`` per ControlNet. ``buckets``: stage 1's sizes, ``[(width,
     height), ...]`` (default: SDXL's training sizes for an SDXL base at 1024^2, else ARAD's nine ratios
     at the base's native area).
@@ -247,7 +248,7 @@ class AnySizePipeline:
         """Load ``base`` and ``upscaler`` (diffusers directories, ``.safetensors`` files or hub ids);
         with neither, the embedded default model. ``img2img=True`` with no upscaler upscales with the
         base model; an upscaler alone serves :meth:`upscale` only. ``controlnet``: one ControlNet of the
-        base model or a list (diffusers ``ControlNetModel`` directories, ``.safetensors`` files, hub
+        base model or a list (diffusers ``ControlNetModel`` / ``FluxControlNetModel`` directories, ``.safetensors`` files, hub
         ids, loaded models, or "default": the default model's). ``scheduler`` / ``upscale_scheduler``:
         stage 1's and stage 2's sampler (:meth:`set_scheduler`); ``buckets``: stage 1's sizes (see the
         class). ``dtype``: "auto" (float16 on GPUs, float32 on the CPU), "float32", "float16",

@@ -342,7 +342,8 @@ def _transformer_denoiser(model, family: str, prompt: str, negative_prompt: str 
     anysize does only for UNets (ControlNets, prompt embeddings, guidance rescale, GLIGEN; FLUX's negative
     prompt without true CFG) was refused in one line when the request was checked
     (``AnySizePipeline._validate``)."""
-    assert not (controls or embeds or guidance_rescale or extra), "checked by AnySizePipeline._validate"
+    assert not (embeds or guidance_rescale or extra), "checked by AnySizePipeline._validate"
+    assert family == "flux" or not controls, "checked by models.check_controlnet"
     device = model.transformer.device
     lora = (cross_attention_kwargs or {}).get("scale")
     if family == "flux":
@@ -359,7 +360,7 @@ def _transformer_denoiser(model, family: str, prompt: str, negative_prompt: str 
             negative = dict(true_cfg_scale=true_cfg_scale, negative_prompt_embeds=neg,
                             negative_pooled_prompt_embeds=neg_pooled)
         return FluxTileDenoiser(model.transformer, pos, pooled, guidance_scale=guidance_scale, regions=tile_regions,
-                                **negative)
+                                controls=controls, **negative)
     do_cfg = guidance_scale > 1.0
     encode = dict(prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1, lora_scale=lora)
     pos, neg, pooled, neg_pooled = model.encode_prompt(prompt, do_classifier_free_guidance=do_cfg,
@@ -497,19 +498,33 @@ def _grounding(phase: Phase, req, timesteps) -> TileGrounding:
 def _controls(ctx: Context, phase: Phase, timesteps, image: PIL.Image.Image | None) -> list[TileControl]:
     """The phase's ControlNets with their control images resized to the phase's latent times the VAE
     factor (Lanczos, as diffusers resizes a control image), held as uint8 (read as value / 255 a crop
-    at a time) on the host."""
+    at a time) on the host; a FLUX ControlNet's condition is in latent space instead (diffusers'
+    FluxControlNetPipeline): that image encoded by the tiled VAE (its mean, shifted and scaled as the
+    latents), cropped a tile at a time on the latent grid (``factor=1``)."""
     req, f = ctx.plan.request, vae_scale_factor(phase.vae)
     lat_h, lat_w = phase.latent
     steps = tuple(float(t) for t in timesteps)
     out = []
     for k in phase.controls:
         source = image if ctx.control_images[k] == TILE else ctx.control_images[k]
-        pixels = np.asarray(_resize(source, (lat_w * f, lat_h * f)))  # RGB already: to_pil, or a decode
-        tensor = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))[None]
+        if models.model_kind(phase.model).is_transformer:
+            tensor, factor = _encoded(phase.model.vae, _Resized(source, (lat_w * f, lat_h * f))), 1
+        else:
+            pixels = np.asarray(_resize(source, (lat_w * f, lat_h * f)))  # RGB already: to_pil, or a decode
+            tensor, factor = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))[None], f
         out.append(TileControl(ctx.plan.controlnets[k], tensor, scale=req.controlnet_conditioning_scale[k],
-                               factor=f, start=req.control_guidance_start[k], end=req.control_guidance_end[k],
+                               factor=factor, start=req.control_guidance_start[k], end=req.control_guidance_end[k],
                                timesteps=steps))
     return out
+
+
+def _encoded(vae, pixels) -> torch.Tensor:
+    """``pixels`` (an image made a crop at a time, :class:`_Resized`) through the tiled VAE encoder: the
+    latent distribution's mean, shifted and scaled as the model's latents (SD3's and FLUX's VAEs centre
+    them with ``shift_factor``)."""
+    latents = tiled_encode(vae, pixels, mode="fast")
+    shift = getattr(vae.config, "shift_factor", None)
+    return (latents - shift if shift else latents) * vae.config.scaling_factor
 
 
 def _region_place(region: Region, latent: tuple[int, int]) -> dict:
@@ -626,9 +641,7 @@ def img2img_pass(ctx: Context, phase: Phase, image: PIL.Image.Image, prompt: str
     lat_h, lat_w = phase.latent
     dtype = phase.unet.dtype
     pixels = _Resized(image, (lat_w * f, lat_h * f))
-    init = tiled_encode(model.vae, pixels, mode="fast").to(ctx.device, dtype)
-    shift = getattr(model.vae.config, "shift_factor", None)  # SD3's and FLUX's VAEs centre their latents
-    init = (init - shift if shift else init) * model.vae.config.scaling_factor
+    init = _encoded(model.vae, pixels).to(ctx.device, dtype)
     scheduler, steps = phase.scheduler, phase.steps
     set_timesteps(phase)
     start = min(steps - 1, int(round(steps * (1 - req.strength))))

@@ -12,6 +12,7 @@ from diffusers import StableDiffusion3Pipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from anysize.core.dit import FluxTileDenoiser, SD3TileDenoiser, flux_image_ids, pack, unpack
+from anysize.core.control import TileControl
 from anysize.core.regions import TileRegion
 from anysize.core.sampler import TiledModel, sample_tiled
 from anysize.core.tiling import TilingConfig
@@ -278,6 +279,85 @@ def test_transformer_regions_are_bit_identical_whatever_the_tile_batch(arch, flu
                                     generator=gen(2), progress=False))
     assert torch.isfinite(results[0]).all()
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+# ---------------------------------------------------------------------- FLUX ControlNets
+def test_flux_controlnet_one_tile_is_flux_controlnet_pipeline(flux):
+    """One tile over the whole latent with a FLUX ControlNet: bit for bit diffusers' FluxControlNetPipeline
+    from the same noise, embeddings, control latents and conditioning scale (the pipeline's VAE encode
+    spied on, so both read the same latents: diffusers samples the latent distribution, anysize takes
+    its mean through the tiled encoder)."""
+    from types import SimpleNamespace
+
+    import tiny_models
+    from diffusers import FluxControlNetPipeline
+
+    net = tiny_models.make_flux_controlnet(flux)
+    vae = tiny_models._vae16(0.3611, 0.1159)
+    h, w, steps = 12, 20, 3
+    noise = torch.randn(1, 16, h, w, generator=gen(5))
+    embeds, pooled = text(1)
+    seen = []
+    encode = vae.encode
+
+    def spied(pixels):
+        seen.append(encode(pixels).latent_dist.mode())
+        return SimpleNamespace(latents=seen[-1])
+
+    vae.encode = spied
+    ref = FluxControlNetPipeline(scheduler=flow_scheduler(True), vae=vae, text_encoder=None, tokenizer=None,
+                                 text_encoder_2=None, tokenizer_2=None, transformer=flux, controlnet=net)
+    ref.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 2 * h, 2 * w, generator=gen(6))
+    theirs = ref(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=2 * h, width=2 * w, num_inference_steps=steps,
+                 guidance_scale=3.5, latents=pack(noise), control_image=image, controlnet_conditioning_scale=0.8,
+                 output_type="latent").images
+    cond = (seen[0] - vae.config.shift_factor) * vae.config.scaling_factor
+    den = FluxTileDenoiser(flux, embeds, pooled, guidance_scale=3.5, controls=[TileControl(net, cond, 0.8, factor=1)])
+    ours = sample_tiled(den, noise.clone(), flux_timesteps(flow_scheduler(True), steps, (h, w)),
+                        TilingConfig(method="none"), progress=False)
+    assert torch.equal(ours, unpack(theirs, h, w))
+    plain = sample_tiled(FluxTileDenoiser(flux, embeds, pooled, guidance_scale=3.5), noise.clone(),
+                         flux_timesteps(flow_scheduler(True), steps, (h, w)), TilingConfig(method="none"), progress=False)
+    assert not torch.equal(ours, plain), "the ControlNet steers"
+
+
+def test_flux_controlnet_tiles_get_their_crop_and_their_place(flux, monkeypatch):
+    """Each tile's ControlNet call gets exactly the crop of the control latents under it, packed, and the
+    tile's global ids; tiled sampling with ControlNets and a region does not depend on the tile batch."""
+    import tiny_models
+
+    net = tiny_models.make_flux_controlnet(flux)
+    h, w = 16, 24
+    cond = torch.randn(1, 16, h, w, generator=gen(7))
+    embeds, pooled = text(2)
+    seen = []
+    forward = net.forward
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["controlnet_cond"].clone(), kwargs["img_ids"].clone()))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(net, "forward", spy)
+    control = TileControl(net, cond, 1.0, factor=1)
+    den = FluxTileDenoiser(flux, embeds, pooled, controls=[control])
+    x = torch.randn(1, 16, h, w, generator=gen(8))
+    TiledModel(den, TilingConfig(method="naive", tile_size=8), height=h, width=w, num_steps=1)(x, torch.tensor(500.0), 0)
+    boxes = [(r, c, r + 8, c + 8) for r in (0, 8) for c in (0, 8, 16)]
+    assert len(seen) == len(boxes)
+    for (got, ids), (top, left, bottom, right) in zip(seen, boxes):
+        assert torch.equal(got, pack(cond[..., top:bottom, left:right]))
+        assert torch.equal(ids, flux_image_ids(8, 8, top, left))
+    monkeypatch.undo()
+    (a, a_pooled) = text(3)
+    region = TileRegion(a, (3.0, 2.0, 15.5, 13.0), 1.0, 1.5, added={"pooled_projections": a_pooled})
+    two = [control, TileControl(tiny_models.make_flux_controlnet(flux, seed=9), cond.flip(-1), 0.5, factor=1)]
+    den = FluxTileDenoiser(flux, embeds, pooled, controls=two, regions=[region])
+    noise = torch.randn(1, 16, h, w, generator=gen(11))
+    results = [sample_tiled(den, noise.clone(), flux_timesteps(flow_scheduler(True), 2, (h, w)),
+                            TilingConfig(tile_size=8, tile_batch_size=b), generator=gen(2), progress=False)
+               for b in (1, 4)]
+    assert torch.isfinite(results[0]).all() and torch.equal(results[0], results[1])
 
 
 # ---------------------------------------------------------------------- torchrun: tiles across 2 processes

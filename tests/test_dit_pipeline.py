@@ -282,3 +282,68 @@ def test_a_single_file_flux_transformer_goes_to_diffusers_with_its_config(dirs, 
     assert p("a red cat", height=48, width=96, num_inference_steps=1, generator=gen(1)).images[0].size == (96, 48)
     with pytest.raises(Exception, match="is a StableDiffusion3Pipeline, not a FluxPipeline"):
         AnySizePipeline.from_pretrained(path, config=dirs["sd3"], device="cpu")
+
+
+# ---------------------------------------------------------------------- FLUX ControlNets
+@pytest.fixture(scope="module")
+def flux_controlnet(dirs, tmp_path_factory):
+    from diffusers import FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel.from_pretrained(dirs["flux"] / "transformer")
+    directory = tmp_path_factory.mktemp("fluxcn") / "net"
+    tiny_models.make_flux_controlnet(transformer, directory=directory)
+    return directory
+
+
+def test_a_flux_controlnet_steers_both_stages(dirs, flux_controlnet, tmp_path, capsys):
+    """A FluxControlNetModel directory (--controlnet) with a control image steers stage 1 and every
+    img2img pass (each phase's condition encoded at its size); 'tile' (the pass's own input as the
+    condition) runs too; the memory plan names it; the CLI takes it."""
+    import PIL.Image
+
+    p = AnySizePipeline.from_pretrained(dirs["flux"], controlnet=flux_controlnet, device="cpu", buckets=SMALL)
+    p.set_progress_bar_config(disable=True)
+    control = PIL.Image.new("RGB", (203, 117))
+    control.paste((255, 255, 255), (20, 20, 90, 90))
+    kw = dict(height=117, width=203, tile_size=16, **KW)
+    out = p("a red cat", control_image=control, generator=gen(1), **kw)
+    off = p("a red cat", control_image=control, controlnet_conditioning_scale=0.0, generator=gen(1), **kw)
+    assert out.images[0].size == (203, 117) and out.info[0]["passes"]
+    diff = np.abs(np.asarray(out.images[0]).astype(float) - np.asarray(off.images[0]).astype(float))
+    assert diff.mean() > 1, "the ControlNet steers"
+    tile = p("a red cat", control_image="tile", generator=gen(1), **kw)
+    assert tile.images[0].size == (203, 117)
+    plan = p.plan_memory(203, 117, control_images=(control,), tile_size=16)
+    assert all("1 ControlNet" in s.detail for s in plan.stages if s.kind == "sample")
+    path = tmp_path / "control.png"
+    control.save(path)
+    capsys.readouterr()
+    code = cli.main(["generate", "a red cat", "--size", "203x117", "-o", str(tmp_path / "c.png"), "--base",
+                     str(dirs["flux"]), "--controlnet", str(flux_controlnet), "--control-image", str(path),
+                     "--buckets", "96x48,64x64,48x96", "--steps", "1", "--upscale-steps", "1", "--tile-size", "16",
+                     "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    assert read_metadata(tmp_path / "c.png")["width"] == 203
+
+
+@pytest.mark.parametrize("which, words", [
+    ("unet-on-flux", "a ControlNetModel for a FLUX base"),
+    ("flux-on-sd3", "a FluxControlNetModel for a SD3 base"),
+    ("xlabs", "pixel hint block (XLabs' layout)"),
+    ("union", "ControlNet-Union (num_mode=2)"),
+])
+def test_controlnets_a_transformer_cannot_take_are_refused_in_one_line(dirs, which, words):
+    from diffusers import FluxTransformer2DModel
+
+    from anysize.models import ModelLoadError
+
+    transformer = FluxTransformer2DModel.from_pretrained(dirs["flux"] / "transformer")
+    base = "sd3" if which == "flux-on-sd3" else "flux"
+    if which == "unet-on-flux":
+        net = tiny_models.make_controlnet(tiny_models._unet(4, 32))
+    else:
+        extra = {"xlabs": dict(conditioning_embedding_channels=16), "union": dict(num_mode=2)}.get(which, {})
+        net = tiny_models.make_flux_controlnet(transformer, **extra)
+    with pytest.raises(ModelLoadError) as caught:
+        AnySizePipeline.from_pretrained(dirs[base], controlnet=net, device="cpu")
+    assert words in str(caught.value) and "\n" not in str(caught.value)

@@ -262,3 +262,25 @@ def sd3_original_layout(transformer) -> dict[str, torch.Tensor]:
                 out[f"{dst}context_block.mlp.fc2.{p}"] = sd.pop(f"{src}ff_context.net.2.{p}")
     assert not sd, f"not mapped: {sorted(sd)}"  # qk-norm and dual-attention (3.5) layers: not in the tiny model
     return {f"model.diffusion_model.{k}": v.contiguous() for k, v in out.items()}
+
+
+def make_flux_controlnet(transformer, seed: int = 4, directory: Path | None = None, **config):
+    """A tiny FluxControlNetModel (InstantX's layout: its condition VAE-encoded) of a tiny FLUX
+    ``transformer``'s widths, one double and one single block; its zero-initialised output projections
+    (diffusers' ``zero_module``) drawn at random so it steers. Saved to ``directory`` when given."""
+    from diffusers import FluxControlNetModel
+
+    c = transformer.config
+    torch.manual_seed(seed)
+    net = FluxControlNetModel(patch_size=1, in_channels=c.in_channels, num_layers=1, num_single_layers=1,
+                              attention_head_dim=c.attention_head_dim, num_attention_heads=c.num_attention_heads,
+                              joint_attention_dim=c.joint_attention_dim, pooled_projection_dim=c.pooled_projection_dim,
+                              guidance_embeds=c.guidance_embeds, axes_dims_rope=tuple(c.axes_dims_rope),
+                              **config).eval()
+    with torch.no_grad():
+        for module in (net.controlnet_blocks, net.controlnet_single_blocks, net.controlnet_x_embedder):
+            for p in module.parameters():
+                p.normal_(0, 0.2)
+    if directory is not None:
+        net.save_pretrained(directory, safe_serialization=True)
+    return net

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 import torch
 
 from . import nets
+from .control import TileControl
 from .regions import TileRegion, blend, reaches, region_crop, region_mask
 from .tiling import Box
 
@@ -140,7 +141,13 @@ class FluxTileDenoiser(_TransformerTiles):
     """Tile-level denoiser over a diffusers ``FluxTransformer2DModel`` (16-channel latents, 2x2 patches).
 
     ``prompt_embeds`` (B or 1, L, D) and ``pooled_prompt_embeds`` (B or 1, P): the T5 and CLIP
-    embeddings as diffusers' ``FluxPipeline.encode_prompt`` gives them. ``guidance_scale``: the guidance
+    embeddings as diffusers' ``FluxPipeline.encode_prompt`` gives them. ``controls``: FLUX ControlNets
+    (diffusers ``FluxControlNetModel``, InstantX's layout) with their condition in latent space
+    (:class:`~anysize.core.control.TileControl` with ``factor=1``: the control image VAE-encoded at the
+    phase's size, shifted and scaled as the latents): each tile's ControlNet call gets the crop under
+    the tile, packed, with the tile's global ids, and the residuals of all of them are summed, as
+    diffusers' ``FluxControlNetPipeline`` and ``FluxMultiControlNetModel`` do (the true-CFG negative
+    call reuses the positive call's residuals, as there). ``guidance_scale``: the guidance
     embedding's value where the model has one (FLUX.1-dev; ignored by schnell). ``true_cfg_scale`` > 1
     with ``negative_prompt_embeds`` / ``negative_pooled_prompt_embeds``: a second, unconditional call
     per tile and ``neg + s * (pos - neg)``, as diffusers' ``true_cfg_scale``. ``positions``: "global"
@@ -151,9 +158,10 @@ class FluxTileDenoiser(_TransformerTiles):
                  guidance_scale: float = 3.5, true_cfg_scale: float = 1.0,
                  negative_prompt_embeds: torch.Tensor | None = None,
                  negative_pooled_prompt_embeds: torch.Tensor | None = None, positions: str = "global",
-                 joint_attention_kwargs: dict | None = None, regions: Sequence[TileRegion] = ()):
+                 joint_attention_kwargs: dict | None = None, regions: Sequence[TileRegion] = (),
+                 controls: Sequence[TileControl] = ()):
         _check_positions(positions)
-        self.regions = tuple(regions)
+        self.regions, self.controls = tuple(regions), tuple(controls)
         if true_cfg_scale > 1 and (negative_prompt_embeds is None or negative_pooled_prompt_embeds is None):
             raise ValueError("true_cfg_scale > 1: needs negative_prompt_embeds and negative_pooled_prompt_embeds")
         self.transformer, self.positions = transformer, positions
@@ -178,20 +186,56 @@ class FluxTileDenoiser(_TransformerTiles):
             guidance = torch.full([b], self.guidance_scale, device=x.device, dtype=torch.float32)
         step = t.expand(b).to(dtype) / 1000 if torch.is_tensor(t) else torch.full([b], t / 1000, dtype=dtype)
 
-        def run(embeds, pooled):
+        def run(embeds, pooled, residuals):
             embeds = _rows(embeds, b).to(x.device, dtype)
             txt_ids = torch.zeros(embeds.shape[1], 3, device=x.device, dtype=dtype)
+            pooled = _rows(pooled, b).to(x.device, dtype)
+            if residuals is None:
+                residuals = self._control(x, t, box, step.to(x.device), embeds, pooled, txt_ids, ids)
             out = self.transformer(hidden_states=pack(x.to(dtype)), timestep=step.to(x.device), guidance=guidance,
-                                   pooled_projections=_rows(pooled, b).to(x.device, dtype),
-                                   encoder_hidden_states=embeds, txt_ids=txt_ids, img_ids=ids,
-                                   joint_attention_kwargs=self.joint_attention_kwargs, return_dict=False)[0]
-            return unpack(out, h, w)
+                                   pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=txt_ids,
+                                   img_ids=ids, joint_attention_kwargs=self.joint_attention_kwargs, return_dict=False,
+                                   **residuals)[0]
+            return unpack(out, h, w), residuals
 
-        out = (run(self.prompt_embeds, self.pooled_prompt_embeds) if embeds is None else run(embeds, pooled))
+        if embeds is None:
+            embeds, pooled = self.prompt_embeds, self.pooled_prompt_embeds
+        out, residuals = run(embeds, pooled, None)
         if self.true_cfg_scale > 1:
-            neg = run(self.negative_prompt_embeds, self.negative_pooled_prompt_embeds)
+            neg, _ = run(self.negative_prompt_embeds, self.negative_pooled_prompt_embeds, residuals)
             out = neg + self.true_cfg_scale * (out - neg)
         return out
+
+    def _control(self, x: torch.Tensor, t, box: Box, step: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor,
+                 txt_ids: torch.Tensor, ids: torch.Tensor) -> dict:
+        """The summed residuals of the ControlNets acting at ``t`` for tile ``box`` (the transformer's
+        ``controlnet_block_samples`` / ``controlnet_single_block_samples`` keywords); {} when none acts."""
+        blocks = singles = None
+        dtype = self.transformer.dtype
+        for control in self.controls:
+            if not control.active(t):
+                continue
+            net = control.model
+            guidance = None
+            if net.config.guidance_embeds:
+                guidance = torch.full([x.shape[0]], self.guidance_scale, device=x.device, dtype=torch.float32)
+            cond = pack(control.crops([box], x.shape[0]).to(x.device, dtype))
+            d, s = net(hidden_states=pack(x.to(dtype)), controlnet_cond=cond, conditioning_scale=control.scale,
+                       timestep=step, guidance=guidance, pooled_projections=pooled, encoder_hidden_states=embeds,
+                       txt_ids=txt_ids, img_ids=ids, joint_attention_kwargs=self.joint_attention_kwargs,
+                       return_dict=False)
+            blocks, singles = _summed(blocks, d), _summed(singles, s)
+        if blocks is None and singles is None:
+            return {}
+        return {"controlnet_block_samples": blocks, "controlnet_single_block_samples": singles,
+                "controlnet_blocks_repeat": False}
+
+
+def _summed(total: list | None, more: list | None) -> list | None:
+    """Residual lists added element by element (None: a ControlNet without such blocks)."""
+    if total is None or more is None:
+        return more if total is None else total
+    return [a + b for a, b in zip(total, more)]
 
 
 # ---------------------------------------------------------------------- SD3
