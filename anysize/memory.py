@@ -164,7 +164,7 @@ def transformer_activation_bytes(net: Any, height: int, width: int, batch: int) 
 def controlnet_bytes(nets: list, height: int, width: int, batch: int) -> int:
     """Extra activation bytes of ControlNets steering a UNet call on ``batch`` latents of ``height x
     width``: the residuals they hand the UNet (every down block's outputs and the mid block's, live
-    through the UNet call; a FLUX ControlNet's: one per block; twice over with several ControlNets,
+    through the UNet call; an SD3 / FLUX ControlNet's: one per block, 2x2 patches a token; twice over with several ControlNets,
     the sum and the next one's) and the
     ControlNet call's own working set beyond them (its largest weight; its activations are freed
     before the UNet's peak). An estimate from the configs, not calibrated by a measured peak."""
@@ -172,8 +172,8 @@ def controlnet_bytes(nets: list, height: int, width: int, batch: int) -> int:
         return 0
     config = nets[0].config
     sets = 2 if len(nets) > 1 else 1
-    if hasattr(config, "num_single_layers"):  # a FLUX ControlNet: one (tokens x width) residual a block
-        blocks = int(config.num_layers) + int(config.num_single_layers)
+    if not hasattr(config, "block_out_channels"):  # an SD3 / FLUX ControlNet: a (tokens x width) residual a block
+        blocks = int(config.num_layers) + int(getattr(config, "num_single_layers", 0))
         tokens = math.ceil(height / 2) * math.ceil(width / 2)
         inner = int(config.num_attention_heads) * int(config.attention_head_dim)
         return int(blocks * tokens * inner * batch * sets * _dtype_bytes(nets[0].dtype)

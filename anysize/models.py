@@ -381,11 +381,12 @@ def controlnet_factor(net) -> int:
     return 2 ** (len(channels) - 1)
 
 
-CONTROLNET_CLASSES = ("ControlNetModel", "FluxControlNetModel")  # the diffusers classes anysize steers with
+CONTROLNET_CLASSES = ("ControlNetModel", "FluxControlNetModel", "SD3ControlNetModel")  # the diffusers classes anysize steers with
 
 
 def load_controlnet(source, *, device: torch.device, dtype: torch.dtype, allow_pickle: bool = False):
-    """A diffusers ``ControlNetModel`` (SD 1.x / 2.x, SDXL) or ``FluxControlNetModel`` (FLUX.1) from a
+    """A diffusers ``ControlNetModel`` (SD 1.x / 2.x, SDXL), ``FluxControlNetModel`` (FLUX.1) or
+    ``SD3ControlNetModel`` (SD 3 / 3.5) from a
     directory (``config.json`` + weights), a single ``.safetensors`` file (``ControlNetModel``), a hub
     id, a loaded model (moved to ``device`` / ``dtype``), or "default": the default model's (its
     condition: object silhouettes, white on black, :func:`anysize.train.scenes.render_mask`). Raises
@@ -411,8 +412,8 @@ def load_controlnet(source, *, device: torch.device, dtype: torch.dtype, allow_p
             name = json.loads(config.read_text()).get("_class_name", "")
             if name not in CONTROLNET_CLASSES:
                 raise ModelLoadError(f"controlnet {path}: is a {name or 'model of unknown class'}; anysize runs "
-                                     "diffusers ControlNetModel (SD 1.x/2.x and SDXL) and FluxControlNetModel "
-                                     "checkpoints")
+                                     "diffusers ControlNetModel (SD 1.x/2.x and SDXL), FluxControlNetModel and "
+                                     "SD3ControlNetModel checkpoints")
             _check_weights(path, "controlnet", allow_pickle)
             net = getattr(diffusers, name).from_pretrained(path, dtype=dtype, use_safetensors=not allow_pickle or None,
                                                            local_files_only=True)
@@ -436,13 +437,15 @@ def check_controlnet(net, base, index: int = 0) -> None:
     from .core.vae import vae_scale_factor
 
     family, name = model_kind(base).family, f"controlnet[{index}]"
-    flux_net = type(net).__name__ == "FluxControlNetModel"
-    if family == "flux" or flux_net:
-        _check_flux_controlnet(net, base, name, family, flux_net)
+    own = {"FluxControlNetModel": "flux", "SD3ControlNetModel": "sd3"}.get(type(net).__name__)
+    if own is not None or model_kind(base).is_transformer:
+        if own != family:
+            raise ModelLoadError(f"{name}: a {type(net).__name__} for a {family.upper()} base; "
+                                 + ("a FLUX base takes a FluxControlNetModel, an SD3 base an SD3ControlNetModel"
+                                    if model_kind(base).is_transformer else
+                                    "it steers the transformer it was made for"))
+        (_check_flux_controlnet if family == "flux" else _check_sd3_controlnet)(net, base, name)
         return
-    if model_kind(base).is_transformer:
-        raise ModelLoadError(f"{name}: anysize steers SD 1.x / 2.x, SDXL and FLUX with ControlNets; this base is "
-                             f"{family.upper()}")
     unet, config = base.unet.config, net.config
     checks = (("latent channels", config.in_channels, unet.in_channels),
               ("text embedding width (cross_attention_dim)", config.cross_attention_dim, unet.cross_attention_dim),
@@ -454,12 +457,9 @@ def check_controlnet(net, base, index: int = 0) -> None:
                                  "made for another base model")
 
 
-def _check_flux_controlnet(net, base, name: str, family: str, flux_net: bool) -> None:
+def _check_flux_controlnet(net, base, name: str) -> None:
     """:func:`check_controlnet` for FLUX: a ``FluxControlNetModel`` of InstantX's layout (its condition
     VAE-encoded, no pixel hint block, no union modes) whose widths are the base transformer's."""
-    if not (flux_net and family == "flux"):
-        raise ModelLoadError(f"{name}: a {type(net).__name__} for a {family.upper()} base; a FLUX base takes a "
-                             "FluxControlNetModel and a FluxControlNetModel a FLUX base")
     config, transformer = net.config, base.transformer.config
     if config.conditioning_embedding_channels is not None:
         raise ModelLoadError(f"{name}: a FLUX ControlNet with a pixel hint block (XLabs' layout); anysize takes "
@@ -467,11 +467,36 @@ def _check_flux_controlnet(net, base, name: str, family: str, flux_net: bool) ->
     if config.num_mode is not None:
         raise ModelLoadError(f"{name}: a FLUX ControlNet-Union (num_mode={config.num_mode}); its control modes are "
                              "not supported yet")
+    _check_widths(net, base, name, joint=True)
+
+
+def _check_sd3_controlnet(net, base, name: str) -> None:
+    """:func:`check_controlnet` for SD3: an ``SD3ControlNetModel`` without extra conditioning channels
+    whose widths are the base transformer's and that has no more blocks than it. A ControlNet that
+    shares the transformer's positional table (SD 3.5's 8B ones, ``use_pos_embed=False``) gets a copy of
+    it here, as diffusers' ``StableDiffusion3ControlNetPipeline`` gives it one."""
+    config, transformer = net.config, base.transformer.config
+    if config.extra_conditioning_channels:
+        raise ModelLoadError(f"{name}: an SD3 ControlNet with {config.extra_conditioning_channels} extra conditioning "
+                             "channels; anysize hands it the VAE-encoded control image only")
+    if config.num_layers > transformer.num_layers:
+        raise ModelLoadError(f"{name}: {config.num_layers} blocks for a transformer of {transformer.num_layers}; this "
+                             "ControlNet was made for another base model")
+    _check_widths(net, base, name, joint=config.joint_attention_dim is not None)
+    if net.pos_embed is None:
+        net.pos_embed = net._get_pos_embed_from_transformer(base.transformer).to(net.device, net.dtype)
+
+
+def _check_widths(net, base, name: str, joint: bool) -> None:
+    """A transformer ControlNet's latent channels, text width (``joint``: where it reads text) and
+    hidden width must be its base transformer's."""
+    config, transformer = net.config, base.transformer.config
     checks = (("latent channels (in_channels)", config.in_channels, transformer.in_channels),
-              ("text embedding width (joint_attention_dim)", config.joint_attention_dim,
-               transformer.joint_attention_dim),
               ("width (heads x head dim)", config.num_attention_heads * config.attention_head_dim,
                transformer.num_attention_heads * transformer.attention_head_dim))
+    if joint:
+        checks += (("text embedding width (joint_attention_dim)", config.joint_attention_dim,
+                    transformer.joint_attention_dim),)
     for what, got, want in checks:
         if got != want:
             raise ModelLoadError(f"{name}: {what} is {got}, the base model's is {want}; this ControlNet was made "

@@ -343,7 +343,6 @@ def _transformer_denoiser(model, family: str, prompt: str, negative_prompt: str 
     prompt without true CFG) was refused in one line when the request was checked
     (``AnySizePipeline._validate``)."""
     assert not (embeds or guidance_rescale or extra), "checked by AnySizePipeline._validate"
-    assert family == "flux" or not controls, "checked by models.check_controlnet"
     device = model.transformer.device
     lora = (cross_attention_kwargs or {}).get("scale")
     if family == "flux":
@@ -371,7 +370,7 @@ def _transformer_denoiser(model, family: str, prompt: str, negative_prompt: str 
         return embeds, pooled_embeds
     return SD3TileDenoiser(model.transformer, pos, pooled, latent=latent, guidance_scale=guidance_scale,
                            negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled,
-                           regions=[_transformer_region(r, latent, embed) for r in regions])
+                           regions=[_transformer_region(r, latent, embed) for r in regions], controls=controls)
 
 
 def set_timesteps(phase: Phase) -> None:
@@ -498,32 +497,36 @@ def _grounding(phase: Phase, req, timesteps) -> TileGrounding:
 def _controls(ctx: Context, phase: Phase, timesteps, image: PIL.Image.Image | None) -> list[TileControl]:
     """The phase's ControlNets with their control images resized to the phase's latent times the VAE
     factor (Lanczos, as diffusers resizes a control image), held as uint8 (read as value / 255 a crop
-    at a time) on the host; a FLUX ControlNet's condition is in latent space instead (diffusers'
-    FluxControlNetPipeline): that image encoded by the tiled VAE (its mean, shifted and scaled as the
-    latents), cropped a tile at a time on the latent grid (``factor=1``)."""
+    at a time) on the host; an SD3 or FLUX ControlNet's condition is in latent space instead (diffusers'
+    FluxControlNetPipeline, StableDiffusion3ControlNetPipeline): that image encoded by the tiled VAE
+    (its mean, scaled as the latents, and shifted too unless the ControlNet was trained without the
+    shift: InstantX's SD3 ones, ``force_zeros_for_pooled_projection``), cropped a tile at a time on the
+    latent grid (``factor=1``)."""
     req, f = ctx.plan.request, vae_scale_factor(phase.vae)
     lat_h, lat_w = phase.latent
     steps = tuple(float(t) for t in timesteps)
     out = []
     for k in phase.controls:
         source = image if ctx.control_images[k] == TILE else ctx.control_images[k]
+        net = ctx.plan.controlnets[k]
         if models.model_kind(phase.model).is_transformer:
-            tensor, factor = _encoded(phase.model.vae, _Resized(source, (lat_w * f, lat_h * f))), 1
+            shift = not getattr(net.config, "force_zeros_for_pooled_projection", False)
+            tensor, factor = _encoded(phase.model.vae, _Resized(source, (lat_w * f, lat_h * f)), shift), 1
         else:
             pixels = np.asarray(_resize(source, (lat_w * f, lat_h * f)))  # RGB already: to_pil, or a decode
             tensor, factor = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))[None], f
-        out.append(TileControl(ctx.plan.controlnets[k], tensor, scale=req.controlnet_conditioning_scale[k],
+        out.append(TileControl(net, tensor, scale=req.controlnet_conditioning_scale[k],
                                factor=factor, start=req.control_guidance_start[k], end=req.control_guidance_end[k],
                                timesteps=steps))
     return out
 
 
-def _encoded(vae, pixels) -> torch.Tensor:
+def _encoded(vae, pixels, shifted: bool = True) -> torch.Tensor:
     """``pixels`` (an image made a crop at a time, :class:`_Resized`) through the tiled VAE encoder: the
-    latent distribution's mean, shifted and scaled as the model's latents (SD3's and FLUX's VAEs centre
-    them with ``shift_factor``)."""
+    latent distribution's mean, shifted (``shifted``) and scaled as the model's latents (SD3's and
+    FLUX's VAEs centre them with ``shift_factor``)."""
     latents = tiled_encode(vae, pixels, mode="fast")
-    shift = getattr(vae.config, "shift_factor", None)
+    shift = getattr(vae.config, "shift_factor", None) if shifted else None
     return (latents - shift if shift else latents) * vae.config.scaling_factor
 
 

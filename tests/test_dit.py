@@ -360,6 +360,101 @@ def test_flux_controlnet_tiles_get_their_crop_and_their_place(flux, monkeypatch)
     assert torch.isfinite(results[0]).all() and torch.equal(results[0], results[1])
 
 
+# ---------------------------------------------------------------------- SD3 ControlNets
+@pytest.mark.parametrize("layout", ["instantx", "sd35"])
+def test_sd3_controlnet_one_tile_is_sd3_controlnet_pipeline(sd3, layout):
+    """One tile over the whole latent with an SD3 ControlNet, under CFG: bit for bit diffusers'
+    StableDiffusion3ControlNetPipeline from the same noise, embeddings and control latents (its VAE
+    encode spied on, as for FLUX): InstantX's layout (own positional table, zero pooled projection,
+    unshifted condition) and SD 3.5's (the transformer's table, the pooled projection, shifted)."""
+    from types import SimpleNamespace
+
+    import tiny_models
+    from diffusers import StableDiffusion3ControlNetPipeline
+
+    from anysize import models
+
+    extra = {} if layout == "instantx" else dict(use_pos_embed=False, force_zeros_for_pooled_projection=False)
+    net = tiny_models.make_sd3_controlnet(sd3, **extra)
+    if layout == "sd35":  # what check_controlnet gives it: a copy of the transformer's table
+        models._check_sd3_controlnet(net, SimpleNamespace(transformer=sd3), "controlnet[0]")
+    vae = tiny_models._vae16(1.5305, 0.0609)
+    h, w, steps = 12, 16, 3
+    noise = torch.randn(1, 16, h, w, generator=gen(7))
+    (embeds, pooled), (neg, neg_pooled) = text(1), text(2)
+    seen = []
+    encode = vae.encode
+
+    def spied(pixels):
+        seen.append(encode(pixels).latent_dist.mode())
+        return SimpleNamespace(latent_dist=SimpleNamespace(sample=lambda: seen[-1]))
+
+    vae.encode = spied
+    ref = StableDiffusion3ControlNetPipeline(
+        transformer=sd3, scheduler=flow_scheduler(False), vae=vae, text_encoder=None, tokenizer=None,
+        text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None, controlnet=net)
+    ref.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 2 * h, 2 * w, generator=gen(6))
+    theirs = ref(prompt_embeds=embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=neg,
+                 negative_pooled_prompt_embeds=neg_pooled, height=2 * h, width=2 * w, num_inference_steps=steps,
+                 guidance_scale=4.0, latents=noise.clone(), control_image=image, controlnet_conditioning_scale=0.7,
+                 output_type="latent").images
+    shift = 0 if net.config.force_zeros_for_pooled_projection else vae.config.shift_factor
+    cond = (seen[0][:1] - shift) * vae.config.scaling_factor  # diffusers encodes it once per CFG row
+    kw = dict(latent=(h, w), guidance_scale=4.0, negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled)
+    scheduler = flow_scheduler(False)
+    scheduler.set_timesteps(steps)
+    den = SD3TileDenoiser(sd3, embeds, pooled, controls=[TileControl(net, cond, 0.7, factor=1)], **kw)
+    ours = sample_tiled(den, noise.clone(), scheduler, TilingConfig(method="none"), progress=False)
+    assert torch.equal(ours, theirs)
+    scheduler.set_timesteps(steps)
+    plain = sample_tiled(SD3TileDenoiser(sd3, embeds, pooled, **kw), noise.clone(), scheduler,
+                         TilingConfig(method="none"), progress=False)
+    assert not torch.equal(ours, plain), "the ControlNet steers"
+
+
+def test_sd3_controlnet_tiles_get_their_crop_and_their_table(sd3, monkeypatch):
+    """Each tile's SD3 ControlNet call gets the crop of the control latents under it (for the
+    unconditional rows too) and its own table cropped where the tile lies; tile batches change no bit."""
+    import tiny_models
+
+    net = tiny_models.make_sd3_controlnet(sd3)
+    h, w = 16, 24
+    cond = torch.randn(1, 16, h, w, generator=gen(7))
+    (embeds, pooled), (neg, neg_pooled) = text(2), text(3)
+    seen = []
+    forward = net.forward
+
+    def spy(*args, **kwargs):
+        table = net.pos_embed.cropped_pos_embed(8, 8)  # the crop in force during the call (8 latent px a side)
+        seen.append((kwargs["controlnet_cond"].clone(), table.clone()))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(net, "forward", spy)
+    kw = dict(latent=(h, w), guidance_scale=4.0, negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled)
+    den = SD3TileDenoiser(sd3, embeds, pooled, controls=[TileControl(net, cond, 1.0, factor=1)], **kw)
+    x = torch.randn(1, 16, h, w, generator=gen(8))
+    TiledModel(den, TilingConfig(method="naive", tile_size=8), height=h, width=w, num_steps=1)(x, torch.tensor(500.0), 0)
+    boxes = [(r, c, r + 8, c + 8) for r in (0, 8) for c in (0, 8, 16)]
+    full = net.pos_embed.pos_embed.reshape(24, 24, -1)
+    assert len(seen) == len(boxes)
+    for (got, table), box in zip(seen, boxes):
+        crop = cond[..., box[0]:box[2], box[1]:box[3]]
+        assert torch.equal(got, torch.cat([crop, crop]))
+        top, left = den.corner(box, 24)
+        assert (top, left) == (8 + box[0] // 2, 6 + box[1] // 2)  # 8 x 12 patches centred in 24, plus the tile's place
+        assert torch.equal(table, full[top:top + 4, left:left + 4].reshape(1, 16, -1))
+    monkeypatch.undo()
+    noise = torch.randn(1, 16, h, w, generator=gen(11))
+    results = []
+    for b in (1, 4):
+        scheduler = flow_scheduler(False)
+        scheduler.set_timesteps(2)
+        results.append(sample_tiled(den, noise.clone(), scheduler, TilingConfig(tile_size=8, tile_batch_size=b),
+                                    generator=gen(2), progress=False))
+    assert torch.isfinite(results[0]).all() and torch.equal(results[0], results[1])
+
+
 # ---------------------------------------------------------------------- torchrun: tiles across 2 processes
 def _flux_model():
     torch.manual_seed(0)

@@ -284,28 +284,31 @@ def test_a_single_file_flux_transformer_goes_to_diffusers_with_its_config(dirs, 
         AnySizePipeline.from_pretrained(path, config=dirs["sd3"], device="cpu")
 
 
-# ---------------------------------------------------------------------- FLUX ControlNets
+# ---------------------------------------------------------------------- SD3 and FLUX ControlNets
 @pytest.fixture(scope="module")
-def flux_controlnet(dirs, tmp_path_factory):
-    from diffusers import FluxTransformer2DModel
+def dit_controlnet(dirs, arch, tmp_path_factory):
+    """A tiny ControlNet directory of ``arch`` (FluxControlNetModel / SD3ControlNetModel) for its tiny base."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
-    transformer = FluxTransformer2DModel.from_pretrained(dirs["flux"] / "transformer")
-    directory = tmp_path_factory.mktemp("fluxcn") / "net"
-    tiny_models.make_flux_controlnet(transformer, directory=directory)
+    cls = FluxTransformer2DModel if arch == "flux" else SD3Transformer2DModel
+    transformer = cls.from_pretrained(dirs[arch] / "transformer")
+    directory = tmp_path_factory.mktemp(f"{arch}cn") / "net"
+    make = tiny_models.make_flux_controlnet if arch == "flux" else tiny_models.make_sd3_controlnet
+    make(transformer).save_pretrained(directory, safe_serialization=True)
     return directory
 
 
-def test_a_flux_controlnet_steers_both_stages(dirs, flux_controlnet, tmp_path, capsys):
-    """A FluxControlNetModel directory (--controlnet) with a control image steers stage 1 and every
-    img2img pass (each phase's condition encoded at its size); 'tile' (the pass's own input as the
-    condition) runs too; the memory plan names it; the CLI takes it."""
+def test_a_transformer_controlnet_steers_both_stages(dirs, arch, dit_controlnet, tmp_path, capsys):
+    """A FluxControlNetModel / SD3ControlNetModel directory (--controlnet) with a control image steers
+    stage 1 and every img2img pass (each phase's condition encoded at its size); 'tile' (the pass's own
+    input as the condition) runs too; the memory plan names it; the CLI takes it."""
     import PIL.Image
 
-    p = AnySizePipeline.from_pretrained(dirs["flux"], controlnet=flux_controlnet, device="cpu", buckets=SMALL)
+    p = AnySizePipeline.from_pretrained(dirs[arch], controlnet=dit_controlnet, device="cpu", buckets=SMALL)
     p.set_progress_bar_config(disable=True)
     control = PIL.Image.new("RGB", (203, 117))
     control.paste((255, 255, 255), (20, 20, 90, 90))
-    kw = dict(height=117, width=203, tile_size=16, **KW)
+    kw = dict(height=117, width=203, tile_size=16, **KW, **negative(arch))
     out = p("a red cat", control_image=control, generator=gen(1), **kw)
     off = p("a red cat", control_image=control, controlnet_conditioning_scale=0.0, generator=gen(1), **kw)
     assert out.images[0].size == (203, 117) and out.info[0]["passes"]
@@ -319,7 +322,7 @@ def test_a_flux_controlnet_steers_both_stages(dirs, flux_controlnet, tmp_path, c
     control.save(path)
     capsys.readouterr()
     code = cli.main(["generate", "a red cat", "--size", "203x117", "-o", str(tmp_path / "c.png"), "--base",
-                     str(dirs["flux"]), "--controlnet", str(flux_controlnet), "--control-image", str(path),
+                     str(dirs[arch]), "--controlnet", str(dit_controlnet), "--control-image", str(path),
                      "--buckets", "96x48,64x64,48x96", "--steps", "1", "--upscale-steps", "1", "--tile-size", "16",
                      "--device", "cpu"])
     assert code == 0, capsys.readouterr().err
@@ -331,6 +334,8 @@ def test_a_flux_controlnet_steers_both_stages(dirs, flux_controlnet, tmp_path, c
     ("flux-on-sd3", "a FluxControlNetModel for a SD3 base"),
     ("xlabs", "pixel hint block (XLabs' layout)"),
     ("union", "ControlNet-Union (num_mode=2)"),
+    ("sd3-extra", "an SD3 ControlNet with 4 extra conditioning channels"),
+    ("sd3-deep", "3 blocks for a transformer of 2"),
 ])
 def test_controlnets_a_transformer_cannot_take_are_refused_in_one_line(dirs, which, words):
     from diffusers import FluxTransformer2DModel
@@ -338,9 +343,15 @@ def test_controlnets_a_transformer_cannot_take_are_refused_in_one_line(dirs, whi
     from anysize.models import ModelLoadError
 
     transformer = FluxTransformer2DModel.from_pretrained(dirs["flux"] / "transformer")
-    base = "sd3" if which == "flux-on-sd3" else "flux"
+    base = "sd3" if which.startswith(("flux-on-sd3", "sd3")) else "flux"
     if which == "unet-on-flux":
         net = tiny_models.make_controlnet(tiny_models._unet(4, 32))
+    elif which.startswith("sd3"):
+        from diffusers import SD3Transformer2DModel
+
+        sd3 = SD3Transformer2DModel.from_pretrained(dirs["sd3"] / "transformer")
+        extra = dict(extra_conditioning_channels=4) if which == "sd3-extra" else dict(num_layers=3)
+        net = tiny_models.make_sd3_controlnet(sd3, **extra)
     else:
         extra = {"xlabs": dict(conditioning_embedding_channels=16), "union": dict(num_mode=2)}.get(which, {})
         net = tiny_models.make_flux_controlnet(transformer, **extra)

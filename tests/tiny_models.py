@@ -284,3 +284,24 @@ def make_flux_controlnet(transformer, seed: int = 4, directory: Path | None = No
     if directory is not None:
         net.save_pretrained(directory, safe_serialization=True)
     return net
+
+
+def make_sd3_controlnet(transformer, seed: int = 5, num_layers: int = 1, **config):
+    """A tiny SD3ControlNetModel of a tiny SD3 ``transformer``'s widths (InstantX's layout by default:
+    its own positional table, zero pooled projection), its zero-initialised input embedding and output
+    projections drawn at random so it steers."""
+    from diffusers import SD3ControlNetModel
+
+    c = transformer.config
+    torch.manual_seed(seed)
+    net = SD3ControlNetModel(sample_size=c.sample_size, patch_size=c.patch_size, in_channels=c.in_channels,
+                             num_layers=num_layers, attention_head_dim=c.attention_head_dim,
+                             num_attention_heads=c.num_attention_heads, joint_attention_dim=c.joint_attention_dim,
+                             caption_projection_dim=c.caption_projection_dim,
+                             pooled_projection_dim=c.pooled_projection_dim, out_channels=c.out_channels,
+                             pos_embed_max_size=c.pos_embed_max_size, **config).eval()
+    with torch.no_grad():
+        for module in (net.controlnet_blocks, net.pos_embed_input):
+            for p in module.parameters():
+                p.normal_(0, 0.2)
+    return net

@@ -244,16 +244,22 @@ class SD3TileDenoiser(_TransformerTiles):
 
     ``prompt_embeds`` (B or 1, L, D) / ``pooled_prompt_embeds`` (B or 1, P) and their negatives: as
     diffusers' ``StableDiffusion3Pipeline.encode_prompt`` gives them. ``latent``: the whole latent's
-    (H, W), which places the tiles in the positional table (see the module's docstring).
+    (H, W), which places the tiles in the positional table (see the module's docstring). ``controls``:
+    SD3 ControlNets (diffusers ``SD3ControlNetModel``) with their condition in latent space
+    (``TileControl`` with ``factor=1``): each tile's ControlNet call gets the crop under the tile (every
+    row, unconditional ones too, as diffusers' ``StableDiffusion3ControlNetPipeline``), its own
+    positional table cropped at the tile's place, the pooled embedding or zeros as its config says
+    (``force_zeros_for_pooled_projection``), and the residuals of all of them are summed.
     """
 
     def __init__(self, transformer, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor, *,
                  latent: tuple[int, int], guidance_scale: float = 7.0,
                  negative_prompt_embeds: torch.Tensor | None = None,
                  negative_pooled_prompt_embeds: torch.Tensor | None = None, positions: str = "global",
-                 joint_attention_kwargs: dict | None = None, regions: Sequence[TileRegion] = ()):
+                 joint_attention_kwargs: dict | None = None, regions: Sequence[TileRegion] = (),
+                 controls: Sequence[TileControl] = ()):
         _check_positions(positions)
-        self.regions = tuple(regions)
+        self.regions, self.controls = tuple(regions), tuple(controls)
         self.do_cfg = guidance_scale > 1.0
         if self.do_cfg and (negative_prompt_embeds is None or negative_pooled_prompt_embeds is None):
             raise ValueError("guidance_scale > 1: needs negative_prompt_embeds and negative_pooled_prompt_embeds")
@@ -264,18 +270,20 @@ class SD3TileDenoiser(_TransformerTiles):
         self.joint_attention_kwargs = joint_attention_kwargs
         self.patch = int(transformer.config.patch_size)
         self.table = int(transformer.config.pos_embed_max_size)
-        full = (-(-latent[0] // self.patch), -(-latent[1] // self.patch))  # the whole latent, in patches
-        fits = max(full) <= self.table
-        self.positions_used = positions if fits else "local"
-        self._full_corner = ((self.table - full[0]) // 2, (self.table - full[1]) // 2)
+        self._full = (-(-latent[0] // self.patch), -(-latent[1] // self.patch))  # the whole latent, in patches
+        self.positions = positions
+        self.positions_used = positions if max(self._full) <= self.table else "local"
 
-    def corner(self, box: Box) -> tuple[int, int]:
-        """Where tile ``box``'s crop of the positional table starts (in patches)."""
+    def corner(self, box: Box, table: int | None = None) -> tuple[int, int]:
+        """Where tile ``box``'s crop of a positional table of ``table`` patches a side (None: the
+        transformer's) starts, in patches: where the tile lies in the whole latent's centred crop, or,
+        with local positions or a latent larger than the table, the tile's own centred crop (as diffusers)."""
+        table = self.table if table is None else table
         top, left, bottom, right = box
-        if self.positions_used == "global":
-            return self._full_corner[0] + top // self.patch, self._full_corner[1] + left // self.patch
+        if self.positions == "global" and max(self._full) <= table:
+            return (table - self._full[0]) // 2 + top // self.patch, (table - self._full[1]) // 2 + left // self.patch
         h, w = -(-(bottom - top) // self.patch), -(-(right - left) // self.patch)
-        return (self.table - h) // 2, (self.table - w) // 2  # the tile's own centred crop, as diffusers
+        return (table - h) // 2, (table - w) // 2
 
     def _tile(self, x: torch.Tensor, t: torch.Tensor, box: Box, embeds: torch.Tensor | None = None,
               pooled: torch.Tensor | None = None) -> torch.Tensor:
@@ -290,15 +298,38 @@ class SD3TileDenoiser(_TransformerTiles):
             pos = torch.cat([_rows(self.negative_prompt_embeds, b), pos])
             pooled = torch.cat([_rows(self.negative_pooled_prompt_embeds, b), pooled])
         step = t.expand(x.shape[0]) if torch.is_tensor(t) else torch.full([x.shape[0]], float(t))
+        x, step, pos, pooled = x.to(dtype), step.to(x.device, dtype), pos.to(x.device, dtype), pooled.to(x.device, dtype)
+        residuals = self._control(x, t, box, step, pos, pooled, b)
         with _table_crop(self.transformer.pos_embed, self.corner(box)):
-            out = self.transformer(hidden_states=x.to(dtype), timestep=step.to(x.device, dtype),
-                                   encoder_hidden_states=pos.to(x.device, dtype),
-                                   pooled_projections=pooled.to(x.device, dtype),
-                                   joint_attention_kwargs=self.joint_attention_kwargs, return_dict=False)[0]
+            out = self.transformer(hidden_states=x, timestep=step, encoder_hidden_states=pos, pooled_projections=pooled,
+                                   joint_attention_kwargs=self.joint_attention_kwargs, return_dict=False,
+                                   **residuals)[0]
         if not self.do_cfg:
             return out
         uncond, cond = out.chunk(2)
         return uncond + self.guidance_scale * (cond - uncond)
+
+    def _control(self, x: torch.Tensor, t, box: Box, step: torch.Tensor, pos: torch.Tensor, pooled: torch.Tensor,
+                 images: int) -> dict:
+        """The summed residuals of the ControlNets acting at ``t`` for tile ``box`` (the transformer's
+        ``block_controlnet_hidden_states``), for the call's rows ``x`` (``images`` a copy); {} when none acts."""
+        total = None
+        for control in self.controls:
+            if not control.active(t):
+                continue
+            net, config = control.model, control.model.config
+            cond = control.crops([box], images).to(x.device, x.dtype)
+            cond = torch.cat([cond] * (x.shape[0] // images))  # the unconditional rows get it too
+            c_pooled = torch.zeros_like(pooled) if config.force_zeros_for_pooled_projection else pooled
+            c_text = pos if config.joint_attention_dim is not None else None
+            table = getattr(net.pos_embed, "pos_embed_max_size", None)
+            crop = _table_crop(net.pos_embed, self.corner(box, table)) if table else contextlib.nullcontext()
+            with crop:
+                samples = net(hidden_states=x, timestep=step, encoder_hidden_states=c_text, pooled_projections=c_pooled,
+                              joint_attention_kwargs=self.joint_attention_kwargs, controlnet_cond=cond,
+                              conditioning_scale=control.scale, return_dict=False)[0]
+            total = _summed(total, list(samples))
+        return {} if total is None else {"block_controlnet_hidden_states": total}
 
 
 @contextlib.contextmanager
