@@ -144,7 +144,8 @@ CALLBACK_TENSOR_INPUTS = ("latents", *UNetTileDenoiser.CALLBACK_TENSORS)
 
 def _text_embeds(prompt, embeds: dict, base) -> dict | None:
     """The caller's prompt embeddings checked (diffusers' rules: instead of ``prompt``, one row per
-    prompt, the negative ones of the same shape, SDXL's pooled ones beside them); None when not given."""
+    prompt, the negative ones of the same shape, the pooled ones of SDXL, SD3 and FLUX beside them);
+    None when not given."""
     given = {k: v for k, v in embeds.items() if v is not None}
     if not given:
         return None
@@ -154,9 +155,12 @@ def _text_embeds(prompt, embeds: dict, base) -> dict | None:
         raise ValueError("prompt and prompt_embeds: pass one, as in diffusers")
     if base is None:
         raise ValueError("prompt_embeds: are the base model's; this pipeline has none")
-    if models.model_kind(base).is_transformer:
-        raise ValueError("prompt_embeds: anysize takes them for SD 1.x / 2.x and SDXL bases; give SD3 and FLUX a prompt")
-    width, sdxl = base.unet.config.cross_attention_dim, models.model_kind(base).is_sdxl
+    kind = models.model_kind(base)
+    if kind.is_transformer:  # T5's width (FLUX) or CLIP's and T5's joined (SD3): the transformer's text input
+        width, pooled_width = base.transformer.config.joint_attention_dim, base.transformer.config.pooled_projection_dim
+    else:
+        width, pooled_width = base.unet.config.cross_attention_dim, None
+    sdxl, family = kind.is_sdxl or kind.is_transformer, kind.family.upper() if kind.is_transformer else "SDXL"
     pos = given["prompt_embeds"]
     if not (torch.is_tensor(pos) and pos.ndim == 3 and pos.shape[2] == width):
         got = tuple(pos.shape) if torch.is_tensor(pos) else type(pos).__name__
@@ -166,14 +170,19 @@ def _text_embeds(prompt, embeds: dict, base) -> dict | None:
         raise ValueError(f"negative_prompt_embeds: must have prompt_embeds' shape {tuple(pos.shape)}")
     pooled = [n for n in ("pooled_prompt_embeds", "negative_pooled_prompt_embeds") if n in given]
     if not sdxl and pooled:
-        raise ValueError(f"{', '.join(pooled)}: only for SDXL base models")
+        raise ValueError(f"{', '.join(pooled)}: only for SDXL, SD3 and FLUX base models")
     if sdxl and "pooled_prompt_embeds" not in given:
-        raise ValueError("pooled_prompt_embeds: an SDXL base model needs them with prompt_embeds, as in diffusers")
+        raise ValueError(f"pooled_prompt_embeds: an {family} base model needs them with prompt_embeds, as in diffusers")
     if sdxl and neg is not None and "negative_pooled_prompt_embeds" not in given:
-        raise ValueError("negative_pooled_prompt_embeds: needed with negative_prompt_embeds for SDXL, as in diffusers")
+        raise ValueError(f"negative_pooled_prompt_embeds: needed with negative_prompt_embeds for {family}, as in "
+                         "diffusers")
     for name in pooled:
-        if given[name].shape[0] != pos.shape[0]:
-            raise ValueError(f"{name}: {given[name].shape[0]} rows, prompt_embeds has {pos.shape[0]}")
+        value = given[name]
+        if not (torch.is_tensor(value) and value.ndim == 2 and value.shape[0] == pos.shape[0]
+                and pooled_width in (None, value.shape[1])):
+            got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            raise ValueError(f"{name}: {got}, must be a ({pos.shape[0]}, {pooled_width or 'width'}) tensor: one row per "
+                             "row of prompt_embeds")
     return given
 
 
@@ -442,7 +451,8 @@ class AnySizePipeline:
         if request.true_cfg_scale != 1 and family != "flux":
             raise ValueError(f"true_cfg_scale={request.true_cfg_scale}: FLUX's true CFG; this base ({family or 'none'}) "
                              "guides with guidance_scale")
-        if family == "flux" and bool(request.negative_prompt) != (request.true_cfg_scale > 1):
+        if family == "flux" and request.prompt_embeds is None and bool(request.negative_prompt) != (
+                request.true_cfg_scale > 1):
             raise ValueError("negative_prompt and true_cfg_scale: FLUX.1's guidance is embedded (guidance_scale); a "
                              "negative prompt acts only through true CFG, so pass both (true_cfg_scale > 1, CLI: "
                              "--true-cfg X) or neither")
@@ -584,6 +594,11 @@ class AnySizePipeline:
         embeds = _text_embeds(prompt, given, self.base)
         if prompt is None and embeds is None:
             raise ValueError("prompt: required (or prompt_embeds)")
+        if embeds is not None and models.model_kind(self.base).family == "flux" and (
+                negative_prompt is not None or ("negative_prompt_embeds" in embeds) != (true_cfg_scale > 1)):
+            raise ValueError("negative_prompt_embeds and true_cfg_scale: with prompt_embeds, FLUX's negative comes as "
+                             "negative_prompt_embeds (and its pooled ones) and acts only through true CFG: pass both "
+                             "or neither")
         if embeds is not None:
             prompt = [""] * embeds["prompt_embeds"].shape[0]
         request = Request.of(locals(), call="generate", regions=regions or (), control_images=_digests(controls),

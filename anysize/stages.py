@@ -338,16 +338,20 @@ def _transformer_denoiser(model, family: str, prompt: str, negative_prompt: str 
                           latent: tuple[int, int] | None, regions, embeds, cross_attention_kwargs,
                           controls=(), guidance_rescale: float = 0.0, true_cfg_scale: float = 1.0, **extra):
     """An SD3 or FLUX tile denoiser (:mod:`anysize.core.dit`), its prompt through diffusers' own
-    ``encode_prompt``; each tile gets its global position, and so does each region prompt's crop. What
-    anysize does only for UNets (ControlNets, prompt embeddings, guidance rescale, GLIGEN; FLUX's negative
-    prompt without true CFG) was refused in one line when the request was checked
-    (``AnySizePipeline._validate``)."""
-    assert not (embeds or guidance_rescale or extra), "checked by AnySizePipeline._validate"
+    ``encode_prompt`` (``embeds``: the caller's ``prompt_embeds`` and pooled ones, which it takes instead
+    of ``prompt``, as in diffusers); each tile gets its global position, and so does each region prompt's
+    crop. What anysize does only for UNets (guidance rescale, GLIGEN; FLUX's negative prompt without
+    true CFG) was refused in one line when the request was checked (``AnySizePipeline._validate``)."""
+    assert not (guidance_rescale or extra), "checked by AnySizePipeline._validate"
     device = model.transformer.device
     lora = (cross_attention_kwargs or {}).get("scale")
+    given = {k: v.to(device) for k, v in (embeds or {}).items() if v is not None}
+    if given:
+        prompt = None
     if family == "flux":
         encode = dict(prompt_2=None, device=device, num_images_per_prompt=1, lora_scale=lora)
-        pos, pooled, _ = model.encode_prompt(prompt, **encode)
+        pos, pooled, _ = model.encode_prompt(prompt, prompt_embeds=given.get("prompt_embeds"),
+                                             pooled_prompt_embeds=given.get("pooled_prompt_embeds"), **encode)
 
         def embed(text):
             embeds, pooled_embeds, _ = model.encode_prompt(text, **encode)
@@ -355,7 +359,9 @@ def _transformer_denoiser(model, family: str, prompt: str, negative_prompt: str 
         tile_regions = [_transformer_region(r, latent, embed) for r in regions]
         negative = {}
         if true_cfg_scale > 1:  # diffusers' FluxPipeline true CFG: a second, unconditional call per tile
-            neg, neg_pooled, _ = model.encode_prompt(negative_prompt, **encode)
+            neg, neg_pooled, _ = model.encode_prompt(
+                None if given else negative_prompt, prompt_embeds=given.get("negative_prompt_embeds"),
+                pooled_prompt_embeds=given.get("negative_pooled_prompt_embeds"), **encode)
             negative = dict(true_cfg_scale=true_cfg_scale, negative_prompt_embeds=neg,
                             negative_pooled_prompt_embeds=neg_pooled)
         return FluxTileDenoiser(model.transformer, pos, pooled, guidance_scale=guidance_scale, regions=tile_regions,
@@ -363,7 +369,7 @@ def _transformer_denoiser(model, family: str, prompt: str, negative_prompt: str 
     do_cfg = guidance_scale > 1.0
     encode = dict(prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1, lora_scale=lora)
     pos, neg, pooled, neg_pooled = model.encode_prompt(prompt, do_classifier_free_guidance=do_cfg,
-                                                       negative_prompt=negative_prompt, **encode)
+                                                       negative_prompt=negative_prompt, **encode, **given)
 
     def embed(text):  # positive only: a region's crop takes the call's negative prompt
         embeds, _, pooled_embeds, _ = model.encode_prompt(text, do_classifier_free_guidance=False, **encode)

@@ -101,13 +101,43 @@ def test_a_run_directory_resumes_to_the_same_image(pipe, tmp_path):
 
 @pytest.mark.parametrize("call, words", [
     (dict(guidance_rescale=0.5), "guidance_rescale: anysize supports it"),
-    (dict(prompt_embeds=torch.zeros(1, 4, 32), prompt=None), "prompt_embeds: anysize takes them for SD"),
 ])
 def test_unet_only_features_are_refused_in_one_line(pipe, call, words):
     kwargs = {"prompt": "a red cat", **call}
     with pytest.raises(ValueError) as caught:
         pipe(height=48, width=96, num_inference_steps=1, **kwargs)
     assert words in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_prompt_embeds_of_a_transformer_are_its_prompt(pipe, arch):
+    """prompt_embeds and pooled_prompt_embeds (and the negatives: SD3's CFG, FLUX's true CFG) as diffusers'
+    encode_prompt gives them make the image the prompt makes, bit for bit; FLUX's negative comes as
+    embeddings with true CFG or not at all, and embeddings of the wrong width get one line."""
+    base = pipe.base
+    kw = dict(height=48, width=96, num_inference_steps=2, guidance_scale=3.5, output_type="latent")
+    with torch.no_grad():  # as the pipeline encodes (the text encoders' attention kernels differ with grad)
+        if arch == "flux":
+            encode = dict(prompt_2=None, device=torch.device("cpu"), num_images_per_prompt=1)
+            pos, pooled, _ = base.encode_prompt("a red cat", **encode)
+            neg, neg_pooled, _ = base.encode_prompt("dark", **encode)
+            text, extra = dict(negative_prompt="dark"), dict(true_cfg_scale=4.0)
+        else:
+            pos, neg, pooled, neg_pooled = base.encode_prompt("a red cat", None, None, device=torch.device("cpu"),
+                                                              do_classifier_free_guidance=True, negative_prompt="dark")
+            text, extra = dict(negative_prompt="dark"), {}
+    by_text = pipe("a red cat", generator=gen(2), **text, **extra, **kw).images[0]
+    by_embeds = pipe(prompt_embeds=pos, pooled_prompt_embeds=pooled, negative_prompt_embeds=neg,
+                     negative_pooled_prompt_embeds=neg_pooled, generator=gen(2), **extra, **kw).images[0]
+    assert torch.equal(by_text, by_embeds)
+    if arch == "flux":
+        with pytest.raises(ValueError, match="FLUX's negative comes as negative_prompt_embeds"):
+            pipe(prompt_embeds=pos, pooled_prompt_embeds=pooled, true_cfg_scale=4.0, **kw)
+    with pytest.raises(ValueError, match="must be a \\(prompts, tokens,"):
+        pipe(prompt_embeds=pos[..., :-1], pooled_prompt_embeds=pooled, **kw)
+    with pytest.raises(ValueError, match="pooled_prompt_embeds: an .* base model needs them"):
+        pipe(prompt_embeds=pos, **kw)
+    with pytest.raises(ValueError, match="pooled_prompt_embeds: \\(1, 3\\), must be a \\(1, "):
+        pipe(prompt_embeds=pos, pooled_prompt_embeds=pooled[:, :3], **kw)
 
 
 def test_region_prompts_reach_both_stages_of_a_transformer(pipe, arch, monkeypatch):
