@@ -339,7 +339,8 @@ def _transformer_denoiser(model, family: str, prompt: str, negative_prompt: str 
                           controls=(), guidance_rescale: float = 0.0, true_cfg_scale: float = 1.0, **extra):
     """An SD3 or FLUX tile denoiser (:mod:`anysize.core.dit`), its prompt through diffusers' own
     ``encode_prompt`` (``embeds``: the caller's ``prompt_embeds`` and pooled ones, which it takes instead
-    of ``prompt``, as in diffusers); each tile gets its global position, and so does each region prompt's
+    of ``prompt``, as in diffusers); ``cross_attention_kwargs`` reach every transformer and ControlNet call
+    as the ``joint_attention_kwargs`` diffusers names them there (``{"scale": s}``: the LoRA scale); each tile gets its global position, and so does each region prompt's
     crop. What anysize does only for UNets (guidance rescale, GLIGEN; FLUX's negative prompt without
     true CFG) was refused in one line when the request was checked (``AnySizePipeline._validate``)."""
     assert not (guidance_rescale or extra), "checked by AnySizePipeline._validate"
@@ -365,7 +366,7 @@ def _transformer_denoiser(model, family: str, prompt: str, negative_prompt: str 
             negative = dict(true_cfg_scale=true_cfg_scale, negative_prompt_embeds=neg,
                             negative_pooled_prompt_embeds=neg_pooled)
         return FluxTileDenoiser(model.transformer, pos, pooled, guidance_scale=guidance_scale, regions=tile_regions,
-                                controls=controls, **negative)
+                                controls=controls, joint_attention_kwargs=cross_attention_kwargs, **negative)
     do_cfg = guidance_scale > 1.0
     encode = dict(prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1, lora_scale=lora)
     pos, neg, pooled, neg_pooled = model.encode_prompt(prompt, do_classifier_free_guidance=do_cfg,
@@ -376,7 +377,8 @@ def _transformer_denoiser(model, family: str, prompt: str, negative_prompt: str 
         return embeds, pooled_embeds
     return SD3TileDenoiser(model.transformer, pos, pooled, latent=latent, guidance_scale=guidance_scale,
                            negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled,
-                           regions=[_transformer_region(r, latent, embed) for r in regions], controls=controls)
+                           regions=[_transformer_region(r, latent, embed) for r in regions], controls=controls,
+                           joint_attention_kwargs=cross_attention_kwargs)
 
 
 def set_timesteps(phase: Phase) -> None:

@@ -388,3 +388,21 @@ def test_controlnets_a_transformer_cannot_take_are_refused_in_one_line(dirs, whi
     with pytest.raises(ModelLoadError) as caught:
         AnySizePipeline.from_pretrained(dirs[base], controlnet=net, device="cpu")
     assert words in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_the_lora_scale_reaches_the_transformer(dirs, arch):
+    """cross_attention_kwargs={"scale": s} is diffusers' LoRA scale; on SD3 / FLUX it reaches every
+    transformer call (diffusers' joint_attention_kwargs): scale 0 is the model without its LoRA bit for
+    bit, scale 1 another image."""
+    from peft import LoraConfig
+
+    p = AnySizePipeline.from_pretrained(dirs[arch], device="cpu", buckets=SMALL)
+    p.set_progress_bar_config(disable=True)
+    kw = dict(height=117, width=203, tile_size=16, output_type="latent", **KW, **negative(arch))
+    plain = p("a red cat", generator=gen(4), **kw).images[0]
+    torch.manual_seed(3)
+    p.base.transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                              target_modules=["to_q", "to_k", "to_v"]))
+    off = p("a red cat", cross_attention_kwargs={"scale": 0.0}, generator=gen(4), **kw).images[0]
+    on = p("a red cat", cross_attention_kwargs={"scale": 1.0}, generator=gen(4), **kw).images[0]
+    assert torch.equal(off, plain) and not torch.equal(on, plain)
