@@ -460,7 +460,7 @@ def check_controlnet(net, base, index: int = 0) -> None:
 def _check_flux_controlnet(net, base, name: str) -> None:
     """:func:`check_controlnet` for FLUX: a ``FluxControlNetModel`` of InstantX's layout (its condition
     VAE-encoded, no pixel hint block, no union modes) whose widths are the base transformer's."""
-    config, transformer = net.config, base.transformer.config
+    config = net.config
     if config.conditioning_embedding_channels is not None:
         raise ModelLoadError(f"{name}: a FLUX ControlNet with a pixel hint block (XLabs' layout); anysize takes "
                              "ControlNets whose condition is VAE-encoded (InstantX's layout)")
