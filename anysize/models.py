@@ -415,8 +415,10 @@ def load_controlnet(source, *, device: torch.device, dtype: torch.dtype, allow_p
                                      "diffusers ControlNetModel (SD 1.x/2.x and SDXL), FluxControlNetModel and "
                                      "SD3ControlNetModel checkpoints")
             _check_weights(path, "controlnet", allow_pickle)
-            net = getattr(diffusers, name).from_pretrained(path, dtype=dtype, use_safetensors=not allow_pickle or None,
-                                                           local_files_only=True)
+            with warnings.catch_warnings():  # diffusers' own FluxControlNetModel imports its deprecated FluxPosEmbed
+                warnings.filterwarnings("ignore", message=".*FluxPosEmbed.*", category=FutureWarning)
+                net = getattr(diffusers, name).from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                               use_safetensors=not allow_pickle or None)
         elif path.is_file():
             _check_weights(path, "controlnet", allow_pickle)
             net = ControlNetModel.from_single_file(str(path), dtype=dtype, local_files_only=True)

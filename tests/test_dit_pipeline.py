@@ -348,6 +348,9 @@ def test_a_transformer_controlnet_steers_both_stages(dirs, arch, dit_controlnet,
     assert tile.images[0].size == (203, 117)
     plan = p.plan_memory(203, 117, control_images=(control,), tile_size=16)
     assert all("1 ControlNet" in s.detail for s in plan.stages if s.kind == "sample")
+    without = AnySizePipeline(p.base, buckets=SMALL).plan_memory(203, 117, tile_size=16)
+    pairs = [(a.device, b.device) for a, b in zip(plan.stages, without.stages) if a.kind == "sample"]
+    assert pairs and all(a > b for a, b in pairs), "the planner counts the ControlNet's residuals and weights"
     path = tmp_path / "control.png"
     control.save(path)
     capsys.readouterr()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import string
+import warnings
 from pathlib import Path
 
 import torch
@@ -272,11 +273,13 @@ def make_flux_controlnet(transformer, seed: int = 4, directory: Path | None = No
 
     c = transformer.config
     torch.manual_seed(seed)
-    net = FluxControlNetModel(patch_size=1, in_channels=c.in_channels, num_layers=1, num_single_layers=1,
-                              attention_head_dim=c.attention_head_dim, num_attention_heads=c.num_attention_heads,
-                              joint_attention_dim=c.joint_attention_dim, pooled_projection_dim=c.pooled_projection_dim,
-                              guidance_embeds=c.guidance_embeds, axes_dims_rope=tuple(c.axes_dims_rope),
-                              **config).eval()
+    with warnings.catch_warnings():  # diffusers' own class imports its deprecated FluxPosEmbed
+        warnings.filterwarnings("ignore", message=".*FluxPosEmbed.*", category=FutureWarning)
+        net = FluxControlNetModel(patch_size=1, in_channels=c.in_channels, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=c.attention_head_dim, num_attention_heads=c.num_attention_heads,
+                                  joint_attention_dim=c.joint_attention_dim,
+                                  pooled_projection_dim=c.pooled_projection_dim, guidance_embeds=c.guidance_embeds,
+                                  axes_dims_rope=tuple(c.axes_dims_rope), **config).eval()
     with torch.no_grad():
         for module in (net.controlnet_blocks, net.controlnet_single_blocks, net.controlnet_x_embedder):
             for p in module.parameters():
