@@ -339,10 +339,11 @@ def _transformer_denoiser(model, family: str, prompt: str, negative_prompt: str 
                           controls=(), guidance_rescale: float = 0.0, true_cfg_scale: float = 1.0, **extra):
     """An SD3 or FLUX tile denoiser (:mod:`anysize.core.dit`), its prompt through diffusers' own
     ``encode_prompt`` (``embeds``: the caller's ``prompt_embeds`` and pooled ones, which it takes instead
-    of ``prompt``, as in diffusers); ``cross_attention_kwargs`` reach every transformer and ControlNet call
-    as the ``joint_attention_kwargs`` diffusers names them there (``{"scale": s}``: the LoRA scale); each tile gets its global position, and so does each region prompt's
-    crop. What anysize does only for UNets (guidance rescale, GLIGEN; FLUX's negative prompt without
-    true CFG) was refused in one line when the request was checked (``AnySizePipeline._validate``)."""
+    of ``prompt``, as in diffusers); ``cross_attention_kwargs`` reach every transformer and ControlNet
+    call as the ``joint_attention_kwargs`` diffusers names them there (``{"scale": s}``: the LoRA
+    scale). Each tile gets its global position, and so does each region prompt's crop. What anysize
+    does only for UNets (guidance rescale, GLIGEN; FLUX's negative prompt without true CFG) was refused
+    in one line when the request was checked (``AnySizePipeline._validate``)."""
     assert not (guidance_rescale or extra), "checked by AnySizePipeline._validate"
     device = model.transformer.device
     lora = (cross_attention_kwargs or {}).get("scale")
