@@ -35,7 +35,7 @@ import torch
 
 from . import nets
 from .control import TileControl
-from .regions import TileRegion, blend, reaches, region_crop, region_mask
+from .regions import TileRegion, region_crop, with_regions
 from .tiling import Box
 
 POSITIONS = ("global", "local")
@@ -81,18 +81,9 @@ class _TransformerTiles:
 
     def _with_regions(self, x: torch.Tensor, t: torch.Tensor, box: Box, out: torch.Tensor) -> torch.Tensor:
         """Tile ``box``'s guided output ``out`` with the region prompts reaching into it blended in."""
-        outs, masks = [], []
-        for r in self.regions:
-            if not reaches(r, box):
-                continue
-            crop = region_crop(r, box, self.granularity, aligned=True)
-            ct, cl, cb, cr = crop[0] - box[0], crop[1] - box[1], crop[2] - box[0], crop[3] - box[1]
-            full = torch.zeros_like(out)
-            full[:, :, ct:cb, cl:cr] = self._tile(x[:, :, ct:cb, cl:cr], t, crop, r.embeds,
-                                                  r.added["pooled_projections"])
-            outs.append(full)
-            masks.append(region_mask(r, box).to(out.device))  # zero outside the crop already
-        return blend(out, outs, masks)
+        return with_regions(out, x, box, self.regions,
+                            lambda r, b: region_crop(r, b, self.granularity, aligned=True),
+                            lambda r, xi, crop: self._tile(xi, t, crop, r.embeds, r.added["pooled_projections"]))
 
     @property
     def granularity(self) -> int:

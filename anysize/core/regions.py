@@ -94,6 +94,24 @@ def region_crop(region: TileRegion, box: Box, granularity: int, aligned: bool = 
     return t0, l0, b0, r0
 
 
+def with_regions(out: torch.Tensor, x: torch.Tensor, box: Box, regions, crop_of, evaluate) -> torch.Tensor:
+    """Tile ``box``'s guided output ``out`` (its input ``x``, the same rows) with the region prompts
+    that reach into it blended in: each region is evaluated by ``evaluate(region, x_crop, crop)`` on its
+    crop ``crop_of(region, box)`` of the tile, zero outside it, and blended by its mask (:func:`blend`).
+    What the UNet and transformer tile denoisers share; how a crop is cut and evaluated is theirs."""
+    outs, masks = [], []
+    for r in regions:
+        if not reaches(r, box):
+            continue
+        crop = crop_of(r, box)
+        ct, cl, cb, cr = crop[0] - box[0], crop[1] - box[1], crop[2] - box[0], crop[3] - box[1]
+        full = torch.zeros_like(out)
+        full[:, :, ct:cb, cl:cr] = evaluate(r, x[:, :, ct:cb, cl:cr], crop)
+        outs.append(full)
+        masks.append(region_mask(r, box).to(out.device))  # zero outside the crop already
+    return blend(out, outs, masks)
+
+
 def blend(global_out: torch.Tensor, region_outs: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:
     """Per-pixel blend of one tile's conditional outputs (each (B, C, h, w)): the global prompt's with
     weight ``max(0, 1 - sum(masks))``, each region's with its mask. With no region, ``global_out``

@@ -25,9 +25,7 @@ from .control import TileControl
 from .control import residuals as control_residuals
 from .grounding import TileGrounding, gated_layers
 from .progress import Progress, progress_bar
-from .regions import TileRegion, region_crop, region_mask
-from .regions import blend as region_blend
-from .regions import reaches as regions_reach
+from .regions import TileRegion, region_crop, with_regions
 from .tiling import Box, TilingConfig, tile_weights
 
 
@@ -650,23 +648,14 @@ class UNetTileDenoiser:
         anywhere in the tile, with its own unconditional pass; one UNet call per tile and region, so no
         output depends on the batch."""
         per = x.shape[0] // len(boxes)  # images per box
-        results = []
-        for i, box in enumerate(boxes):
-            tile_out = out[i * per : (i + 1) * per]
-            active = [r for r in self.regions if regions_reach(r, box)]
-            outs, masks = [], []
-            for r in active:
-                crop = self._region_crop(r, box)
-                ct, cl, cb, cr = (crop[0] - box[0], crop[1] - box[1], crop[2] - box[0], crop[3] - box[1])
-                xi = x[i * per : (i + 1) * per, :, ct:cb, cl:cr]
-                embeds = r.embeds if r.embeds.shape[0] == per else r.embeds.repeat(per, 1, 1)
-                guided = self._guided(xi, t, [crop], embeds, r.added or self.added_cond_kwargs)
-                full = torch.zeros_like(tile_out)
-                full[:, :, ct:cb, cl:cr] = guided
-                outs.append(full)
-                masks.append(region_mask(r, box).to(tile_out.device))  # zero outside the crop already
-            results.append(region_blend(tile_out, outs, masks))
-        return torch.cat(results)
+
+        def evaluate(r: TileRegion, xi: torch.Tensor, crop: Box) -> torch.Tensor:
+            embeds = r.embeds if r.embeds.shape[0] == per else r.embeds.repeat(per, 1, 1)
+            return self._guided(xi, t, [crop], embeds, r.added or self.added_cond_kwargs)
+
+        rows = [slice(i * per, (i + 1) * per) for i in range(len(boxes))]
+        return torch.cat([with_regions(out[r], x[r], box, self.regions, self._region_crop, evaluate)
+                          for r, box in zip(rows, boxes)])
 
     def _grounding(self, boxes: Sequence[Box], x: torch.Tensor, t: torch.Tensor) -> dict | None:
         """GLIGEN's ``cross_attention_kwargs["gligen"]`` for these tiles while the phase's grounded steps
