@@ -162,26 +162,25 @@ def transformer_activation_bytes(net: Any, height: int, width: int, batch: int) 
 
 
 def controlnet_bytes(nets: list, height: int, width: int, batch: int) -> int:
-    """Extra activation bytes of ControlNets steering a UNet call on ``batch`` latents of ``height x
-    width``: the residuals they hand the UNet (every down block's outputs and the mid block's, live
-    through the UNet call; an SD3 / FLUX ControlNet's: one per block, 2x2 patches a token; twice over with several ControlNets,
-    the sum and the next one's) and the
-    ControlNet call's own working set beyond them (its largest weight; its activations are freed
-    before the UNet's peak). An estimate from the configs, not calibrated by a measured peak."""
+    """Extra activation bytes of ControlNets steering a UNet or transformer call on ``batch`` latents of
+    ``height x width``: the residuals they hand the model (a UNet ControlNet's every down block's
+    outputs and the mid block's; an SD3 / FLUX ControlNet's one (tokens x width) per block, a token a
+    2x2 patch; live through the model's call, twice over with several ControlNets: the sum and the next
+    one's) and the ControlNet call's own working set beyond them (its largest weight; its activations
+    are freed before the model's peak). An estimate from the configs, not calibrated by a measured peak."""
     if not nets:
         return 0
     config = nets[0].config
     sets = 2 if len(nets) > 1 else 1
-    if not hasattr(config, "block_out_channels"):  # an SD3 / FLUX ControlNet: a (tokens x width) residual a block
+    if not hasattr(config, "block_out_channels"):  # an SD3 / FLUX ControlNet
         blocks = int(config.num_layers) + int(getattr(config, "num_single_layers", 0))
-        tokens = math.ceil(height / 2) * math.ceil(width / 2)
         inner = int(config.num_attention_heads) * int(config.attention_head_dim)
-        return int(blocks * tokens * inner * batch * sets * _dtype_bytes(nets[0].dtype)
-                   + max(_largest_weight_bytes(n) for n in nets))
-    residual = sum(c * math.ceil(height / 2**i) * math.ceil(width / 2**i) * (int(config.layers_per_block) + 1)
-                   for i, c in enumerate(config.block_out_channels))
-    residual += config.block_out_channels[-1] * math.ceil(height / 2 ** (len(config.block_out_channels) - 1)) \
-        * math.ceil(width / 2 ** (len(config.block_out_channels) - 1))
+        residual = blocks * math.ceil(height / 2) * math.ceil(width / 2) * inner
+    else:
+        residual = sum(c * math.ceil(height / 2**i) * math.ceil(width / 2**i) * (int(config.layers_per_block) + 1)
+                       for i, c in enumerate(config.block_out_channels))
+        residual += config.block_out_channels[-1] * math.ceil(height / 2 ** (len(config.block_out_channels) - 1)) \
+            * math.ceil(width / 2 ** (len(config.block_out_channels) - 1))
     return int(residual * batch * sets * _dtype_bytes(nets[0].dtype) + max(_largest_weight_bytes(n) for n in nets))
 
 

@@ -453,6 +453,11 @@ def check_controlnet(net, base, index: int = 0) -> None:
               ("text embedding width (cross_attention_dim)", config.cross_attention_dim, unet.cross_attention_dim),
               ("added conditioning (addition_embed_type)", config.addition_embed_type, unet.addition_embed_type),
               ("control px per latent px", controlnet_factor(net), vae_scale_factor(base.vae)))
+    _require_same(name, checks)
+
+
+def _require_same(name: str, checks) -> None:
+    """One line for the first ``(what, the ControlNet's, the base model's)`` that differ."""
     for what, got, want in checks:
         if got != want:
             raise ModelLoadError(f"{name}: {what} is {got}, the base model's is {want}; this ControlNet was "
@@ -499,10 +504,7 @@ def _check_widths(net, base, name: str, joint: bool) -> None:
     if joint:
         checks += (("text embedding width (joint_attention_dim)", config.joint_attention_dim,
                     transformer.joint_attention_dim),)
-    for what, got, want in checks:
-        if got != want:
-            raise ModelLoadError(f"{name}: {what} is {got}, the base model's is {want}; this ControlNet was made "
-                                 "for another base model")
+    _require_same(name, checks)
 
 
 # ---------------------------------------------------------------------- LoRA

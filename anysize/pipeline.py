@@ -160,7 +160,7 @@ def _text_embeds(prompt, embeds: dict, base) -> dict | None:
         width, pooled_width = base.transformer.config.joint_attention_dim, base.transformer.config.pooled_projection_dim
     else:
         width, pooled_width = base.unet.config.cross_attention_dim, None
-    sdxl, family = kind.is_sdxl or kind.is_transformer, kind.family.upper() if kind.is_transformer else "SDXL"
+    pooled_kind, family = kind.is_sdxl or kind.is_transformer, kind.family.upper() if kind.is_transformer else "SDXL"
     pos = given["prompt_embeds"]
     if not (torch.is_tensor(pos) and pos.ndim == 3 and pos.shape[2] == width):
         got = tuple(pos.shape) if torch.is_tensor(pos) else type(pos).__name__
@@ -169,11 +169,11 @@ def _text_embeds(prompt, embeds: dict, base) -> dict | None:
     if neg is not None and (not torch.is_tensor(neg) or neg.shape != pos.shape):
         raise ValueError(f"negative_prompt_embeds: must have prompt_embeds' shape {tuple(pos.shape)}")
     pooled = [n for n in ("pooled_prompt_embeds", "negative_pooled_prompt_embeds") if n in given]
-    if not sdxl and pooled:
+    if not pooled_kind and pooled:
         raise ValueError(f"{', '.join(pooled)}: only for SDXL, SD3 and FLUX base models")
-    if sdxl and "pooled_prompt_embeds" not in given:
+    if pooled_kind and "pooled_prompt_embeds" not in given:
         raise ValueError(f"pooled_prompt_embeds: an {family} base model needs them with prompt_embeds, as in diffusers")
-    if sdxl and neg is not None and "negative_pooled_prompt_embeds" not in given:
+    if pooled_kind and neg is not None and "negative_pooled_prompt_embeds" not in given:
         raise ValueError(f"negative_pooled_prompt_embeds: needed with negative_prompt_embeds for {family}, as in "
                          "diffusers")
     for name in pooled:
@@ -208,8 +208,8 @@ class AnySizePipeline:
     ``base``: a diffusers text-to-image pipeline (SD 1.x/2.x, epsilon or v-prediction; SDXL).
     ``upscaler``: a pipeline in the SD x4-upscaler layout, or None to upscale img2img-style with the
     base model itself (``strength``), as Tiled Diffusion and Ultimate SD Upscale users do.
-    ``controlnet``: a diffusers ``ControlNetModel`` (``FluxControlNetModel`` for FLUX) of the base
-    model, or a list of them; each call
+    ``controlnet``: a diffusers ``ControlNetModel`` (``SD3ControlNetModel`` / ``FluxControlNetModel``
+    for SD3 / FLUX) of the base model, or a list of them; each call
     then passes one ``control_image`` per ControlNet. ``buckets``: stage 1's sizes, ``[(width,
     height), ...]`` (default: SDXL's training sizes for an SDXL base at 1024^2, else ARAD's nine ratios
     at the base's native area).
@@ -257,10 +257,10 @@ class AnySizePipeline:
         """Load ``base`` and ``upscaler`` (diffusers directories, ``.safetensors`` files or hub ids);
         with neither, the embedded default model. ``img2img=True`` with no upscaler upscales with the
         base model; an upscaler alone serves :meth:`upscale` only. ``controlnet``: one ControlNet of the
-        base model or a list (diffusers ``ControlNetModel`` / ``FluxControlNetModel`` directories, ``.safetensors`` files, hub
-        ids, loaded models, or "default": the default model's). ``scheduler`` / ``upscale_scheduler``:
-        stage 1's and stage 2's sampler (:meth:`set_scheduler`); ``buckets``: stage 1's sizes (see the
-        class). ``dtype``: "auto" (float16 on GPUs, float32 on the CPU), "float32", "float16",
+        base model or a list (diffusers ``ControlNetModel``, ``SD3ControlNetModel`` or
+        ``FluxControlNetModel`` directories, ``.safetensors`` files, hub ids, loaded models, or
+        "default": the default model's). ``scheduler`` / ``upscale_scheduler``: stage 1's and stage 2's
+        sampler (:meth:`set_scheduler`); ``buckets``: stage 1's sizes (see the class). ``dtype``: "auto" (float16 on GPUs, float32 on the CPU), "float32", "float16",
         "bfloat16". ``config``: for a single-file ``base``, a diffusers directory of its family
         (diffusers needs the original config, offline from disk); ``variant``: e.g. "fp16" for a
         directory of ``*.fp16.safetensors``; ``without_t5``: an SD3 base without its T5 encoder."""

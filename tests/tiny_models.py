@@ -115,6 +115,15 @@ def make_sdxl(directory: Path) -> Path:
     return directory
 
 
+def _drawn(std: float, *modules) -> None:
+    """The parameters of ``modules`` drawn from N(0, std), in order: a ControlNet's zero-initialised
+    output projections (diffusers' ``zero_module``), which would make every residual 0."""
+    with torch.no_grad():
+        for module in modules:
+            for p in module.parameters():
+                p.normal_(0, std)
+
+
 def make_controlnet(unet, seed: int = 3):
     """A tiny ControlNet copied from ``unet``, whose conditioning embedding halves once (2 control px per
     latent px: the tiny base's VAE factor), with random output convolutions (``from_unet`` zeroes them,
@@ -123,9 +132,7 @@ def make_controlnet(unet, seed: int = 3):
 
     torch.manual_seed(seed)
     net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16)).eval()
-    with torch.no_grad():
-        for p in list(net.controlnet_down_blocks.parameters()) + list(net.controlnet_mid_block.parameters()):
-            p.normal_(0, 0.05)
+    _drawn(0.05, net.controlnet_down_blocks, net.controlnet_mid_block)
     return net
 
 
@@ -280,10 +287,7 @@ def make_flux_controlnet(transformer, seed: int = 4, directory: Path | None = No
                                   joint_attention_dim=c.joint_attention_dim,
                                   pooled_projection_dim=c.pooled_projection_dim, guidance_embeds=c.guidance_embeds,
                                   axes_dims_rope=tuple(c.axes_dims_rope), **config).eval()
-    with torch.no_grad():
-        for module in (net.controlnet_blocks, net.controlnet_single_blocks, net.controlnet_x_embedder):
-            for p in module.parameters():
-                p.normal_(0, 0.2)
+    _drawn(0.2, net.controlnet_blocks, net.controlnet_single_blocks, net.controlnet_x_embedder)
     if directory is not None:
         net.save_pretrained(directory, safe_serialization=True)
     return net
@@ -303,8 +307,5 @@ def make_sd3_controlnet(transformer, seed: int = 5, num_layers: int = 1, **confi
                              caption_projection_dim=c.caption_projection_dim,
                              pooled_projection_dim=c.pooled_projection_dim, out_channels=c.out_channels,
                              pos_embed_max_size=c.pos_embed_max_size, **config).eval()
-    with torch.no_grad():
-        for module in (net.controlnet_blocks, net.pos_embed_input):
-            for p in module.parameters():
-                p.normal_(0, 0.2)
+    _drawn(0.2, net.controlnet_blocks, net.pos_embed_input)
     return net
