@@ -38,7 +38,8 @@ import torch  # noqa: E402
 
 from anysize import AnySizePipeline, TilingConfig  # noqa: E402
 from anysize.train.scenes import render, sample_scene  # noqa: E402
-from anysize.train.seams import band_score, profile  # noqa: E402
+from anysize.train.seams import (band_score, bootstrap_interval, boundary_ratios, pooled_ratio,  # noqa: E402
+                                 profile)
 from results_log import append, done_keys, run_and_tabulate  # noqa: E402
 
 SIZES = ["1024x768", "1280x720", "720x1280", "1600x400", "768x384", "512x1024", "2048x512", "4096x1024"]
@@ -63,12 +64,14 @@ def pitches(pipe: AnySizePipeline, width: int, height: int) -> dict[str, tuple[f
 
 
 def score_row(image: np.ndarray, pitch: dict, reference: np.ndarray | None, against: str) -> dict:
+    """Per pitch and axis: the image's band ratio, and (key + " boundaries") each boundary's ratio, which
+    the table pools over scenes."""
     out = {}
     for name, (pc, pr) in pitch.items():
-        cols = band_score(image, pc, reference=reference)
-        rows = band_score(image, pr, reference=reference)
-        out[f"{name} cols"] = round(cols.ratio("columns", against), 3)
-        out[f"{name} rows"] = round(rows.ratio("rows", against), 3)
+        for axis, short, p in (("columns", "cols", pc), ("rows", "rows", pr)):
+            out[f"{name} {short}"] = round(band_score(image, p, reference=reference).ratio(axis, against), 3)
+            ratios = boundary_ratios(image, p, axis, reference=reference, against=against)
+            out[f"{name} {short} boundaries"] = [round(float(v), 4) for v in ratios]
     return out
 
 
@@ -106,7 +109,8 @@ def run(args) -> None:
                                  generator=torch.Generator().manual_seed(i)).images[0]
                 image = np.asarray(image, dtype=np.float64)
                 if kind == "upscale":
-                    scores = score_row(image, pitch, truth, "half") | {
+                    scores = {k: v for k, v in score_row(image, pitch, truth, "half").items()
+                              if not k.endswith("boundaries")} | {
                         f"{k} (offsets)": v for k, v in score_row(image, pitch, truth, "offsets").items()}
                 elif method == "stage 1":
                     scores = score_row(image, {"stage1": (STAGE1_GRID, STAGE1_GRID)}, None, "offsets")
@@ -118,6 +122,42 @@ def run(args) -> None:
                 if args.profiles_dir is not None and kind == "upscale" and i == 0:
                     np.save(args.profiles_dir / f"{size}_{method.replace(' ', '_')}.npy",
                             profile(image, "columns", truth))
+
+
+def pooled_cell(group: list[dict], key: str) -> tuple[float, str]:
+    """The pooled ratio of ``key`` over a group's scenes and its cell text, "1.02 (0.91-1.13)" with the
+    90% bootstrap interval over scenes; NaN and "" when the rows hold no boundary lists."""
+    lists = [np.asarray(r[key]) for r in group if key in r]
+    value = pooled_ratio(lists)
+    if value != value:
+        return value, ""
+    low, high = bootstrap_interval(lists)
+    return value, f"{value:.2f} ({low:.2f}-{high:.2f})"
+
+
+def pooled_table(rows: list[dict], kind: str = "upscale", reference: str = "bicubic", method: str = "fstd") -> str:
+    """Per size and method, each axis and pitch pooled over scenes; the last column says where ``method``
+    is within 10% of ``reference`` (at most 1.1x its pooled ratio)."""
+    suffix = " boundaries (offsets)" if kind == "upscale" else " boundaries"
+    cols = ["last cols", "last rows", "stage1 cols", "stage1 rows"]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if r["kind"] == kind and any(k.endswith(suffix) for k in r):
+            groups.setdefault((r["size"], r["method"]), []).append(r)
+    sizes = sorted({s for s, _ in groups}, key=lambda s: SIZES.index(s) if s in SIZES else 99)
+    lines = [f"\n{kind}: band ratio pooled over scenes' boundaries, 90% bootstrap interval over scenes "
+             "(1.0: no band)\n", "| size | method | scenes | " + " | ".join(cols) + f" | {method} within 10% of {reference} |",
+             "|" + "---|" * (len(cols) + 4)]
+    for size in sizes:
+        ref = {c: pooled_cell(groups.get((size, reference), []), c + suffix)[0] for c in cols}
+        for m in [m for s, m in groups if s == size]:
+            cells = [pooled_cell(groups[size, m], c + suffix) for c in cols]
+            verdict = ""
+            if m == method and all(ref[c] == ref[c] for c in cols):
+                ok = [c for c, (v, _) in zip(cols, cells) if v <= 1.1 * ref[c]]
+                verdict = "all four" if len(ok) == len(cols) else ("not: " + ", ".join(c for c in cols if c not in ok))
+            lines.append(f"| {size} | {m} | {len(groups[size, m])} | " + " | ".join(t for _, t in cells) + f" | {verdict} |")
+    return "\n".join(lines) + "\n"
 
 
 def table(jsonl: Path) -> str:
@@ -140,7 +180,7 @@ def table(jsonl: Path) -> str:
                 xs = [r[c] for r in group if c in r and r[c] == r[c]]
                 vals.append(f"{statistics.median(xs):.2f}" if xs else "")
             lines.append(f"| {size} | {method} | {len(group)} | " + " | ".join(vals) + " |")
-    return "\n".join(lines) + "\n"
+    return pooled_table(rows) + pooled_table(rows, "generate", reference="stage 1") + "\n".join(lines) + "\n"
 
 
 def figure(profiles_dir: Path, out: Path, sizes=("1024x768", "1280x720")) -> None:
@@ -154,7 +194,7 @@ def figure(profiles_dir: Path, out: Path, sizes=("1024x768", "1280x720")) -> Non
     sizes = [s for s in sizes if (profiles_dir / f"{s}_bicubic.npy").exists()]
     fig, axes = plt.subplots(len(sizes), 1, figsize=(11, 3.2 * len(sizes)), squeeze=False)
     for ax, size in zip(axes[:, 0], sizes):
-        for method in ("bicubic", "naive", "fstd single", "fstd"):
+        for method in ("bicubic", "naive", "overlap", "fstd single", "fstd"):
             file = profiles_dir / f"{size}_{method.replace(' ', '_')}.npy"
             if file.exists():
                 ax.plot(np.load(file), label=method, lw=1)

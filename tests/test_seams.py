@@ -7,7 +7,8 @@ import PIL.Image
 import pytest
 
 from anysize.train.scenes import render, sample_scene
-from anysize.train.seams import band_ratio, band_score, grid_step, profile
+from anysize.train.seams import (band_ratio, band_score, bootstrap_interval, boundary_ratios, grid_step, pooled_ratio,
+                                 profile)
 
 
 def smooth_field(height: int, width: int, seed: int) -> np.ndarray:
@@ -56,6 +57,25 @@ def test_with_the_truth_content_cancels():
     bicubic = np.asarray(small.resize((1024, 512), PIL.Image.Resampling.BICUBIC), dtype=np.float64)
     score = band_score(bicubic, 128, reference=truth)
     assert 0.2 < score.columns_half < 5 and 0.2 < score.rows_half < 5
+
+
+def test_pooled_over_images_a_faint_band_is_found_that_single_images_miss():
+    """A band too faint for one image (0.3 levels at 128 px on 720 rows: five boundaries) stands out when
+    the boundaries of twelve images are pooled; clean copies pool to about 1, with an interval around it."""
+    clean = [smooth_field(720, 256, seed) + np.random.default_rng(seed).normal(0, 0.4, (720, 256, 3))
+             for seed in range(12)]
+    banded = [with_bands(image, 128, 0.3, axis="rows") for image in clean]
+    for image in clean[:2] + banded[:2]:  # band_ratio is the median of one image's boundary ratios
+        r = boundary_ratios(image, 128, "rows", against="offsets")
+        assert len(r) == 5 and np.median(r) == pytest.approx(band_ratio(image, 128, "rows", against="offsets"))
+    pooled = [boundary_ratios(image, 128, "rows", against="offsets") for image in banded]
+    free = [boundary_ratios(image, 128, "rows", against="offsets") for image in clean]
+    singles = [float(np.median(r)) for r in pooled]
+    assert sum(v < max(np.median(r) for r in free) for v in singles) >= 3  # one image at a time: no verdict
+    low, high = bootstrap_interval(free)
+    assert 0.7 < pooled_ratio(free) < 1.3 and low < pooled_ratio(free) < high
+    assert pooled_ratio(pooled) > 1.5 and bootstrap_interval(pooled)[0] > high  # pooled: the intervals part
+    assert math.isnan(pooled_ratio([])) and len(boundary_ratios(np.ones((4, 100)), 128)) == 0
 
 
 def test_a_fractional_pitch_lands_between_pixels():
