@@ -539,10 +539,6 @@ def _add_train(sub) -> None:
     p.add_argument("--final-t-fraction", type=_float_in(0, 1), default=0.0, metavar="F",
                    help="base / upscaler: fraction of each batch trained at the last timestep, where a "
                         "one-step sampler evaluates the model (default 0: uniform timesteps)")
-    p.add_argument("--cascade-fraction", type=_float_in(0, 1), default=0.0, metavar="F",
-                   help="upscaler, with --init: fraction of each batch whose low-res input is the init "
-                        "upscaler's own x4 output of the scene at 1/16, what the second pass of an x16 "
-                        "enlargement gets (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_train)
 
@@ -556,7 +552,7 @@ def _train(args: argparse.Namespace) -> int:
         crop=args.crop, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         checkpoint_every=args.checkpoint_every, seed=args.seed, workers=args.workers,
         max_minutes=args.max_minutes, progress=not args.quiet, decoder_only=args.decoder_only,
-        final_t_fraction=args.final_t_fraction, cascade_fraction=args.cascade_fraction,
+        final_t_fraction=args.final_t_fraction,
     )
     print(train(config))
     return 0

@@ -186,55 +186,6 @@ def test_final_t_fraction_trains_at_the_last_timestep(tmp_path, vae_run):
         TrainConfig(task="upscaler", output_dir=tmp_path, final_t_fraction=1.5)
 
 
-def test_cascade_pairs_are_aligned_crops_of_the_upscalers_output():
-    """Each pair: a crop of a 4 * size region and the crop under it of the x4 upscale of that region at 1/16."""
-    from anysize.train.trainer import SceneData
-
-    calls = []
-
-    def nearest(low, width, height):  # a stand-in upscaler: each input pixel as a 4 x 4 block
-        calls.append((low.shape, width, height))
-        return np.asarray(PIL.Image.fromarray(low).resize((width, height), PIL.Image.Resampling.NEAREST))
-
-    high, low = SceneData(5).cascade_pairs(32, 6, nearest)
-    assert high.shape == (6, 32, 32, 3) and low.shape == (6, 8, 8, 3) and high.dtype == low.dtype == np.uint8
-    assert calls == [((8, 8, 3), 32, 32)] * 3  # a 128 px region at 1/16, enlarged x4; two pairs a region
-    pooled = high.astype(float).reshape(6, 8, 4, 8, 4, 3).mean(axis=(2, 4))
-    aligned = np.abs(pooled - low).mean()
-    assert all(aligned < np.abs(pooled - np.roll(low, 1, axis=a)).mean() for a in (1, 2))
-    again = SceneData(5).cascade_pairs(32, 6, nearest)
-    assert np.array_equal(again[0], high) and np.array_equal(again[1], low)
-
-
-def test_cascade_fraction_puts_pool_pairs_in_each_batch(tmp_path, vae_run, monkeypatch):
-    """The last round(fraction * batch) samples of a batch come from the pool (drawn once, kept in
-    output_dir); the rest from the scene stream as before."""
-    import types
-
-    from anysize.train import trainer as trainer_module
-
-    init = Trainer(TrainConfig(task="upscaler", output_dir=tmp_path / "init", vae=vae_run, crop=32, steps=1,
-                               **QUICK)).run()
-    with pytest.raises(ValueError, match="cascade_fraction"):
-        TrainConfig(task="upscaler", output_dir=tmp_path / "x", cascade_fraction=0.5)
-    cfg = TrainConfig(task="upscaler", output_dir=tmp_path / "cascade", init=init, crop=32, steps=1, seed=3,
-                      cascade_fraction=0.5, cascade_pool=3, **QUICK)
-    t = Trainer(cfg)
-    assert t.cascade[0].shape == (3, 32, 32, 3) and t.cascade[1].shape == (3, 8, 8, 3)
-    assert (cfg.output_dir / "cascade_pool.npz").is_file()
-    monkeypatch.setattr(trainer_module.SceneData, "cascade_pairs", lambda *a, **k: pytest.fail("pool drawn again"))
-    assert np.array_equal(Trainer(cfg).cascade[1], t.cascade[1])  # read back, not drawn again
-    t.cascade = (np.full((3, 32, 32, 3), 255, np.uint8), np.zeros((3, 8, 8, 3), np.uint8))
-    seen = {}
-    t._latents = lambda images: torch.zeros(len(seen.setdefault("high", images)), 4, 8, 8)
-    t.low_res_scheduler = types.SimpleNamespace(add_noise=lambda low, noise, level: low)
-    t.unet = lambda x, timesteps, **kw: seen.setdefault("x", x) is x and types.SimpleNamespace(sample=x[:, :4])
-    t.loss()
-    high, cond = seen["high"], seen["x"][:, 4:]
-    assert (high[1] == 1).all() and (cond[1] == -1).all()  # the pool's white crop and its black input
-    assert not (high[0] == 1).all() and not (cond[0] == -1).all()  # a scene crop
-
-
 def test_bad_config_names_the_argument(tmp_path):
     with pytest.raises(ValueError, match="task='gan'"):
         TrainConfig(task="gan", output_dir=tmp_path)

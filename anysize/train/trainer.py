@@ -64,13 +64,6 @@ class TrainConfig:
         (the rest uniform over all of them). A one-step sampler evaluates the model there only: at
         ``T - 1`` the sample is almost pure noise, so the prediction is the model's estimate of the
         clean latent from the condition alone (the mean of what fits it, which is what PSNR rewards).
-    cascade_fraction: "upscaler" only, with ``init``: the fraction of each batch whose low-res input is
-        the ``init`` upscaler's own x4 output (frozen, run with its defaults through
-        :meth:`anysize.AnySizePipeline.upscale`) of the crop's scene at 1/16, instead of the crop's 1/4
-        area average: the input a second pass of an x16 enlargement gets. An upscaler trained on true
-        low-res images only treats its own soft output as a soft truth and keeps it soft (at x16 its
-        second pass scored under a bicubic resize of its first: docs/benchmarks.md). The pairs come from
-        a pool of ``cascade_pool`` drawn once from the seed and kept in ``output_dir``.
     decoder_only: "vae" only, with ``init``: train the decoder and keep the encoder (and its
         ``scaling_factor``) as they are, so the latents of models trained on this VAE stay valid. This is
         how a shipped VAE is sharpened without retraining the UNets that sample its latents.
@@ -96,8 +89,6 @@ class TrainConfig:
     progress: bool = True
     decoder_only: bool = False
     final_t_fraction: float = 0.0
-    cascade_fraction: float = 0.0
-    cascade_pool: int = 4000
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -110,14 +101,9 @@ class TrainConfig:
             raise ValueError(f"workers={self.workers!r}: must be a non-negative integer")
         if not 0.0 <= self.final_t_fraction <= 1.0:
             raise ValueError(f"final_t_fraction={self.final_t_fraction!r}: must be in [0, 1]")
-        if not 0.0 <= self.cascade_fraction <= 1.0:
-            raise ValueError(f"cascade_fraction={self.cascade_fraction!r}: must be in [0, 1]")
-        if self.cascade_fraction and (self.task != "upscaler" or self.init is None):
-            raise ValueError("cascade_fraction: needs task 'upscaler' and init (the upscaler whose own "
-                             "output the second pass learns to enlarge)")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes={self.max_minutes!r}: must be positive")
-        for name in ("resolution", "crop", "steps", "batch_size", "checkpoint_every", "cascade_pool"):
+        for name in ("resolution", "crop", "steps", "batch_size", "checkpoint_every"):
             value = getattr(self, name)
             if name == "resolution" and value is None:
                 continue
@@ -198,31 +184,6 @@ class SceneData:
             top, left = int(self.rng.integers(0, h - size + 1)), int(self.rng.integers(0, w - size + 1))
             jobs.append((scene, w, h, (top, left, top + size, left + size)))
         return self._render(jobs)
-
-    def cascade_pairs(self, size: int, n: int, upscale, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """``n`` (high, low) super-resolution pairs whose low side is an x4 upscaler's output: a region
-        of ``4 * size`` px of a scene rendered at several times ``size`` (as :meth:`crops`) is area
-        averaged to 1/16, enlarged x4 by ``upscale(low, width, height) -> uint8 array``, and two aligned
-        crops are cut from it (``size / 4`` px) and from the region (``size`` px). Arrays of uint8,
-        ``(n, size, size, 3)`` and ``(n, size / 4, size / 4, 3)``."""
-        region, lo = 4 * size, size // 4
-        highs, lows = [], []
-        with tqdm(total=n, desc="cascade pairs", unit="pair", disable=not progress) as bar:
-            while len(highs) < n:
-                scene = sample_scene(self.rng, float(np.exp(self.rng.uniform(math.log(0.5), math.log(2.0)))))
-                side = int(size * self.rng.uniform(2.0, 8.0))
-                w, h = scene.size_for(side * side)
-                w, h = max(w, region), max(h, region)
-                top, left = int(self.rng.integers(0, h - region + 1)), int(self.rng.integers(0, w - region + 1))
-                high = render_crop(scene, w, h, (top, left, top + region, left + region))
-                low = high.reshape(region // 16, 16, region // 16, 16, 3).mean(axis=(1, 3))
-                first = upscale(np.rint(low).astype(np.uint8), region // 4, region // 4)
-                for _ in range(min(2, n - len(highs))):
-                    y, x = (int(v) for v in self.rng.integers(0, region // 4 - lo + 1, 2))
-                    lows.append(first[y:y + lo, x:x + lo])
-                    highs.append(high[4 * y:4 * y + size, 4 * x:4 * x + size])
-                    bar.update(1)
-        return np.stack(highs), np.stack(lows)
 
 
 def grounding(scene, width: int, height: int) -> list[tuple[tuple[float, float, float, float], str]]:
@@ -395,33 +356,7 @@ class Trainer:
                 config.workers, mp_context=multiprocessing.get_context("forkserver"))
         self.data = (SceneData(config.seed, self.pool) if config.data == "scenes"
                      else FolderData(config.data, self.buckets, config.seed))
-        self.cascade = self._cascade_pool() if config.cascade_fraction else None
         self._resume()
-
-    def _cascade_pool(self) -> tuple[np.ndarray, np.ndarray]:
-        """The (high, low) uint8 pairs of ``cascade_fraction`` (:meth:`SceneData.cascade_pairs`): read from
-        ``output_dir / cascade_pool.npz`` when it was drawn for this seed, crop, size and init, else drawn
-        (from a generator of their own, so the rest of the data stream is the same) and saved there."""
-        from ..pipeline import AnySizePipeline
-
-        c = self.config
-        key = json.dumps({"seed": c.seed, "crop": c.crop, "n": c.cascade_pool, "init": str(Path(c.init).resolve())})
-        path = c.output_dir / "cascade_pool.npz"
-        if path.is_file():
-            with np.load(path) as f:
-                if str(f["key"]) == key:
-                    return f["high"], f["low"]
-        pipe = AnySizePipeline.from_pretrained(upscaler=c.init, device="cpu")
-        pipe.set_progress_bar_config(disable=True)
-
-        def upscale(low: np.ndarray, width: int, height: int) -> np.ndarray:
-            out = pipe.upscale(low, width, height, "", generator=torch.Generator().manual_seed(0))
-            return np.asarray(out.images[0])
-
-        high, low = SceneData(c.seed + 1).cascade_pairs(c.crop, c.cascade_pool, upscale, progress=c.progress)
-        c.output_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda f: np.savez(f, key=np.array(key), high=high, low=low))
-        return high, low
 
     # -- components
     def _build(self) -> None:
@@ -579,17 +514,12 @@ class Trainer:
             captions = [t if self.rng.random() > 0.1 else "" for t in captions]  # for classifier-free guidance
             latents, cond = self._latents(to_tensor(images).to(device)), None
         else:
-            n_cascade = round(c.cascade_fraction * c.batch_size)
             with self._timing("data"):
-                high = to_tensor(self.data.crops(c.crop, c.batch_size - n_cascade))
-            low = F.avg_pool2d(high, 4)
-            if n_cascade:
-                pick = self.data.rng.integers(0, c.cascade_pool, n_cascade)
-                high = torch.cat([high, to_tensor(self.cascade[0][pick])])
-                low = torch.cat([low, to_tensor(self.cascade[1][pick])])
+                high = self.data.crops(c.crop, c.batch_size)
+            low = F.avg_pool2d(to_tensor(high), 4)
             level = torch.randint(0, c.max_noise_level + 1, (c.batch_size,))
             cond = self.low_res_scheduler.add_noise(low, torch.randn_like(low), level).to(device)
-            latents, captions = self._latents(high.to(device)), [""] * c.batch_size
+            latents, captions = self._latents(to_tensor(high).to(device)), [""] * c.batch_size
         noise = torch.randn_like(latents)
         T = self.noise_scheduler.config.num_train_timesteps
         t = torch.randint(0, T, (latents.shape[0],), device=device)
