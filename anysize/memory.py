@@ -408,6 +408,24 @@ def _decode(vae: Any, size: tuple[int, int], vae_tile: int, on_disk: bool = Fals
     return _RUNTIME_BYTES + held * lat_w * _DECODE_FLOATS * 4 + tiled_decode_bytes(vae, lat_h, lat_w, vae_tile)
 
 
+def _control_bytes(phase: Any, nets: list) -> tuple[int, int, int]:
+    """(host, device held through sampling, device peak of preparing them) bytes of a phase's ControlNet
+    conditions, beyond the ControlNets' own (:func:`controlnet_bytes`). A UNet ControlNet's control
+    image is held resized to the phase's latent x VAE factor, uint8 on the host. An SD3 / FLUX
+    ControlNet's is encoded by the tiled VAE before sampling and held on the device as latents
+    (``anysize.stages._controls``): the encode's peak, with the conditions encoded before it, comes
+    before the sampling peak, so the two are compared rather than added."""
+    if not nets:
+        return 0, 0, 0
+    lat_h, lat_w = phase.latent
+    f = _factor(phase.vae)
+    if not _nets.is_transformer(phase.unet):
+        return len(nets) * 3 * lat_h * lat_w * f * f, 0, 0
+    held = int(phase.vae.config.latent_channels) * lat_h * lat_w * _dtype_bytes(phase.vae.dtype)
+    encode = vae_encode_bytes(phase.vae, min(_ENCODE_TILE_PX, lat_h * f), min(_ENCODE_TILE_PX, lat_w * f))
+    return 0, len(nets) * held, (len(nets) - 1) * held + lat_h * lat_w * _ENCODE_FLOATS * 4 + encode
+
+
 def _stages(run: Any, batch: int, vae_tile: int) -> tuple[StagePeak, ...]:
     """Every phase's peak of the :class:`~anysize.plan.RunPlan` ``run`` for tile batch ``batch`` and
     VAE tile ``vae_tile``, in the order the pipeline runs them."""
@@ -418,15 +436,15 @@ def _stages(run: Any, batch: int, vae_tile: int) -> tuple[StagePeak, ...]:
     for phase in run.phases:
         (w, h), kind = phase.size, phase.kind
         nets = [run.controlnets[k] for k in phase.controls]
-        # the control images at the phase's latent x VAE factor, uint8 on the host
-        control = len(nets) * 3 * math.prod(phase.latent) * _factor(phase.vae) ** 2 if nets else 0
+        control, held, encode = _control_bytes(phase, nets)
         if kind == "base":
             lat_h, lat_w = phase.latent
             device, detail = _sampling(phase.unet, lat_h, lat_w, phase.tiling.method, phase.tiling.tile_size, batch,
                                        phase.cfg, channels=phase.vae.config.latent_channels, regions=regions,
                                        controlnets=nets)
             where = "panorama" if run.panorama else "bucket"
-            stages.append(StagePeak(phase.name, "sample", f"{where} {w}x{h}: {detail}", device, control))
+            stages.append(StagePeak(phase.name, "sample", f"{where} {w}x{h}: {detail}", max(device + held, encode),
+                                    control))
         elif kind in ("sr", "img2img"):
             lat_h, lat_w = phase.latent
             vae = phase.vae
@@ -441,7 +459,7 @@ def _stages(run: Any, batch: int, vae_tile: int) -> tuple[StagePeak, ...]:
                 stats = vae_encode_bytes(vae, min(_ENCODE_STATS_PX, px_h), min(_ENCODE_STATS_PX, px_w))
                 device += lat_h * lat_w * _ENCODE_FLOATS * 4 + max(encode, stats)
                 host = px_h * px_w * (3 + 4)  # the resized input as a PIL image and a uint8 array
-            stages.append(StagePeak(phase.name, "sample", f"{w}x{h}: {detail}", device,
+            stages.append(StagePeak(phase.name, "sample", f"{w}x{h}: {detail}", max(device + held, encode),
                                     reference + previous * (3 + 4) + host + control))
         elif kind == "decode" and run.base is not None and phase.name == "stage 1 decode":
             stages.append(StagePeak(phase.name, "decode", f"{w}x{h}, VAE tile {vae_tile}",

@@ -351,6 +351,8 @@ def test_a_transformer_controlnet_steers_both_stages(dirs, arch, dit_controlnet,
     without = AnySizePipeline(p.base, buckets=SMALL).plan_memory(203, 117, tile_size=16)
     pairs = [(a.device, b.device) for a, b in zip(plan.stages, without.stages) if a.kind == "sample"]
     assert pairs and all(a > b for a, b in pairs), "the planner counts the ControlNet's residuals and weights"
+    hosts = [(a.host, b.host) for a, b in zip(plan.stages, without.stages) if a.kind == "sample"]
+    assert all(a == b for a, b in hosts), "its condition is encoded latents on the device, no image on the host"
     path = tmp_path / "control.png"
     control.save(path)
     capsys.readouterr()
