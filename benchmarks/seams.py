@@ -38,8 +38,8 @@ import torch  # noqa: E402
 
 from anysize import AnySizePipeline, TilingConfig  # noqa: E402
 from anysize.train.scenes import render, sample_scene  # noqa: E402
-from anysize.train.seams import (band_score, bootstrap_interval, boundary_ratios, pooled_ratio,  # noqa: E402
-                                 profile)
+from anysize.train.seams import (band_score, bootstrap_interval, boundary_ratios, paired_interval,  # noqa: E402
+                                 pooled_ratio, profile, ratios_at)
 from results_log import append, done_keys, run_and_tabulate  # noqa: E402
 
 SIZES = ["1024x768", "1280x720", "720x1280", "1600x400", "768x384", "512x1024", "2048x512", "4096x1024"]
@@ -53,6 +53,11 @@ METHODS = {
     "overlap": TilingConfig(method="overlap"),
 }
 STAGE1_GRID = 16  # bucket px of the default base's coarsest UNet level (latent 4 px x VAE factor 4)
+
+
+def tile_latent(pipe: AnySizePipeline) -> int:
+    """The last pass's tile side in latent px."""
+    return int((pipe.upscaler if pipe.upscaler is not None else pipe.base).unet.config.sample_size)
 
 
 def pitches(pipe: AnySizePipeline, width: int, height: int) -> dict[str, tuple[float, float]]:
@@ -75,7 +80,41 @@ def score_row(image: np.ndarray, pitch: dict, reference: np.ndarray | None, agai
     return out
 
 
+class LastCuts:
+    """Records the tile plans samplers make (``TilingConfig.plan``, wrapped for this process only), so
+    a row can be scored at the cuts its last pass's last step made: ``cuts(factor)`` gives the
+    interior box edges of that step, in output px (latent px x ``factor``), per axis."""
+
+    def __init__(self):
+        self.calls = []
+        original = TilingConfig.plan
+
+        def plan(config, height, width, step, generator, num_steps=None):
+            boxes = original(config, height, width, step, generator, num_steps)
+            self.calls.append((height, width, step, num_steps, boxes))
+            return boxes
+
+        TilingConfig.plan = plan
+
+    def cuts(self, factor: int) -> tuple[list[int], list[int]]:
+        height, width, _, _, boxes = self.calls[-1]  # plans are made in step order before sampling
+        rows = sorted({e * factor for t, _, b, _ in boxes for e in (t, b) if 0 < e < height})
+        cols = sorted({e * factor for _, l, _, r in boxes for e in (l, r) if 0 < e < width})
+        return cols, rows
+
+
+def cut_scores(image: np.ndarray, bicubic: np.ndarray, truth: np.ndarray, cols: list[int], rows: list[int]) -> dict:
+    """Boundary ratios of the error image at a run's own last cuts, and of bicubic's at the same ones."""
+    out = {}
+    for name, im in (("cuts", image), ("bicubic cuts", bicubic)):
+        for axis, short, positions in (("columns", "cols", cols), ("rows", "rows", rows)):
+            ratios = ratios_at(im, positions, axis, reference=truth)
+            out[f"{name} {short}"] = [round(float(v), 4) for v in ratios]
+    return out
+
+
 def run(args) -> None:
+    recorder = LastCuts() if args.cuts else None
     pipe = AnySizePipeline.from_pretrained()
     pipe.set_progress_bar_config(disable=True)
     done = done_keys(args.jsonl, ("kind", "size", "scene", "method"))
@@ -87,6 +126,7 @@ def run(args) -> None:
             scene = sample_scene(args.scene_seed + i, height / width)
             truth = render(scene, width, height).astype(np.float64)
             source = PIL.Image.fromarray(render(scene, *base))
+            bicubic = np.asarray(source.resize((width, height), PIL.Image.Resampling.BICUBIC), dtype=np.float64)
             jobs = [("upscale", m) for m in ["bicubic", *args.methods]]
             if args.generate:
                 jobs += [("generate", m) for m in ["stage 1", *args.methods]]
@@ -97,6 +137,8 @@ def run(args) -> None:
                 if kind == "upscale" and method == "bicubic":
                     image = np.asarray(source.resize((width, height), PIL.Image.Resampling.BICUBIC))
                 elif kind == "upscale":
+                    if recorder is not None:
+                        recorder.calls.clear()
                     image = pipe.upscale(source, width, height, scene.caption, num_inference_steps=args.upscale_steps,
                                          tiling=METHODS[method], generator=torch.Generator().manual_seed(i)).images[0]
                 elif method == "stage 1":
@@ -108,6 +150,9 @@ def run(args) -> None:
                                  upscale_guidance_scale=1, tiling=METHODS[method],
                                  generator=torch.Generator().manual_seed(i)).images[0]
                 image = np.asarray(image, dtype=np.float64)
+                cuts = {}
+                if recorder is not None and kind == "upscale" and method != "bicubic":
+                    cuts = cut_scores(image, bicubic, truth, *recorder.cuts(pitch["last"][0] // tile_latent(pipe)))
                 if kind == "upscale":
                     scores = {k: v for k, v in score_row(image, pitch, truth, "half").items()
                               if not k.endswith("boundaries")} | {
@@ -117,7 +162,7 @@ def run(args) -> None:
                 else:
                     scores = score_row(image, pitch, None, "offsets")
                 row = {"kind": kind, "size": size, "scene": i, "method": method,
-                       "seconds": round(time.perf_counter() - start, 2), **scores}
+                       "seconds": round(time.perf_counter() - start, 2), **scores, **cuts}
                 append(args.jsonl, row)
                 if args.profiles_dir is not None and kind == "upscale" and i == 0:
                     np.save(args.profiles_dir / f"{size}_{method.replace(' ', '_')}.npy",
@@ -160,6 +205,32 @@ def pooled_table(rows: list[dict], kind: str = "upscale", reference: str = "bicu
     return "\n".join(lines) + "\n"
 
 
+def cuts_table(rows: list[dict]) -> str:
+    """Per size and method: the error's band ratio at the run's own last cuts, pooled over scenes, and
+    over bicubic's at the same cuts (paired by scene), each with its 90% bootstrap interval."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if r["kind"] == "upscale" and "cuts cols" in r:
+            groups.setdefault((r["size"], r["method"]), []).append(r)
+    if not groups:
+        return ""
+    lines = ["\nupscale: band ratio at each run's own last cuts, pooled over scenes (1.0: no band), and its "
+             "quotient by bicubic's at the same cuts (paired by scene); 90% bootstrap intervals\n",
+             "| size | method | scenes | cols | rows | cols / bicubic | rows / bicubic |", "|---|---|---|---|---|---|---|"]
+    for (size, method), group in sorted(groups.items(), key=lambda kv: (SIZES.index(kv[0][0]) if kv[0][0] in SIZES
+                                                                        else 99, kv[0][1])):
+        cells, quotients = [], []
+        for axis in ("cols", "rows"):
+            mine = [np.asarray(r[f"cuts {axis}"]) for r in group]
+            ref = [np.asarray(r[f"bicubic cuts {axis}"]) for r in group]
+            low, high = bootstrap_interval(mine)
+            cells.append(f"{pooled_ratio(mine):.2f} ({low:.2f}-{high:.2f})")
+            q, ql, qh = paired_interval(mine, ref)
+            quotients.append(f"{q:.2f} ({ql:.2f}-{qh:.2f})")
+        lines.append(f"| {size} | {method} | {len(group)} | " + " | ".join(cells + quotients) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def table(jsonl: Path) -> str:
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
     keys = sorted({(r["kind"], r["size"], r["method"]) for r in rows},
@@ -180,7 +251,8 @@ def table(jsonl: Path) -> str:
                 xs = [r[c] for r in group if c in r and r[c] == r[c]]
                 vals.append(f"{statistics.median(xs):.2f}" if xs else "")
             lines.append(f"| {size} | {method} | {len(group)} | " + " | ".join(vals) + " |")
-    return pooled_table(rows) + pooled_table(rows, "generate", reference="stage 1") + "\n".join(lines) + "\n"
+    return (pooled_table(rows) + cuts_table(rows) + pooled_table(rows, "generate", reference="stage 1")
+            + "\n".join(lines) + "\n")
 
 
 def figure(profiles_dir: Path, out: Path, sizes=("1024x768", "1280x720")) -> None:
@@ -219,6 +291,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=30, help="stage-1 steps (generate)")
     p.add_argument("--upscale-steps", type=int, default=None, help="default: the upscaler's own (1 for the default model)")
     p.add_argument("--no-generate", dest="generate", action="store_false", help="the ground-truth rows only")
+    p.add_argument("--cuts", action="store_true",
+                   help="also score each upscale at its own last step's cuts, and bicubic at the same ones")
     p.add_argument("--jsonl", type=Path, required=True)
     p.add_argument("--table", type=Path, default=None)
     p.add_argument("--profiles-dir", type=Path, default=None, help="save scene 0's column error profiles here")

@@ -7,8 +7,8 @@ import PIL.Image
 import pytest
 
 from anysize.train.scenes import render, sample_scene
-from anysize.train.seams import (band_ratio, band_score, bootstrap_interval, boundary_ratios, grid_step, pooled_ratio,
-                                 profile)
+from anysize.train.seams import (band_ratio, band_score, bootstrap_interval, boundary_ratios, grid_step,
+                                 paired_interval, pooled_ratio, profile, ratios_at)
 
 
 def smooth_field(height: int, width: int, seed: int) -> np.ndarray:
@@ -76,6 +76,32 @@ def test_pooled_over_images_a_faint_band_is_found_that_single_images_miss():
     assert 0.7 < pooled_ratio(free) < 1.3 and low < pooled_ratio(free) < high
     assert pooled_ratio(pooled) > 1.5 and bootstrap_interval(pooled)[0] > high  # pooled: the intervals part
     assert math.isnan(pooled_ratio([])) and len(boundary_ratios(np.ones((4, 100)), 128)) == 0
+
+
+def test_steps_at_a_runs_own_cuts_are_found_wherever_they_lie():
+    """A grid cut at an offset (as one FSTD step cuts) scores high at its own positions and about 1 at
+    multiples of the pitch from 0, where ratios_at of a clean image scores about 1 too."""
+    clean = smooth_field(384, 1024, 2)
+    shifted = clean.copy()
+    cuts = list(range(40, 1024, 128))  # a grid drawn at offset 40
+    for k, c in enumerate(cuts):
+        shifted[:, c:] += 1.0 if k % 2 == 0 else -1.0
+    assert np.median(ratios_at(shifted, cuts)) > 3
+    assert np.median(ratios_at(clean, cuts)) < 2
+    assert band_ratio(shifted, 128, against="offsets") < 2  # the multiples of 128 miss it
+    assert len(ratios_at(clean, [0, 5000])) == 0  # no interior position
+
+
+def test_paired_interval_divides_the_pooled_ratios_scene_by_scene():
+    rng = np.random.default_rng(0)
+    reference = [rng.uniform(0.5, 1.5, 6) for _ in range(10)]
+    doubled = [2 * r for r in reference]
+    value, low, high = paired_interval(doubled, reference)
+    assert value == pytest.approx(2.0) and low == pytest.approx(2.0) and high == pytest.approx(2.0)
+    value, low, high = paired_interval([rng.uniform(0.5, 1.5, 6) for _ in range(10)], reference)
+    assert low < value < high and low < 1 < high
+    with pytest.raises(ValueError, match="same scenes"):
+        paired_interval(doubled[:3], reference)
 
 
 def test_a_fractional_pitch_lands_between_pixels():

@@ -164,6 +164,24 @@ def band_score(image: np.ndarray, pitch: float, *, reference: np.ndarray | None 
     return BandScore(pitch, **values)
 
 
+def ratios_at(image: np.ndarray, positions, axis: str = "columns", *, reference: np.ndarray | None = None,
+              sigma: float = 1.0, trend: float = 16.0) -> np.ndarray:
+    """Each step at ``positions`` (a boundary ``b``: the step between pixels ``b - 1`` and ``b``) over the
+    median step at every pixel farther than ``2 sigma + 1`` px from all of them: the band metric at the
+    cuts a sampler actually made (a one-step FSTD pass cuts at its drawn offset, not at multiples of the
+    tile), for :func:`pooled_ratio`. ``trend`` as in :func:`band_ratio` (16 px: a 128 px pitch's)."""
+    steps = _steps(profile(image, axis, reference, sigma), trend)
+    at = np.array(sorted({int(p) - 1 for p in positions if 0 < int(p) <= len(steps)}), dtype=np.int64)
+    if not len(at):
+        return np.empty(0)
+    distance = np.abs(np.arange(len(steps))[:, None] - at[None, :]).min(axis=1)
+    far = steps[distance > 2 * sigma + 1]
+    base = float(np.median(far)) if len(far) else math.nan
+    if math.isnan(base):
+        return np.empty(0)
+    return np.where(steps[at] == 0, 0.0, math.inf) if base == 0 else steps[at] / base
+
+
 def pooled_ratio(ratios: list[np.ndarray]) -> float:
     """The median of every image's :func:`boundary_ratios` together (NaN when there are none)."""
     values = np.concatenate([np.asarray(r, dtype=np.float64) for r in ratios]) if ratios else np.empty(0)
@@ -183,3 +201,27 @@ def bootstrap_interval(ratios: list[np.ndarray], level: float = 0.9, draws: int 
         return math.nan, math.nan
     low, high = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
     return float(low), float(high)
+
+
+def paired_interval(ratios: list[np.ndarray], reference: list[np.ndarray], level: float = 0.9, draws: int = 2000,
+                    seed: int = 0) -> tuple[float, float, float]:
+    """``pooled_ratio(ratios) / pooled_ratio(reference)`` and its percentile bootstrap interval, the
+    same images resampled on both sides (``ratios[i]`` and ``reference[i]``: one scene by two methods).
+    Pairing takes out what the scenes' contents share, which dominates :func:`bootstrap_interval`."""
+    if len(ratios) != len(reference):
+        raise ValueError(f"ratios: {len(ratios)} images, reference: {len(reference)}; must be the same scenes")
+    if not 0 < level < 1:
+        raise ValueError(f"level={level!r}: must be in (0, 1)")
+
+    def quotient(index) -> float:
+        den = pooled_ratio([reference[i] for i in index])
+        return pooled_ratio([ratios[i] for i in index]) / den if den > 0 else math.nan
+
+    rng = np.random.default_rng(seed)
+    stats = [quotient(rng.integers(0, len(ratios), len(ratios))) for _ in range(draws)]
+    stats = [v for v in stats if not math.isnan(v)]
+    value = quotient(range(len(ratios)))
+    if not stats:
+        return value, math.nan, math.nan
+    low, high = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
+    return value, float(low), float(high)
