@@ -16,6 +16,10 @@ Smoke run with a tiny random-weight upscaler (scores meaningless, exercises ever
 
     nice -n 19 .venv/bin/python benchmarks/upscale_quality.py --tiny --scenes 1 --steps 2 --base-size 32x32
 
+``--x16-references`` adds two rows at x16 that say where its error comes from: "x4 pass, then bicubic"
+(the first pass alone, its output resized x4 bicubically), "x4 pass on the x4 truth" (one pass from
+the scene rendered at 4x, an oracle input no user has) and "bicubic from the x4 truth" beside it.
+
 x16 runs two x4 passes; it is the expensive row (ground truth and output are 16w x 16h). The seam
 grid is the last pass's: tile_size latent px x the VAE factor, in output pixels.
 """
@@ -43,6 +47,7 @@ from anysize.train.scenes import render, sample_scene  # noqa: E402
 from anysize.core.tiling import naive_tiles  # noqa: E402
 
 TILINGS = ("fstd", "naive", "overlap")
+X16_REFERENCES = ("x4 pass, then bicubic", "x4 pass on the x4 truth", "bicubic from the x4 truth")
 CROP_ORDER = ("ground truth", "bicubic", "naive", "overlap", "fstd")
 
 
@@ -211,6 +216,15 @@ def run(args) -> dict:
                 sync(pipe.device)
                 seconds[method] = time.perf_counter() - start
                 outputs[method] = np.asarray(out)
+            if factor == 16 and args.x16_references:
+                generator = torch.Generator().manual_seed(args.seed + i)
+                first = pipe.upscale(low, 4 * w, 4 * h, scene.caption, generator=generator, **kw).images[0]
+                outputs["x4 pass, then bicubic"] = np.asarray(first.resize((W, H), PIL.Image.Resampling.BICUBIC))
+                oracle = PIL.Image.fromarray(render(scene, 4 * w, 4 * h))
+                outputs["x4 pass on the x4 truth"] = np.asarray(pipe.upscale(
+                    oracle, W, H, scene.caption, generator=torch.Generator().manual_seed(args.seed + i), **kw).images[0])
+                outputs["bicubic from the x4 truth"] = np.asarray(oracle.resize((W, H), PIL.Image.Resampling.BICUBIC))
+                seconds |= dict.fromkeys(X16_REFERENCES, math.nan)
             for method, out in outputs.items():
                 p, s = psnr_ssim(out, truth)
                 per_scene.append({"scene": seed, "caption": scene.caption, "factor": factor, "method": method,
@@ -226,7 +240,8 @@ def run(args) -> dict:
 
     summary = []
     for factor in args.factors:
-        for method in ("bicubic", *args.methods):
+        references = X16_REFERENCES if factor == 16 and args.x16_references else ()
+        for method in ("bicubic", *args.methods, *references):
             sel = [r for r in per_scene if r["factor"] == factor and r["method"] == method]
             row = {"factor": factor, "method": method}
             for key in ("psnr", "ssim", "seam", "seam_truth", "seconds"):
@@ -277,6 +292,8 @@ def main(argv=None) -> int:
     p.add_argument("--seam-halfwidth", type=int, default=1, help="differences counted either side of a grid line")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: float16 on GPUs)")
+    p.add_argument("--x16-references", action="store_true",
+                   help="at x16, also the first pass resized bicubically and one pass from the x4 truth")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--crops", help="write a PNG of the same crop at a tile corner from every method here")
     p.add_argument("--crop-size", type=int, default=64, help="crop side in output px")
