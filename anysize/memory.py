@@ -408,6 +408,16 @@ def _decode(vae: Any, size: tuple[int, int], vae_tile: int, on_disk: bool = Fals
     return _RUNTIME_BYTES + held * lat_w * _DECODE_FLOATS * 4 + tiled_decode_bytes(vae, lat_h, lat_w, vae_tile)
 
 
+def _encode_bytes(vae: Any, lat_h: int, lat_w: int) -> int:
+    """Device bytes of ``anysize.stages._encoded`` to a ``lat_h x lat_w`` latent: the moments of the whole
+    latent, and the larger of one encoder tile and fast mode's statistics run on a downsampled copy."""
+    f = _factor(vae)
+    px_h, px_w = lat_h * f, lat_w * f
+    encode = vae_encode_bytes(vae, min(_ENCODE_TILE_PX, px_h), min(_ENCODE_TILE_PX, px_w))
+    stats = vae_encode_bytes(vae, min(_ENCODE_STATS_PX, px_h), min(_ENCODE_STATS_PX, px_w))
+    return lat_h * lat_w * _ENCODE_FLOATS * 4 + max(encode, stats)
+
+
 def _control_bytes(phase: Any, nets: list) -> tuple[int, int, int]:
     """(host, device held through sampling, device peak of preparing them) bytes of a phase's ControlNet
     conditions, beyond the ControlNets' own (:func:`controlnet_bytes`). A UNet ControlNet's control
@@ -418,12 +428,10 @@ def _control_bytes(phase: Any, nets: list) -> tuple[int, int, int]:
     if not nets:
         return 0, 0, 0
     lat_h, lat_w = phase.latent
-    f = _factor(phase.vae)
     if not _nets.is_transformer(phase.unet):
-        return len(nets) * 3 * lat_h * lat_w * f * f, 0, 0
+        return len(nets) * 3 * lat_h * lat_w * _factor(phase.vae) ** 2, 0, 0
     held = int(phase.vae.config.latent_channels) * lat_h * lat_w * _dtype_bytes(phase.vae.dtype)
-    encode = vae_encode_bytes(phase.vae, min(_ENCODE_TILE_PX, lat_h * f), min(_ENCODE_TILE_PX, lat_w * f))
-    return 0, len(nets) * held, (len(nets) - 1) * held + lat_h * lat_w * _ENCODE_FLOATS * 4 + encode
+    return 0, len(nets) * held, (len(nets) - 1) * held + _encode_bytes(phase.vae, lat_h, lat_w)
 
 
 def _stages(run: Any, batch: int, vae_tile: int) -> tuple[StagePeak, ...]:
@@ -453,12 +461,9 @@ def _stages(run: Any, batch: int, vae_tile: int) -> tuple[StagePeak, ...]:
             if kind == "sr":
                 host = lat_h * lat_w * 4  # the conditioning image, resized
             else:
-                f = _factor(vae)
-                px_h, px_w = lat_h * f, lat_w * f
-                encode = vae_encode_bytes(vae, min(_ENCODE_TILE_PX, px_h), min(_ENCODE_TILE_PX, px_w))
-                stats = vae_encode_bytes(vae, min(_ENCODE_STATS_PX, px_h), min(_ENCODE_STATS_PX, px_w))
-                device += lat_h * lat_w * _ENCODE_FLOATS * 4 + max(encode, stats)
-                host = px_h * px_w * (3 + 4)  # the resized input as a PIL image and a uint8 array
+                device += _encode_bytes(vae, lat_h, lat_w)
+                # the resized input as a PIL image and a uint8 array
+                host = lat_h * lat_w * _factor(vae) ** 2 * (3 + 4)
             stages.append(StagePeak(phase.name, "sample", f"{w}x{h}: {detail}", max(device + held, encode),
                                     reference + previous * (3 + 4) + host + control))
         elif kind == "decode" and run.base is not None and phase.name == "stage 1 decode":
