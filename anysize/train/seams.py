@@ -109,15 +109,21 @@ def _steps(line: np.ndarray, trend: float) -> np.ndarray:
     return np.abs(d - _blur(d, trend))
 
 
+def _pitch_steps(image: np.ndarray, pitch: float, axis: str, reference: np.ndarray | None, sigma: float,
+                 trend: float | None) -> np.ndarray:
+    """:func:`_steps` of the axis profile, the trend defaulting to ``max(4, pitch / 8)`` px."""
+    if not pitch > 1:
+        raise ValueError(f"pitch={pitch!r}: must be a number > 1 (px)")
+    return _steps(profile(image, axis, reference, sigma), trend or max(4.0, pitch / 8))
+
+
 def boundary_ratios(image: np.ndarray, pitch: float, axis: str = "columns", *,
                     reference: np.ndarray | None = None, against: str = "half", sigma: float = 1.0,
                     trend: float | None = None) -> np.ndarray:
     """Each boundary's step over the image's baseline (see :func:`band_ratio`, whose value is their
     median): what :func:`pooled_ratio` pools over images. Empty when the axis holds no boundary or
     the baseline is NaN; a zero baseline gives inf (0 where the step is 0 too)."""
-    if not pitch > 1:
-        raise ValueError(f"pitch={pitch!r}: must be a number > 1 (px)")
-    steps = _steps(profile(image, axis, reference, sigma), trend or max(4.0, pitch / 8))
+    steps = _pitch_steps(image, pitch, axis, reference, sigma, trend)
     at = grid_steps(steps, pitch)
     base = _baseline(steps, pitch, against, sigma)
     if not len(at) or math.isnan(base):
@@ -146,9 +152,7 @@ def band_ratio(image: np.ndarray, pitch: float, axis: str = "columns", *, refere
     from the boundaries (works on any image). ``sigma``: the profile's blur; ``trend``: the scale of
     the local slope taken off the steps (default ``max(4, pitch / 8)`` px). NaN when the axis holds
     no boundary."""
-    if not pitch > 1:
-        raise ValueError(f"pitch={pitch!r}: must be a number > 1 (px)")
-    steps = _steps(profile(image, axis, reference, sigma), trend or max(4.0, pitch / 8))
+    steps = _pitch_steps(image, pitch, axis, reference, sigma, trend)
     at, base = grid_step(steps, pitch), _baseline(steps, pitch, against, sigma)
     if math.isnan(at) or math.isnan(base):
         return math.nan
@@ -188,19 +192,25 @@ def pooled_ratio(ratios: list[np.ndarray]) -> float:
     return float(np.median(values)) if len(values) else math.nan
 
 
-def bootstrap_interval(ratios: list[np.ndarray], level: float = 0.9, draws: int = 2000,
-                       seed: int = 0) -> tuple[float, float]:
-    """A percentile bootstrap interval of :func:`pooled_ratio`, resampling whole images (the boundaries
-    of one image are not independent: one content, one run)."""
+def _interval(statistic, n: int, level: float, draws: int, seed: int) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic(indices)`` over ``n`` images resampled with
+    replacement (NaN draws dropped; NaN, NaN when all are)."""
     if not 0 < level < 1:
         raise ValueError(f"level={level!r}: must be in (0, 1)")
     rng = np.random.default_rng(seed)
-    stats = [pooled_ratio([ratios[i] for i in rng.integers(0, len(ratios), len(ratios))]) for _ in range(draws)]
+    stats = [statistic(rng.integers(0, n, n)) for _ in range(draws)]
     stats = [v for v in stats if not math.isnan(v)]
     if not stats:
         return math.nan, math.nan
     low, high = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
     return float(low), float(high)
+
+
+def bootstrap_interval(ratios: list[np.ndarray], level: float = 0.9, draws: int = 2000,
+                       seed: int = 0) -> tuple[float, float]:
+    """A percentile bootstrap interval of :func:`pooled_ratio`, resampling whole images (the boundaries
+    of one image are not independent: one content, one run)."""
+    return _interval(lambda index: pooled_ratio([ratios[i] for i in index]), len(ratios), level, draws, seed)
 
 
 def paired_interval(ratios: list[np.ndarray], reference: list[np.ndarray], level: float = 0.9, draws: int = 2000,
@@ -210,18 +220,9 @@ def paired_interval(ratios: list[np.ndarray], reference: list[np.ndarray], level
     Pairing takes out what the scenes' contents share, which dominates :func:`bootstrap_interval`."""
     if len(ratios) != len(reference):
         raise ValueError(f"ratios: {len(ratios)} images, reference: {len(reference)}; must be the same scenes")
-    if not 0 < level < 1:
-        raise ValueError(f"level={level!r}: must be in (0, 1)")
 
     def quotient(index) -> float:
         den = pooled_ratio([reference[i] for i in index])
         return pooled_ratio([ratios[i] for i in index]) / den if den > 0 else math.nan
 
-    rng = np.random.default_rng(seed)
-    stats = [quotient(rng.integers(0, len(ratios), len(ratios))) for _ in range(draws)]
-    stats = [v for v in stats if not math.isnan(v)]
-    value = quotient(range(len(ratios)))
-    if not stats:
-        return value, math.nan, math.nan
-    low, high = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
-    return value, float(low), float(high)
+    return (quotient(range(len(ratios))), *_interval(quotient, len(ratios), level, draws, seed))
