@@ -37,6 +37,7 @@ import PIL.Image  # noqa: E402
 import torch  # noqa: E402
 
 from anysize import AnySizePipeline, TilingConfig  # noqa: E402
+from anysize.core.vae import vae_scale_factor  # noqa: E402
 from anysize.train.scenes import render, sample_scene  # noqa: E402
 from anysize.train.seams import (band_score, bootstrap_interval, boundary_ratios, paired_interval,  # noqa: E402
                                  pooled_ratio, profile, ratios_at)
@@ -55,15 +56,25 @@ METHODS = {
 STAGE1_GRID = 16  # bucket px of the default base's coarsest UNet level (latent 4 px x VAE factor 4)
 
 
-def tile_latent(pipe: AnySizePipeline) -> int:
-    """The last pass's tile side in latent px."""
-    return int((pipe.upscaler if pipe.upscaler is not None else pipe.base).unet.config.sample_size)
+def last_model(pipe: AnySizePipeline):
+    """The model of the last pass: the upscaler, else the base."""
+    return pipe.upscaler if pipe.upscaler is not None else pipe.base
+
+
+def size_order(size: str) -> int:
+    """Table order of a "WxH" size: SIZES' order, sizes not in it last."""
+    return SIZES.index(size) if size in SIZES else len(SIZES)
+
+
+def cell(value: float, low: float, high: float) -> str:
+    """A table cell: "1.02 (0.91-1.13)"."""
+    return f"{value:.2f} ({low:.2f}-{high:.2f})"
 
 
 def pitches(pipe: AnySizePipeline, width: int, height: int) -> dict[str, tuple[float, float]]:
     """(column pitch, row pitch) in output px of the last pass's tiles and of stage 1's grid."""
-    model = pipe.upscaler if pipe.upscaler is not None else pipe.base
-    tile = int(model.unet.config.sample_size) * 2 ** (len(model.vae.config.block_out_channels) - 1)
+    model = last_model(pipe)
+    tile = int(model.unet.config.sample_size) * vae_scale_factor(model.vae)
     bw, bh = pipe.plan(width, height).base
     return {"last": (tile, tile), "stage1": (STAGE1_GRID * width / bw, STAGE1_GRID * height / bh)}
 
@@ -81,23 +92,24 @@ def score_row(image: np.ndarray, pitch: dict, reference: np.ndarray | None, agai
 
 
 class LastCuts:
-    """Records the tile plans samplers make (``TilingConfig.plan``, wrapped for this process only), so
-    a row can be scored at the cuts its last pass's last step made: ``cuts(factor)`` gives the
-    interior box edges of that step, in output px (latent px x ``factor``), per axis."""
+    """Keeps the last tile plan a sampler made (``TilingConfig.plan``, wrapped for this process only):
+    a pass makes its plans in step order before sampling, so after a run it is the last pass's last
+    step. ``cuts(factor)`` gives that plan's interior box edges in output px (latent px x ``factor``),
+    per axis; set ``last = None`` before a run so that a run without a plan fails instead."""
 
     def __init__(self):
-        self.calls = []
+        self.last = None
         original = TilingConfig.plan
 
         def plan(config, height, width, step, generator, num_steps=None):
             boxes = original(config, height, width, step, generator, num_steps)
-            self.calls.append((height, width, step, num_steps, boxes))
+            self.last = (height, width, boxes)
             return boxes
 
         TilingConfig.plan = plan
 
     def cuts(self, factor: int) -> tuple[list[int], list[int]]:
-        height, width, _, _, boxes = self.calls[-1]  # plans are made in step order before sampling
+        height, width, boxes = self.last
         rows = sorted({e * factor for t, _, b, _ in boxes for e in (t, b) if 0 < e < height})
         cols = sorted({e * factor for _, l, _, r in boxes for e in (l, r) if 0 < e < width})
         return cols, rows
@@ -138,7 +150,7 @@ def run(args) -> None:
                     image = bicubic
                 elif kind == "upscale":
                     if recorder is not None:
-                        recorder.calls.clear()
+                        recorder.last = None
                     image = pipe.upscale(source, width, height, scene.caption, num_inference_steps=args.upscale_steps,
                                          tiling=METHODS[method], generator=torch.Generator().manual_seed(i)).images[0]
                 elif method == "stage 1":
@@ -152,7 +164,7 @@ def run(args) -> None:
                 image = np.asarray(image, dtype=np.float64)
                 cuts = {}
                 if recorder is not None and kind == "upscale" and method != "bicubic":
-                    cuts = cut_scores(image, bicubic, truth, *recorder.cuts(pitch["last"][0] // tile_latent(pipe)))
+                    cuts = cut_scores(image, bicubic, truth, *recorder.cuts(vae_scale_factor(last_model(pipe).vae)))
                 if kind == "upscale":
                     scores = {k: v for k, v in score_row(image, pitch, truth, "half").items()
                               if not k.endswith("boundaries")} | {
@@ -177,7 +189,7 @@ def pooled_cell(group: list[dict], key: str) -> tuple[float, str]:
     if value != value:
         return value, ""
     low, high = bootstrap_interval(lists)
-    return value, f"{value:.2f} ({low:.2f}-{high:.2f})"
+    return value, cell(value, low, high)
 
 
 def pooled_table(rows: list[dict], kind: str = "upscale", reference: str = "bicubic") -> str:
@@ -193,7 +205,7 @@ def pooled_table(rows: list[dict], kind: str = "upscale", reference: str = "bicu
             groups.setdefault((r["size"], r["method"]), {})[r["scene"]] = r
     if not groups:
         return ""
-    sizes = sorted({s for s, _ in groups}, key=lambda s: SIZES.index(s) if s in SIZES else 99)
+    sizes = sorted({s for s, _ in groups}, key=size_order)
     head = "| size | method | scenes | " + " | ".join(cols) + " |"
     lines = [f"\n{kind}: band ratio pooled over scenes' boundaries, 90% bootstrap interval over scenes "
              "(1.0: no band)\n", head, "|" + "---|" * (len(cols) + 3)]
@@ -208,11 +220,8 @@ def pooled_table(rows: list[dict], kind: str = "upscale", reference: str = "bicu
             shared = sorted(set(group) & set(ref))
             if m == reference or not shared or not all(c + suffix in ref[i] for c in cols for i in shared):
                 continue
-            cells = []
-            for c in cols:
-                q, low, high = paired_interval([np.asarray(group[i][c + suffix]) for i in shared],
-                                               [np.asarray(ref[i][c + suffix]) for i in shared])
-                cells.append(f"{q:.2f} ({low:.2f}-{high:.2f})")
+            cells = [cell(*paired_interval([np.asarray(group[i][c + suffix]) for i in shared],
+                                           [np.asarray(ref[i][c + suffix]) for i in shared])) for c in cols]
             quotients.append(f"| {size} | {m} | {len(shared)} | " + " | ".join(cells) + " |")
     return "\n".join(lines + (quotients if len(quotients) > 3 else [])) + "\n"
 
@@ -229,16 +238,11 @@ def cuts_table(rows: list[dict]) -> str:
     lines = ["\nupscale: band ratio at each run's own last cuts, pooled over scenes (1.0: no band), and its "
              "quotient by bicubic's at the same cuts (paired by scene); 90% bootstrap intervals\n",
              "| size | method | scenes | cols | rows | cols / bicubic | rows / bicubic |", "|---|---|---|---|---|---|---|"]
-    for (size, method), group in sorted(groups.items(), key=lambda kv: (SIZES.index(kv[0][0]) if kv[0][0] in SIZES
-                                                                        else 99, kv[0][1])):
-        cells, quotients = [], []
-        for axis in ("cols", "rows"):
-            mine = [np.asarray(r[f"cuts {axis}"]) for r in group]
-            ref = [np.asarray(r[f"bicubic cuts {axis}"]) for r in group]
-            low, high = bootstrap_interval(mine)
-            cells.append(f"{pooled_ratio(mine):.2f} ({low:.2f}-{high:.2f})")
-            q, ql, qh = paired_interval(mine, ref)
-            quotients.append(f"{q:.2f} ({ql:.2f}-{qh:.2f})")
+    for (size, method), group in sorted(groups.items(), key=lambda kv: (size_order(kv[0][0]), kv[0][1])):
+        cells = [pooled_cell(group, f"cuts {axis}")[1] for axis in ("cols", "rows")]
+        quotients = [cell(*paired_interval([np.asarray(r[f"cuts {axis}"]) for r in group],
+                                           [np.asarray(r[f"bicubic cuts {axis}"]) for r in group]))
+                     for axis in ("cols", "rows")]
         lines.append(f"| {size} | {method} | {len(group)} | " + " | ".join(cells + quotients) + " |")
     return "\n".join(lines) + "\n"
 
@@ -246,7 +250,7 @@ def cuts_table(rows: list[dict]) -> str:
 def table(jsonl: Path) -> str:
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
     keys = sorted({(r["kind"], r["size"], r["method"]) for r in rows},
-                  key=lambda k: (k[0], SIZES.index(k[1]) if k[1] in SIZES else 99, k[2]))
+                  key=lambda k: (k[0], size_order(k[1]), k[2]))
     lines = []
     for kind in ("upscale", "generate"):
         cols = ["last cols", "last rows", "stage1 cols", "stage1 rows"]
