@@ -456,8 +456,7 @@ class AnySizePipeline:
             raise ValueError("negative_prompt and true_cfg_scale: FLUX.1's guidance is embedded (guidance_scale); a "
                              "negative prompt acts only through true CFG, so pass both (true_cfg_scale > 1, CLI: "
                              "--true-cfg X) or neither")
-        if family in ("sd3", "flux") and request.guidance_rescale:  # for UNets only (ControlNets and
-            # prompt_embeds are refused where they are given: the constructor, _text_embeds)
+        if family in ("sd3", "flux") and request.guidance_rescale:  # the UNet denoisers' alone
             raise ValueError(f"guidance_rescale: anysize supports it for SD 1.x / 2.x and SDXL; this base is "
                              f"{family.upper()}")
         if request.gligen_phrases:
