@@ -539,6 +539,10 @@ def _add_train(sub) -> None:
     p.add_argument("--final-t-fraction", type=_float_in(0, 1), default=0.0, metavar="F",
                    help="base / upscaler: fraction of each batch trained at the last timestep, where a "
                         "one-step sampler evaluates the model (default 0: uniform timesteps)")
+    p.add_argument("--min-t-fraction", type=_float_in(0, 0.999), default=0.0, metavar="F",
+                   help="train at timesteps t >= F * T only (default 0: all; gligen: its gates act at the noisiest)")
+    p.add_argument("--box-weight", type=_float_in(0, 1e6), default=0.0, metavar="W",
+                   help="gligen: the loss inside the objects' boxes weighs 1 + W times the rest (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_train)
 
@@ -552,7 +556,8 @@ def _train(args: argparse.Namespace) -> int:
         crop=args.crop, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         checkpoint_every=args.checkpoint_every, seed=args.seed, workers=args.workers,
         max_minutes=args.max_minutes, progress=not args.quiet, decoder_only=args.decoder_only,
-        final_t_fraction=args.final_t_fraction,
+        final_t_fraction=args.final_t_fraction, box_weight=args.box_weight,
+        min_t_fraction=args.min_t_fraction,
     )
     print(train(config))
     return 0

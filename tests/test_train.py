@@ -11,7 +11,8 @@ import torch
 
 from anysize import AnySizePipeline
 from anysize.train.scenes import sample_scene
-from anysize.train.trainer import FolderData, TrainConfig, Trainer, scene_vocabulary, train, word_tokenizer
+from anysize.train.trainer import (GLIGEN_GATE_INIT, FolderData, TrainConfig, Trainer, scene_vocabulary, train,
+                                   word_tokenizer)
 
 QUICK = dict(batch_size=2, checkpoint_every=2, progress=False, lr=1e-3)
 
@@ -152,15 +153,21 @@ def test_upscaler_keeps_the_latent_scale_it_trains_with_through_export_and_load(
     pipe = AnySizePipeline.from_pretrained(upscaler=out, device="cpu")
     assert pipe.upscaler.vae.config.scaling_factor == scale
     # tools/ship_default.py: fp16 copy with a VAE put in from another directory (--vae)
-    spec = importlib.util.spec_from_file_location("ship_default", Path(__file__).parents[1] / "tools" / "ship_default.py")
-    ship = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ship)
+    ship = ship_tool()
     ship.save_fp16(out, tmp_path / "shipped", vae=vae_run, settings=ship.SETTINGS["upscaler"])
     assert json.loads((tmp_path / "shipped" / "vae" / "config.json").read_text())["scaling_factor"] == scale
     from anysize.models import ModelSettings, read_settings
 
     assert read_settings(tmp_path / "shipped") == ModelSettings(upscale_inference_steps=1, text=False)
     assert AnySizePipeline.from_pretrained(upscaler=tmp_path / "shipped", device="cpu").default_upscale_steps == 1
+
+
+def ship_tool():
+    """tools/ship_default.py as a module."""
+    spec = importlib.util.spec_from_file_location("ship_default", Path(__file__).parents[1] / "tools" / "ship_default.py")
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+    return ship
 
 
 def test_final_t_fraction_trains_at_the_last_timestep(tmp_path, vae_run):
@@ -234,6 +241,15 @@ def test_controlnet_run_trains_only_the_controlnet_and_it_steers_the_pipeline(tm
     assert all(torch.equal(unet_before[k], v) for k, v in trainer.unet.state_dict().items())
     zero_convs = [p for p in trainer.controlnet.controlnet_down_blocks.parameters()]
     assert any(p.abs().sum() > 0 for p in zero_convs)  # from_unet's zero convolutions have learnt
+    ship = ship_tool()  # tools/ship_default.py --controlnet: the export in float16, loadable as one
+    ship.DEST = tmp_path / "shipped"
+    ship.ship_controlnet(out)
+    from diffusers import ControlNetModel
+    from safetensors.torch import load_file
+
+    weights = load_file(str(ship.DEST / "controlnet" / "diffusion_pytorch_model.safetensors"))
+    assert weights and all(v.dtype == torch.float16 for v in weights.values())
+    assert ControlNetModel.from_pretrained(ship.DEST / "controlnet").state_dict().keys() == weights.keys()
     pipe = AnySizePipeline.from_pretrained(base=base, img2img=True, controlnet=out)
     pipe.set_progress_bar_config(disable=True)
     mask = PIL.Image.fromarray(np.zeros((64, 64, 3), np.uint8))
@@ -254,8 +270,26 @@ def test_gligen_run_trains_only_the_gated_layers_and_grounds_the_pipeline(tmp_pa
     for (x0, y0, x1, y1), phrase in grounding(scene, 128, 64):
         assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 and phrase.split()[0] in ("a", "an")
     base = model_dirs[0]
-    trainer = Trainer(TrainConfig(task="gligen", output_dir=tmp_path, init=base, steps=2, **QUICK))
+    trainer = Trainer(TrainConfig(task="gligen", output_dir=tmp_path, init=base, steps=2, box_weight=4.0,
+                                  min_t_fraction=0.6, **QUICK))
+    t = trainer._timesteps(2000)
+    assert int(t.min()) >= 600 and int(t.max()) == trainer.noise_scheduler.config.num_train_timesteps - 1
     assert trainer.unet.position_net is not None
+    # gates open and the new layers' output projections zero: before training, grounded or not, the gated
+    # UNet is the base UNet exactly
+    from diffusers import UNet2DConditionModel
+
+    plain = UNet2DConditionModel.from_pretrained(Path(base) / "unet", dtype=torch.float32)
+    cfg = trainer.unet.config
+    x = torch.randn(1, cfg.in_channels, 8, 8, generator=torch.Generator().manual_seed(1))
+    text = torch.randn(1, 4, cfg.cross_attention_dim, generator=torch.Generator().manual_seed(2))
+    gligen = {"boxes": torch.tensor([[[0.1, 0.1, 0.6, 0.6]]]), "masks": torch.ones(1, 1),
+              "positive_embeddings": torch.randn(1, 1, cfg.cross_attention_dim)}
+    with torch.no_grad():
+        grounded = trainer.unet(x, 10, encoder_hidden_states=text, cross_attention_kwargs={"gligen": gligen})
+        assert torch.equal(grounded.sample, plain(x, 10, encoder_hidden_states=text).sample)
+    gates = [m for n, m in trainer.unet.named_parameters() if n.endswith(("alpha_attn", "alpha_dense"))]
+    assert gates and all(float(g) == GLIGEN_GATE_INIT > 0 for g in gates)
     trained = {k for k, p in trainer.unet.named_parameters() if p.requires_grad}
     assert trained and all(k.startswith("position_net.") or ".fuser." in k for k in trained)
     before = {k: v.clone() for k, v in trainer.unet.state_dict().items()}
@@ -268,5 +302,35 @@ def test_gligen_run_trains_only_the_gated_layers_and_grounds_the_pipeline(tmp_pa
     image = pipe("a red circle", width=64, height=64, num_inference_steps=2, gligen_phrases=["a red circle"],
                  gligen_boxes=[(0.1, 0.1, 0.6, 0.6)], generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
+    # tools/ship_default.py --gligen: the new layers alone, fp16, which the base's plain UNet takes back
+    from safetensors.torch import load_file
+
+    from anysize.core.grounding import is_grounded
+    from anysize.models import add_gligen_layers
+
+    ship = ship_tool()
+    ship.DEST = tmp_path / "shipped"
+    ship.ship_gligen(out)
+    layers = load_file(str(ship.DEST / "gligen" / "gligen_layers.safetensors"))
+    assert set(layers) == trained and all(v.dtype == torch.float16 for v in layers.values())
+    assert is_grounded(add_gligen_layers(plain, ship.DEST / "gligen" / "gligen_layers.safetensors"))
     with pytest.raises(ValueError, match="task 'gligen': needs init"):
         TrainConfig(task="gligen", output_dir=tmp_path / "x")
+    with pytest.raises(ValueError, match="box_weight: only for task 'gligen'"):
+        TrainConfig(task="base", output_dir=tmp_path / "x", box_weight=1.0)
+    with pytest.raises(ValueError, match="min_t_fraction=1.0"):
+        TrainConfig(task="gligen", output_dir=tmp_path / "x", init=base, min_t_fraction=1.0)
+    with pytest.raises(ValueError, match="box_weight=-1"):
+        TrainConfig(task="gligen", output_dir=tmp_path / "x", init=base, box_weight=-1.0)
+
+
+def test_box_mask_marks_the_pixels_whose_centres_lie_in_a_kept_box():
+    from anysize.train.trainer import box_mask
+
+    boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.25], [0.5, 0.5, 1.0, 1.0]], [[0.25, 0.0, 0.75, 1.0], [0, 0, 1, 1]]])
+    masks = torch.tensor([[1.0, 1.0], [1.0, 0.0]])  # the second image's second box is padding
+    m = box_mask(boxes, masks, 4, 4)
+    assert m.shape == (2, 1, 4, 4)
+    expected0 = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]], dtype=torch.float32)
+    expected1 = torch.tensor([[0, 1, 1, 0]] * 4, dtype=torch.float32)
+    assert torch.equal(m[0, 0], expected0) and torch.equal(m[1, 0], expected1)

@@ -37,6 +37,12 @@ from ..io.atomic import atomic_write, replace_dir
 TASKS = ("vae", "base", "upscaler", "controlnet", "gligen")
 CONTROL_CAPTION_DROP = 0.3  # share of ControlNet batches' captions left empty: it must also work from the mask alone
 GLIGEN_GROUNDING_DROP = 0.1  # share of GLIGEN images trained without their grounding
+# GLIGEN's gates at the start of training: tanh(1.0) = 0.76 open, the gated layers' output projections
+# zeroed instead, so the UNet still starts as the base. With the paper's shut gates (tanh(0)) and random
+# layers, two CPU runs (runs/gligen, runs/gligen-lr1e-3) left the gates at |alpha| < 0.05 after 1200
+# steps: a shut gate gives its layers no gradient, and the random layers' output gives the gate none
+# that points anywhere.
+GLIGEN_GATE_INIT = 1.0
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -64,6 +70,13 @@ class TrainConfig:
         (the rest uniform over all of them). A one-step sampler evaluates the model there only: at
         ``T - 1`` the sample is almost pure noise, so the prediction is the model's estimate of the
         clean latent from the condition alone (the mean of what fits it, which is what PSNR rewards).
+    min_t_fraction: draw training timesteps from ``[min_t_fraction * T, T)`` only (0: all of them).
+        GLIGEN's gated layers act in the first ``gligen_scheduled_sampling_beta`` of stage 1's steps
+        (0.3 by default: the noisiest timesteps, where the layout is decided), so a "gligen" run spends
+        its steps there; at low timesteps the epsilon loss is all texture and says nothing of where.
+    box_weight: "gligen" only: the loss inside the grounded objects' boxes weighs ``1 + box_weight``
+        times the loss outside them (0: the plain epsilon loss). Where the objects are is what grounding
+        must learn; most of a scene's pixels are background.
     decoder_only: "vae" only, with ``init``: train the decoder and keep the encoder (and its
         ``scaling_factor``) as they are, so the latents of models trained on this VAE stay valid. This is
         how a shipped VAE is sharpened without retraining the UNets that sample its latents.
@@ -89,6 +102,8 @@ class TrainConfig:
     progress: bool = True
     decoder_only: bool = False
     final_t_fraction: float = 0.0
+    box_weight: float = 0.0
+    min_t_fraction: float = 0.0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -99,8 +114,14 @@ class TrainConfig:
             raise ValueError(f"buckets={self.buckets!r}: must be 'arad' or 'square'")
         if not isinstance(self.workers, int) or self.workers < 0:
             raise ValueError(f"workers={self.workers!r}: must be a non-negative integer")
+        if not 0.0 <= self.min_t_fraction < 1.0:
+            raise ValueError(f"min_t_fraction={self.min_t_fraction!r}: must be in [0, 1)")
         if not 0.0 <= self.final_t_fraction <= 1.0:
             raise ValueError(f"final_t_fraction={self.final_t_fraction!r}: must be in [0, 1]")
+        if not (math.isfinite(self.box_weight) and self.box_weight >= 0):
+            raise ValueError(f"box_weight={self.box_weight!r}: must be a finite number >= 0")
+        if self.box_weight and self.task != "gligen":
+            raise ValueError(f"box_weight: only for task 'gligen' (got task {self.task!r})")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes={self.max_minutes!r}: must be positive")
         for name in ("resolution", "crop", "steps", "batch_size", "checkpoint_every"):
@@ -195,6 +216,16 @@ def grounding(scene, width: int, height: int) -> list[tuple[tuple[float, float, 
         box = (max(0.0, left / width), max(0.0, top / height), min(1.0, right / width), min(1.0, bottom / height))
         out.append((box, object_phrase(obj)))
     return out
+
+
+def box_mask(boxes: torch.Tensor, masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``(n, 1, height, width)``: 1 where a pixel's centre lies in one of the image's boxes whose mask is
+    1 (``boxes`` ``(n, k, 4)`` as ``(x0, y0, x1, y1)`` in fractions), else 0."""
+    ys = (torch.arange(height, device=boxes.device) + 0.5) / height
+    xs = (torch.arange(width, device=boxes.device) + 0.5) / width
+    x0, y0, x1, y1 = (boxes[..., i, None, None] for i in range(4))
+    inside = (xs >= x0) & (xs < x1) & (ys[:, None] >= y0) & (ys[:, None] < y1) & (masks[..., None, None] > 0)
+    return inside.any(dim=1, keepdim=True).to(boxes.dtype)
 
 
 class FolderData:
@@ -426,9 +457,12 @@ class Trainer:
     def _build_gligen(self) -> None:
         """The init base model's UNet with GLIGEN's gated self-attention added (diffusers'
         ``attention_type="gated"`` and its box projection), every base weight loaded and frozen: only the
-        new layers train, their gates starting shut (GLIGEN's tanh(0)), so training starts from the base
-        model's own output. Its EMA and checkpoints hold the whole UNet (the frozen part stays as it is)."""
+        new layers train. Their gates start open (:data:`GLIGEN_GATE_INIT`) and their attention's and
+        feed-forward's output projections at zero, so training starts from the base model's own output
+        and every new layer gets a gradient from the first step (a zero projection still learns; a shut
+        gate's layers do not). Its EMA and checkpoints hold the whole UNet (the frozen part stays as it is)."""
         from diffusers import UNet2DConditionModel
+        from diffusers.models.attention import GatedSelfAttentionDense
 
         c = self.config
         base = self._load("unet", None)
@@ -438,6 +472,14 @@ class Trainer:
         new = [k for k in missing if not is_gligen_parameter(k)]
         if unexpected or new:
             raise RuntimeError(f"gligen: the gated UNet does not take the base's weights ({(unexpected + new)[:3]})")
+        with torch.no_grad():
+            for module in self.unet.modules():
+                if isinstance(module, GatedSelfAttentionDense):
+                    module.alpha_attn.fill_(GLIGEN_GATE_INIT)
+                    module.alpha_dense.fill_(GLIGEN_GATE_INIT)
+                    for out in (module.attn.to_out[0], module.ff.net[-1]):
+                        out.weight.zero_()
+                        out.bias.zero_()
         for name, p in self.unet.named_parameters():
             p.requires_grad_(is_gligen_parameter(name))
         self.text_encoder.requires_grad_(False)
@@ -522,7 +564,7 @@ class Trainer:
             latents, captions = self._latents(to_tensor(high).to(device)), [""] * c.batch_size
         noise = torch.randn_like(latents)
         T = self.noise_scheduler.config.num_train_timesteps
-        t = torch.randint(0, T, (latents.shape[0],), device=device)
+        t = self._timesteps(latents.shape[0])
         if c.final_t_fraction:
             t = torch.where(torch.rand(t.shape, device=device) < c.final_t_fraction, T - 1, t)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
@@ -531,6 +573,11 @@ class Trainer:
         labels = None if cond is None else level.to(device)
         pred = self.unet(x, t, encoder_hidden_states=self._encode_text(captions), class_labels=labels).sample
         return F.mse_loss(pred, target)
+
+    def _timesteps(self, n: int) -> torch.Tensor:
+        """``n`` training timesteps, uniform over ``[min_t_fraction * T, T)``."""
+        T = self.noise_scheduler.config.num_train_timesteps
+        return torch.randint(int(self.config.min_t_fraction * T), T, (n,), device=self.device)
 
     def _controlnet_loss(self) -> torch.Tensor:
         """The frozen base model's epsilon loss with the ControlNet's residuals added, the silhouettes
@@ -542,7 +589,7 @@ class Trainer:
         latents = self._latents(to_tensor(images).to(device))
         cond = torch.from_numpy(masks).permute(0, 3, 1, 2).float().div(255.0).to(device)
         noise = torch.randn_like(latents)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
+        t = self._timesteps(latents.shape[0])
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         with torch.no_grad():
             text = self._encode_text(captions)
@@ -576,11 +623,14 @@ class Trainer:
                 boxes[i, : len(objects)] = torch.tensor([b for b, _ in objects], device=device)
                 masks[i, : len(objects)] = 1
         noise = torch.randn_like(latents)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,), device=device)
+        t = self._timesteps(n)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         gligen = {"boxes": boxes, "positive_embeddings": embeds, "masks": masks}
         pred = self.unet(noisy, t, encoder_hidden_states=text, cross_attention_kwargs={"gligen": gligen}).sample
-        return F.mse_loss(pred, noise)
+        if not c.box_weight:
+            return F.mse_loss(pred, noise)
+        weight = 1.0 + c.box_weight * box_mask(boxes, masks, *latents.shape[-2:])
+        return ((pred - noise) ** 2 * weight).mean() / weight.mean()
 
     # -- loop
     def run(self) -> Path:
