@@ -47,6 +47,8 @@ BASE80_STEPS ?= 2577
 # The upscaler is then fine-tuned on the CPU (~40 min) for one-step sampling: half of each batch at the
 # last timestep, where one step evaluates it.
 UPSCALER_FT_STEPS ?= 2000
+# Then the ControlNet (object silhouettes) of the shipped base, on the CPU (~50 min).
+CONTROLNET_STEPS ?= 2382
 train-default: venv
 	$(BIN)/anysize train vae -o runs/vae --steps $(VAE_STEPS) --batch-size 32
 	$(BIN)/anysize train vae -o runs/vae-decoder --init runs/vae/model --decoder-only --resolution 48 --steps $(DECODER_STEPS) --lr 1e-4
@@ -56,6 +58,9 @@ train-default: venv
 	$(BIN)/anysize train upscaler -o runs/upscaler-1step --init anysize/default_model/upscaler --steps $(UPSCALER_FT_STEPS) \
 		--batch-size 16 --lr 1e-4 --final-t-fraction 0.5 --checkpoint-every 250
 	$(BIN)/python tools/ship_default.py runs/base80/model runs/upscaler-1step/model --vae runs/vae-decoder/model
+	$(BIN)/anysize train controlnet -o runs/controlnet --init anysize/default_model/base --steps $(CONTROLNET_STEPS) \
+		--checkpoint-every 200
+	$(BIN)/python tools/ship_default.py --controlnet runs/controlnet/model
 
 # A CPU-only recipe sized for 2 CPU cores (~2 h; batch 32 / 16): fewer steps, 64^2-px buckets, not the shipped weights (docs/model_card.md).
 BASE_STEPS ?= 1500

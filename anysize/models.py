@@ -349,6 +349,46 @@ def default_controlnet_path() -> Path:
     return path
 
 
+GLIGEN_LAYERS_FILE = "gligen_layers.safetensors"
+
+
+def default_gligen_path() -> Path | None:
+    """The embedded default model's GLIGEN layers (gated self-attention and box projection for its
+    base UNet, :func:`add_gligen_layers`), or None where this install has none."""
+    path = DEFAULT_MODEL_DIR / "gligen" / GLIGEN_LAYERS_FILE
+    return path if path.is_file() else None
+
+
+def add_gligen_layers(unet, weights: str | os.PathLike):
+    """``unet`` rebuilt with GLIGEN's gated layers (diffusers' ``attention_type="gated"``): every weight
+    of ``unet`` and the new layers' from ``weights``, a safetensors file holding those alone (the box
+    projection ``position_net.*`` and the ``*.fuser.*`` layers, as ``anysize train gligen`` trains
+    them), on ``unet``'s device and dtype. Called without ``gligen`` arguments the gated UNet skips
+    the new layers and computes what ``unet`` does. A file that does not fit raises
+    :class:`ModelLoadError`."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from .core.grounding import is_gligen_parameter
+
+    layers = load_file(str(weights))
+    if not layers or not all(is_gligen_parameter(k) for k in layers):
+        raise ModelLoadError(f"gligen layers {weights}: holds tensors that are not GLIGEN layers "
+                             f"({next((k for k in layers if not is_gligen_parameter(k)), 'none at all')})")
+    with torch.device("meta"):
+        gated = UNet2DConditionModel.from_config({**unet.config, "attention_type": "gated"})
+    want = {k: tuple(v.shape) for k, v in gated.state_dict().items() if is_gligen_parameter(k)}
+    missing = [k for k in want if k not in layers]
+    wrong = [f"{k} {tuple(v.shape)}, not {want[k]}" for k, v in layers.items() if k in want and tuple(v.shape) != want[k]]
+    extra = [k for k in layers if k not in want]
+    if missing or wrong or extra:
+        first = (wrong or missing or extra)[0]
+        raise ModelLoadError(f"gligen layers {weights}: do not fit this UNet ({len(missing)} missing, {len(wrong)} of "
+                             f"another shape, {len(extra)} unknown; e.g. {first})")
+    gated.load_state_dict({**unet.state_dict(), **layers}, strict=True, assign=True)
+    return gated.to(unet.device, unet.dtype).eval()
+
+
 def default_model_paths() -> tuple[Path, Path]:
     """(base, upscaler) directories of the embedded default model; a clear error while it is not shipped."""
     base, up = DEFAULT_MODEL_DIR / "base", DEFAULT_MODEL_DIR / "upscaler"

@@ -266,13 +266,18 @@ class AnySizePipeline:
         directory of ``*.fp16.safetensors``; ``without_t5``: an SD3 base without its T5 encoder."""
         device = torch.device(device) if device is not None else models.default_device()
         dtype = models.parse_dtype(dtype, device)
-        if base is None and upscaler is None:
+        embedded = base is None and upscaler is None
+        if embedded:
             if img2img:
                 raise models.ModelLoadError("base: img2img upscaling needs a base model (CLI: --base)")
             base, upscaler = models.default_model_paths()
         kw = dict(device=device, dtype=dtype, allow_pickle=allow_pickle)
         base_pipe = None if base is None else models.load_pipeline(base, role="base", config=config, variant=variant,
                                                                    without_t5=without_t5, **kw)
+        if embedded and (layers := models.default_gligen_path()) is not None:
+            # the default base grounds gligen_phrases with its shipped GLIGEN layers; without them its
+            # gated UNet computes exactly what the plain one does
+            base_pipe.unet = models.add_gligen_layers(base_pipe.unet, layers)
         up_pipe = None if upscaler is None else models.load_pipeline(upscaler, role="upscaler", variant=variant, **kw)
         ids = {"base": models.describe(base), "upscaler": models.describe(upscaler) if upscaler else "base (img2img)"}
         sources = [] if controlnet is None else list(controlnet) if isinstance(controlnet, (list, tuple)) else [controlnet]

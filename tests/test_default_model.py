@@ -111,3 +111,34 @@ def test_default_controlnet_puts_the_objects_on_the_silhouettes(default_pipe):
             fg, cond = (sat >= SAT_MIN) & (val >= VALUE_MIN), mask[..., 0] > 127
             ious[control].append((fg & cond).sum() / (fg | cond).sum())
     assert np.mean(ious[True]) > 0.75 and np.mean(ious[True]) > np.mean(ious[False]) + 0.2, ious
+
+
+def test_default_model_takes_shipped_gligen_layers(tmp_path, monkeypatch, default_pipe):
+    """Where the install ships GLIGEN layers (anysize/default_model/gligen), the default model loads
+    them onto its base: gligen_phrases are grounded, and a call without them is the plain base's to the
+    bit. Random layers here (none ship yet: docs/model_card.md says why)."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from anysize import models
+    from anysize.core.grounding import is_gligen_parameter, is_grounded
+
+    torch.manual_seed(0)
+    gated = UNet2DConditionModel.from_config({**default_pipe.base.unet.config, "attention_type": "gated"})
+    with torch.no_grad():  # diffusers starts GLIGEN's gates shut; open them so the layers act
+        for name, p in gated.named_parameters():
+            if name.endswith(("alpha_attn", "alpha_dense")):
+                p.fill_(0.5)
+    layers = tmp_path / models.GLIGEN_LAYERS_FILE
+    save_file({k: v.contiguous() for k, v in gated.state_dict().items() if is_gligen_parameter(k)}, str(layers))
+    monkeypatch.setattr(models, "default_gligen_path", lambda: layers)
+    grounded = AnySizePipeline.from_pretrained(dtype=torch.float32, device="cpu")
+    grounded.progress = False
+    assert is_grounded(grounded.base.unet) and not is_grounded(default_pipe.base.unet)
+    kw = dict(width=80, height=80, num_inference_steps=3, output_type="np")
+    plain = default_pipe("a red circle on grass", generator=torch.Generator().manual_seed(1), **kw).images
+    same = grounded("a red circle on grass", generator=torch.Generator().manual_seed(1), **kw).images
+    assert np.array_equal(plain, same)
+    boxed = grounded("a red circle on grass", generator=torch.Generator().manual_seed(1), gligen_phrases=["a red circle"],
+                     gligen_boxes=[(0.1, 0.1, 0.5, 0.5)], gligen_scheduled_sampling_beta=1.0, **kw).images
+    assert not np.array_equal(plain, boxed)

@@ -112,3 +112,43 @@ def test_cli_gligen_option(gligen_dir, tmp_path, capsys):
     assert cli.main(["generate", "x", "--size", "64x64", "-o", str(tmp_path / "h.png"), "--base", str(gligen_dir),
                      "--gligen", "0.5,0.5:a"]) == 2
     assert "--gligen" in capsys.readouterr().err
+
+
+def test_gligen_layers_added_to_a_plain_unet_are_the_gligen_unet(gligen_dir, tmp_path):
+    """The default model ships GLIGEN's layers alone (anysize.models.add_gligen_layers): a plain UNet plus
+    those layers is the GLIGEN UNet bit for bit, grounded; ungrounded it is the plain UNet bit for bit.
+    Layers of another UNet, or tensors that are not GLIGEN's, are refused in one line."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from anysize import models
+    from anysize.core.grounding import is_gligen_parameter
+
+    gated = UNet2DConditionModel.from_pretrained(gligen_dir / "unet").eval()
+    state = gated.state_dict()
+    plain = UNet2DConditionModel.from_config({**gated.config, "attention_type": "default"}).eval()
+    plain.load_state_dict({k: v for k, v in state.items() if not is_gligen_parameter(k)})
+    layers = tmp_path / "layers.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items() if is_gligen_parameter(k)}, str(layers))
+    rebuilt = models.add_gligen_layers(plain, layers)
+    assert all(t.device.type == "cpu" for t in [*rebuilt.parameters(), *rebuilt.buffers()])
+    cfg = gated.config
+    x = torch.randn(2, cfg.in_channels, 16, 16, generator=gen(1))
+    text = torch.randn(2, 5, cfg.cross_attention_dim, generator=gen(2))
+    g = {"boxes": torch.tensor([[BOXES[0], BOXES[1]]] * 2), "masks": torch.tensor([[1.0, 1.0], [1.0, 0.0]]),
+         "positive_embeddings": torch.randn(2, 2, cfg.cross_attention_dim, generator=gen(3))}
+    with torch.no_grad():
+        want = gated(x, 500, encoder_hidden_states=text, cross_attention_kwargs={"gligen": g}).sample
+        got = rebuilt(x, 500, encoder_hidden_states=text, cross_attention_kwargs={"gligen": g}).sample
+        assert torch.equal(got, want)
+        assert torch.equal(rebuilt(x, 500, encoder_hidden_states=text).sample,
+                           plain(x, 500, encoder_hidden_states=text).sample)
+        assert not torch.equal(got, plain(x, 500, encoder_hidden_states=text).sample)
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"position_net.linears.0.weight": torch.zeros(3, 3)}, str(wrong))
+    with pytest.raises(models.ModelLoadError, match="do not fit this UNet"):
+        models.add_gligen_layers(plain, wrong)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"conv_in.weight": torch.zeros(3, 3)}, str(foreign))
+    with pytest.raises(models.ModelLoadError, match="not GLIGEN layers .conv_in.weight"):
+        models.add_gligen_layers(plain, foreign)

@@ -1,6 +1,16 @@
 """Copies trained runs into ``anysize/default_model/{base,upscaler}`` as fp16 safetensors (the shipped model).
 
     .venv/bin/python tools/ship_default.py runs/base/model runs/upscaler/model [--vae runs/vae-decoder/model]
+    .venv/bin/python tools/ship_default.py --controlnet runs/controlnet/model
+    .venv/bin/python tools/ship_default.py --gligen runs/gligen-open/model
+
+``--controlnet``: an ``anysize train controlnet`` export (a diffusers ``ControlNetModel`` directory) in
+float16 to ``anysize/default_model/controlnet`` (``--controlnet default``).
+
+``--gligen``: a GLIGEN run of the shipped base (``anysize train gligen --init anysize/default_model/base``):
+only its new layers (the box projection and the gated self-attention, 3.3M parameters) go to
+``anysize/default_model/gligen/gligen_layers.safetensors``; the pipeline adds them to the shipped base's
+UNet on load (``anysize.models.add_gligen_layers``), so the base's weights are not shipped twice.
 
 ``--vae`` puts one VAE into both parts in place of the one they were trained with: a decoder-only
 fine-tune of that VAE (``anysize train vae --init ... --decoder-only``), whose encoder, and so whose
@@ -55,12 +65,58 @@ def ship(source: str, role: str, vae: str | None = None) -> int:
     return save_fp16(source, DEST / role, vae, SETTINGS.get(role))
 
 
+def ship_gligen(source: str | Path) -> int:
+    """The GLIGEN layers of ``source``'s UNet in float16, written to a temp file renamed into place;
+    returns the bytes written."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from anysize.core.grounding import is_gligen_parameter
+    from anysize.models import GLIGEN_LAYERS_FILE, component_dir
+
+    unet = UNet2DConditionModel.from_pretrained(component_dir(source, "unet"), use_safetensors=True)
+    layers = {k: v.to(torch.float16).contiguous() for k, v in unet.state_dict().items() if is_gligen_parameter(k)}
+    if not layers:
+        raise SystemExit(f"{source}: its UNet has no GLIGEN layers (not an `anysize train gligen` export)")
+    out = DEST / "gligen" / GLIGEN_LAYERS_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(layers, str(tmp))
+    tmp.rename(out)
+    return out.stat().st_size
+
+
+def ship_controlnet(source: str | Path) -> int:
+    """``source``'s ControlNet in float16 at ``DEST / "controlnet"``, through a temp directory renamed
+    into place; returns the bytes written."""
+    from diffusers import ControlNetModel
+
+    out = DEST / "controlnet"
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ControlNetModel.from_pretrained(source, use_safetensors=True).to(torch.float16).save_pretrained(
+        tmp, safe_serialization=True)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+
+
+def shipped_bytes() -> int:
+    return sum(p.stat().st_size for p in DEST.rglob("*") if p.is_file())
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) == 2 and argv[0] in ("--controlnet", "--gligen"):
+        role = argv[0][2:]
+        size = (ship_controlnet if role == "controlnet" else ship_gligen)(argv[1])
+        print(f"{DEST / role}: {size / 1e6:.1f} MB; the default model in all: {shipped_bytes() / 1e6:.1f} MB")
+        return 0 if shipped_bytes() <= 60e6 else 1
     vae = None
     if len(argv) == 4 and argv[2] == "--vae":
         argv, vae = argv[:2], argv[3]
     if len(argv) != 2:
-        print("usage: ship_default.py BASE_MODEL_DIR UPSCALER_MODEL_DIR [--vae VAE_DIR]", file=sys.stderr)
+        print("usage: ship_default.py BASE_MODEL_DIR UPSCALER_MODEL_DIR [--vae VAE_DIR]\n"
+              "       ship_default.py --controlnet CONTROLNET_DIR | --gligen GLIGEN_BASE_DIR", file=sys.stderr)
         return 2
     DEST.mkdir(parents=True, exist_ok=True)
     total = ship(argv[0], "base", vae) + ship(argv[1], "upscaler", vae)
