@@ -32,7 +32,7 @@ def run_and_tabulate(args, run, table) -> None:
         args.table.write_text(text)
 
 
-# ---------------------------------------------------------------------- layout benchmarks (regions, controlnet)
+# ---------------------------------------------------------------------- layout benchmarks (regions, grounding)
 # W:H -> the default model's stage-1-only size: its bucket, or (4:1, 1:4) the 2:1 bucket stretched 2x
 STAGE1_SIZES = {"4:1": (256, 64), "2:1": (128, 64), "1:1": (80, 80), "1:2": (64, 128), "1:4": (64, 256)}
 
