@@ -37,6 +37,23 @@ DEST = Path(__file__).resolve().parents[1] / "anysize" / "default_model"
 SETTINGS = {"upscaler": {"upscale_inference_steps": 1, "text": False}}
 
 
+def _bytes(path: Path) -> int:
+    """Bytes of the files under ``path``."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _save_dir(out: Path, save) -> int:
+    """``save(tmp)`` into a temp directory beside ``out`` that then replaces ``out`` in one rename
+    (``anysize.io.atomic.replace_dir``: the old one is deleted only after it); returns the bytes written."""
+    from anysize.io.atomic import replace_dir
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(tmp)
+    replace_dir(tmp, out)
+    return _bytes(out)
+
+
 def save_fp16(source: str | Path, out: Path, vae: str | Path | None = None, settings: dict | None = None) -> int:
     """``source`` (a diffusers directory) saved to ``out`` with its UNet, VAE (``vae``'s if given) and
     text encoder in float16, and ``settings`` as its ``anysize.json``, through a temp directory
@@ -51,14 +68,13 @@ def save_fp16(source: str | Path, out: Path, vae: str | Path | None = None, sett
     restore_vae_scale(pipe.vae, vae if vae is not None else source)  # the x4 upscaler class resets it
     for name in ("unet", "vae", "text_encoder"):
         getattr(pipe, name).to(torch.float16)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    if settings:
-        (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=1) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+
+    def save(tmp: Path) -> None:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if settings:
+            (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=1) + "\n")
+
+    return _save_dir(out, save)
 
 
 def ship(source: str, role: str, vae: str | None = None) -> int:
@@ -66,12 +82,13 @@ def ship(source: str, role: str, vae: str | None = None) -> int:
 
 
 def ship_gligen(source: str | Path) -> int:
-    """The GLIGEN layers of ``source``'s UNet in float16, written to a temp file renamed into place;
-    returns the bytes written."""
+    """The GLIGEN layers of ``source``'s UNet in float16, written atomically
+    (``anysize.io.atomic.atomic_write``); returns the bytes written."""
     from diffusers import UNet2DConditionModel
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from anysize.core.grounding import is_gligen_parameter
+    from anysize.io.atomic import atomic_write
     from anysize.models import GLIGEN_LAYERS_FILE, component_dir
 
     unet = UNet2DConditionModel.from_pretrained(component_dir(source, "unet"), use_safetensors=True)
@@ -80,9 +97,7 @@ def ship_gligen(source: str | Path) -> int:
         raise SystemExit(f"{source}: its UNet has no GLIGEN layers (not an `anysize train gligen` export)")
     out = DEST / "gligen" / GLIGEN_LAYERS_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(layers, str(tmp))
-    tmp.rename(out)
+    atomic_write(out, lambda f: f.write(save(layers)))
     return out.stat().st_size
 
 
@@ -91,26 +106,17 @@ def ship_controlnet(source: str | Path) -> int:
     into place; returns the bytes written."""
     from diffusers import ControlNetModel
 
-    out = DEST / "controlnet"
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    ControlNetModel.from_pretrained(source, use_safetensors=True).to(torch.float16).save_pretrained(
-        tmp, safe_serialization=True)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-
-
-def shipped_bytes() -> int:
-    return sum(p.stat().st_size for p in DEST.rglob("*") if p.is_file())
+    net = ControlNetModel.from_pretrained(source, use_safetensors=True).to(torch.float16)
+    return _save_dir(DEST / "controlnet", lambda tmp: net.save_pretrained(tmp, safe_serialization=True))
 
 
 def main(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] in ("--controlnet", "--gligen"):
         role = argv[0][2:]
         size = (ship_controlnet if role == "controlnet" else ship_gligen)(argv[1])
-        print(f"{DEST / role}: {size / 1e6:.1f} MB; the default model in all: {shipped_bytes() / 1e6:.1f} MB")
-        return 0 if shipped_bytes() <= 60e6 else 1
+        total = _bytes(DEST)
+        print(f"{DEST / role}: {size / 1e6:.1f} MB; the default model in all: {total / 1e6:.1f} MB")
+        return 0 if total <= 60e6 else 1
     vae = None
     if len(argv) == 4 and argv[2] == "--vae":
         argv, vae = argv[:2], argv[3]
