@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from anysize import cli
-from anysize.core.regions import TileRegion, blend, reaches, region_mask
+from anysize.core.regions import REGION_CONTEXT, TileRegion, blend, reaches, region_crop, region_mask
 from anysize.core.sampler import TiledModel, UNetTileDenoiser, sample_tiled
 from anysize.core.tiling import TilingConfig
 from anysize.regions import Region, normalize, parse
@@ -120,6 +120,39 @@ def test_region_prompts_in_tiles(unet, embeds):
     # across the ramp (columns 22..24) the two are mixed, neither alone
     ramp = with_region[..., 22:24]
     assert not torch.equal(ramp, plain[..., 22:24]) and not torch.equal(ramp, as_global[..., 22:24])
+
+
+def test_region_crop_is_the_box_grown_to_the_least_side_inside_the_tile():
+    r = TileRegion(torch.zeros(1, 1, 1), (21.2, 3.0, 23.0, 9.5))  # x 21.2..23, y 3..9.5
+    tile = (0, 16, 32, 48)  # top, left, bottom, right
+    assert region_crop(r, tile, 1) == (3, 21, 10, 23)  # rounded outward, nothing more
+    assert region_crop(r, tile, 4) == (3, 21, 11, 25)  # widened to multiples of 4, inside the tile
+    # at least 8 a side around the box's centre: rows 3..10 grow by 1 (to 3..11), columns 21..23 by 6
+    assert region_crop(r, tile, 1, context=8) == (3, 18, 11, 26)
+    # near the tile's edge the grown crop shifts inward instead of leaving the tile
+    edge = TileRegion(torch.zeros(1, 1, 1), (46.0, 30.0, 48.0, 32.0))
+    assert region_crop(edge, tile, 1, context=8) == (24, 40, 32, 48)
+    # never more than the tile
+    assert region_crop(r, tile, 1, context=100) == tile
+    assert region_crop(r, tile, 4, context=6.5) == (3, 19, 11, 27)  # 7 px around the centre, then 8
+
+
+def test_a_small_region_is_evaluated_on_a_crop_of_half_the_native_side(unet, embeds):
+    # a 2-px region on one 16-px tile of the tiny UNet (native side 16): evaluated on the 8-px crop
+    # around it, not on its own 2 px, which no model can compose in
+    pos, neg = embeds
+    other = torch.randn(1, 5, pos.shape[-1], generator=gen(9))
+    region = TileRegion(other, (7.0, 4.0, 9.0, 6.0), weight=1.0, feather=0.5, canvas=(16, 16))
+    x, t = torch.randn(1, 4, 16, 16, generator=gen(1)), torch.tensor(400)
+    assert REGION_CONTEXT * unet.config.sample_size == 8
+    with torch.no_grad():
+        out = _denoiser(unet, pos, neg, [region])(x, t, [(0, 0, 16, 16)])
+        crop = _denoiser(unet, other, neg)(x[..., 1:9, 4:12], t, [(1, 4, 9, 12)])
+        a, b, c, d = region_crop(region, (0, 0, 16, 16), _denoiser(unet, pos, neg).granularity)  # no least side
+        assert (c - a, d - b) != (8, 8)
+        tight = _denoiser(unet, other, neg)(x[..., a:c, b:d], t, [(a, b, c, d)])
+    assert torch.equal(out[..., 4:6, 7:9], crop[..., 3:5, 3:5])
+    assert not torch.equal(crop[..., 3:5, 3:5], tight[..., 4 - a : 6 - a, 7 - b : 9 - b])
 
 
 @pytest.mark.parametrize("scale", [1.0, 4.0])
