@@ -57,7 +57,7 @@ from anysize import AnySizePipeline  # noqa: E402
 from anysize.train.evaluate import SAT_MIN, VALUE_MIN, _hsv, detect_objects, score  # noqa: E402
 from anysize.train.scenes import BACKGROUND_PHRASES, object_boxes, render, render_mask, sample_scene  # noqa: E402
 from anysize.train.trainer import grounding  # noqa: E402
-from results_log import (STAGE1_SIZES, add_layout_arguments, append, done_keys, ratio_label,  # noqa: E402
+from results_log import (STAGE1_SIZES, add_layout_arguments, append, ratio_label,  # noqa: E402
                          run_and_tabulate, size_order)
 
 METHODS = ("truth", "controlnet", "regions", "gligen", "none")
@@ -139,7 +139,7 @@ def run(args) -> None:
     if "gligen" in args.methods and args.gligen is None:
         raise SystemExit("--methods gligen: needs --gligen DIR (a GLIGEN base)")
     pipes = pipelines(args)
-    done = done_keys(args.jsonl, ("ratio", "size", "layout", "method"))
+    done = {key(r) for r in rows_of(args.jsonl)} if args.jsonl.exists() else set()
     sizes = [tuple(map(int, args.full.split("x")))] if args.full else [STAGE1_SIZES[r] for r in args.ratios]
     for width, height in sizes:
         ratio, size = ratio_label(width, height), f"{width}x{height}"
@@ -148,7 +148,8 @@ def run(args) -> None:
             scene = sample_scene(args.seed + i, height / width)
             condition = render_mask(scene, width, height)
             for method in ("truth", *args.methods):
-                if (ratio, size, i, method) in done:
+                mode = "stretch" if method == "truth" else args.panorama  # the truth: one row whatever the mode
+                if (ratio, size, i, method, mode) in done:
                     continue
                 start = time.perf_counter()
                 if method == "truth":
@@ -157,32 +158,39 @@ def run(args) -> None:
                     image = pipes[method](
                         scene.caption, width=width, height=height, num_inference_steps=args.steps,
                         upscale_inference_steps=args.upscale_steps, guidance_scale=4, upscale_guidance_scale=1,
-                        strength=args.strength, generator=torch.Generator().manual_seed(args.seed + i),
+                        strength=args.strength, panorama=args.panorama, generator=torch.Generator().manual_seed(args.seed + i),
                         **controls(method, scene, width, height, condition, args)).images[0]
                 row = {"ratio": ratio, "size": size, "layout": i, "method": method,
+                       **({} if mode == "stretch" else {"panorama": mode}),
                        "seconds": round(time.perf_counter() - start, 2), **measure(np.asarray(image), scene, condition)}
                 append(args.jsonl, row)
                 if args.samples is not None and i < 4:
                     args.samples.mkdir(parents=True, exist_ok=True)
-                    image.save(args.samples / f"{stem}_{i}_{method}.png")
+                    image.save(args.samples / f"{stem}_{i}_{method}{'' if mode == 'stretch' else '_' + mode}.png")
 
 
 def rows_of(jsonl: Path) -> list[dict]:
     return [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
 
 
+def key(row: dict) -> tuple:
+    """A row's identity: ratio, size, layout, method and stage 1's panorama mode (rows without one: stretch)."""
+    return row["ratio"], row["size"], row["layout"], row["method"], row.get("panorama", "stretch")
+
+
 def table(jsonl: Path) -> str:
     """Two tables: objects in their box per method (and centred in it), then mask IoU, exact and time."""
     rows = rows_of(jsonl)
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-    keys = sorted({(r["ratio"], r["size"]) for r in rows}, key=size_order)
+    keys = sorted({(r["ratio"], r["size"], key(r)[-1]) for r in rows}, key=lambda k: (*size_order(k), k[2] != "stretch"))
     head1 = " | ".join(f"in box: {m}" for m in methods) + " | " + " | ".join(f"centre in box: {m}" for m in methods)
     model = [m for m in methods if m != "truth"]
     head2 = " | ".join(f"{what}: {m}" for what in ("mask IoU", "exact", "s / image") for m in model)
-    first = [f"| W:H | size | layouts | objects | {head1} |", "|---|---|---|---|" + "---|" * 2 * len(methods)]
-    second = [f"| W:H | size | layouts | {head2} |", "|---|---|---|" + "---|" * 3 * len(model)]
-    for ratio, size in keys:
-        by = {m: [r for r in rows if (r["ratio"], r["size"], r["method"]) == (ratio, size, m)] for m in methods}
+    first = [f"| W:H | size | stage 1 | layouts | objects | {head1} |", "|---|---|---|---|---|" + "---|" * 2 * len(methods)]
+    second = [f"| W:H | size | stage 1 | layouts | {head2} |", "|---|---|---|---|" + "---|" * 3 * len(model)]
+    for ratio, size, mode in keys:
+        by = {m: [r for r in rows if (r["ratio"], r["size"], r["method"]) == (ratio, size, m)
+                  and (m == "truth" or key(r)[-1] == mode)] for m in methods}
         by = {m: rs for m, rs in by.items() if rs}  # a method not run at this size: its cells say "-"
         n = min(len(rs) for rs in by.values())
         by = {m: sorted(rs, key=lambda r: r["layout"])[:n] for m, rs in by.items()}
@@ -193,17 +201,21 @@ def table(jsonl: Path) -> str:
 
         share = [cell(m, lambda rs, k=k: f"{sum(r[k] for r in rs) / objects:.0%}") for k in ("in_box", "centred")
                  for m in methods]
-        first.append(f"| {ratio} | {size} | {n} | {objects} | " + " | ".join(share) + " |")
+        first.append(f"| {ratio} | {size} | {mode} | {n} | {objects} | " + " | ".join(share) + " |")
         cells = ([cell(m, lambda rs: f"{np.mean([r['iou'] for r in rs]):.2f}") for m in model]
                  + [cell(m, lambda rs: f"{np.mean([r['exact'] for r in rs]):.0%}") for m in model]
                  + [cell(m, lambda rs: f"{np.mean([r['seconds'] for r in rs]):.1f}") for m in model])
-        second.append(f"| {ratio} | {size} | {n} | " + " | ".join(cells) + " |")
+        second.append(f"| {ratio} | {size} | {mode} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(first) + "\n\n" + "\n".join(second) + "\n"
 
 
 def figure(samples: Path, sizes: list[str], seed: int, out: Path) -> None:
     """For each size, layout 0: the requested boxes on the silhouettes, then each method's image with the
-    boxes drawn over it."""
+    boxes drawn over it (a method run with another ``--panorama`` mode beside it, the mode after it)."""
+    kinds = [(m, x) for m in METHODS for x in ("", "_direct", "_tiled")]
+    stems = [f"{ratio_label(*map(int, size.split('x'))).replace(':', 'x')}_{size}_0" for size in sizes]
+    columns = [(m, x) for m, x in kinds if (m, x) == ("truth", "")
+               or m != "truth" and any((samples / f"{stem}_{m}{x}.png").exists() for stem in stems)]
     tiles = []
     for size in sizes:
         w, h = (int(v) for v in size.split("x"))
@@ -211,9 +223,10 @@ def figure(samples: Path, sizes: list[str], seed: int, out: Path) -> None:
         stem = f"{ratio_label(w, h).replace(':', 'x')}_{size}_0"
         scene = sample_scene(seed, h / w)
         row = []
-        for method in METHODS:
-            path = samples / f"{stem}_{method}.png"
+        for method, suffix in columns:  # a column this size lacks stays blank
+            path = samples / f"{stem}_{method}{suffix}.png"
             if method != "truth" and not path.exists():
+                row.append(PIL.Image.new("RGB", (cw, ch), "white"))
                 continue
             image = PIL.Image.fromarray(render_mask(scene, w, h)) if method == "truth" else PIL.Image.open(path)
             image = image.convert("RGB").resize((cw, ch), PIL.Image.Resampling.BILINEAR)
@@ -243,6 +256,9 @@ def main() -> None:
                    help="with --full: stage 2 img2img with the base model, every pass steered tile by tile (default: "
                         "the x4 upscaler, which no control steers: the layout is stage 1's)")
     p.add_argument("--strength", type=float, default=0.3, help="img2img passes")
+    p.add_argument("--panorama", choices=("stretch", "direct", "tiled"), default="stretch",
+                   help="stage 1 at a ratio outside the buckets (4:1, 1:4): the 2:1 bucket stretched (default), or "
+                        "sampled at the ratio itself, untiled (direct) or tiled")
     p.add_argument("--gligen", type=Path, default=None, metavar="DIR", help="a GLIGEN base, for --methods gligen")
     p.add_argument("--gligen-beta", type=float, default=0.3, help="GLIGEN's scheduled sampling (default 0.3)")
     p.add_argument("--figure", type=Path, default=None, metavar="JPG",

@@ -44,3 +44,21 @@ def test_the_rendered_scenes_score_every_object_in_its_box():
     scene = sample_scene(40, 0.25)
     m = gb.measure(np.zeros((64, 256, 3), np.uint8), scene, render_mask(scene, 256, 64))
     assert m["in_box"] == 0 and m["iou"] == 0.0
+
+
+def test_the_table_keeps_each_stage_one_mode_apart_and_shares_the_truth(tmp_path):
+    def row(method, layout, in_box, mode=None):
+        r = {"ratio": "4:1", "size": "256x64", "layout": layout, "method": method, "seconds": 1.0,
+             "in_box": in_box, "centred": in_box, "objects": 2, "iou": 0.5, "exact": True}
+        return {**r, "panorama": mode} if mode else r
+
+    rows = [row("truth", 0, 2), row("truth", 1, 2), row("controlnet", 0, 0), row("controlnet", 1, 1),
+            row("controlnet", 0, 2, "direct"), row("controlnet", 1, 2, "direct")]
+    path = tmp_path / "g.jsonl"
+    path.write_text("".join(gb.json.dumps(r) + "\n" for r in rows))
+    assert gb.key(rows[2]) == ("4:1", "256x64", 0, "controlnet", "stretch")
+    assert gb.key(rows[4]) == ("4:1", "256x64", 0, "controlnet", "direct")
+    lines = [line for line in gb.table(path).splitlines() if line.startswith("| 4:1")]
+    # in box: truth 4/4 both times; the ControlNet 1/4 stretched, 4/4 direct; stretch first
+    assert lines[0].startswith("| 4:1 | 256x64 | stretch | 2 | 4 | 100% | 25% |")
+    assert lines[1].startswith("| 4:1 | 256x64 | direct | 2 | 4 | 100% | 100% |")
