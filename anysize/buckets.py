@@ -128,8 +128,12 @@ def nearest_bucket(width: int, height: int, buckets: list[Bucket]) -> Bucket:
 # the default model (benchmarks/panorama.py, docs/benchmarks.md; the VAE before the sharper decoder): "stretch" kept
 # the composition at 2.4:1 to 4:1 (exact match 0.41-0.44, level with the true scenes through the VAE;
 # 0.58-0.60 with the decoder shipped now), sampling at the request's own ratio drew the caption's
-# objects again (untiled "direct": 0.01-0.20; "tiled" views: 0.00).
-BEYOND_BUCKETS = ("stretch", "direct", "tiled")
+# objects again (untiled "direct": 0.01-0.20; "tiled" views: 0.00). With a ControlNet steering stage 1
+# the control image fixes the layout, and the stretch only distorts it: the default ControlNet put
+# 87-88% of the objects in their box at 4:1 and 1:4 sampled "direct", 28-35% stretched
+# (benchmarks/grounding.py). "auto", the default, is "stretch" here; the run plan
+# (anysize.plan.build) makes it "direct" when a ControlNet steers stage 1.
+BEYOND_BUCKETS = ("auto", "stretch", "direct", "tiled")
 
 
 @dataclass(frozen=True)
@@ -159,10 +163,11 @@ def stretch_note(factor: float) -> str:
 
 
 def choose_base_size(width: int, height: int, buckets: list[Bucket], *, granularity: int = 64,
-                     tolerance: float = 0.15, beyond: str = "stretch") -> BucketChoice:
+                     tolerance: float = 0.15, beyond: str = "auto") -> BucketChoice:
     """Stage 1's size: the nearest bucket. When the requested ratio lies more than ``tolerance`` (in
     log ratio) outside the buckets' range (a 4:1 banner, a 1:3 scroll), ``beyond`` decides:
-    "stretch" keeps the nearest bucket (the pipeline resizes its image to the request's ratio);
+    "stretch" (and "auto", which only the run plan turns into "direct", with a ControlNet) keeps the
+    nearest bucket (the pipeline resizes its image to the request's ratio);
     "direct" and "tiled" sample at the requested ratio, at a size whose shorter side is the nearest
     extreme bucket's shorter side, or the request's own when that is smaller (panorama mode; never
     larger than the request needs), "tiled" with the tiled sampler."""
@@ -171,7 +176,7 @@ def choose_base_size(width: int, height: int, buckets: list[Bucket], *, granular
     bucket = nearest_bucket(width, height, buckets)
     logs = [math.log(b[1] / b[0]) for b in buckets]
     target = math.log(height / width)
-    if beyond == "stretch" or min(logs) - tolerance <= target <= max(logs) + tolerance:
+    if beyond in ("auto", "stretch") or min(logs) - tolerance <= target <= max(logs) + tolerance:
         return BucketChoice(*bucket, panorama=False)
     # the shorter side of the nearest extreme bucket, or of the request when that is smaller
     short = min(min(bucket), max(granularity, min(width, height) // granularity * granularity))

@@ -215,10 +215,11 @@ def _add_generate(sub) -> None:
 
 
 def _add_panorama(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--panorama", choices=BEYOND_BUCKETS, default="stretch",
+    p.add_argument("--panorama", choices=BEYOND_BUCKETS, default="auto",
                    help="a ratio beyond the buckets (wider than 2:1, taller than 1:2): stretch the nearest "
-                        "bucket's image to it (default; keeps the composition), or sample at the ratio itself, "
-                        "direct or tiled (both repeat objects on the default model)")
+                        "bucket's image to it (keeps the composition), or sample at the ratio itself, direct or "
+                        "tiled (both repeat objects on the default model unless a ControlNet sets the layout). "
+                        "Default auto: direct when a ControlNet steers stage 1, else stretch")
 
 
 def _add_upscale(sub) -> None:

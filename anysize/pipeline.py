@@ -3,7 +3,8 @@
 Stage 1 (ARAD, Zheng et al. 2023, sec. 3.2): the base model samples at the aspect-ratio bucket
 nearest the request (untiled, classifier-free guidance), also when the ratio lies outside the
 buckets (``panorama="stretch"``; "direct" and "tiled" sample at the requested ratio instead, which
-repeats objects on the default model). Stage 2 (FSTD, sec. 3.3): the stage-1 image is enlarged pass
+repeats objects on the default model; the default "auto" samples "direct" when a ControlNet steers
+stage 1, whose control image sets the layout, and stretches otherwise). Stage 2 (FSTD, sec. 3.3): the stage-1 image is enlarged pass
 by pass (x4 each for an x4 super-resolution model, x2 for img2img with the base model), the last pass
 landing exactly on W x H, each through the tiled sampler and the tiled VAE decode.
 
@@ -520,7 +521,7 @@ class AnySizePipeline:
                  callback_on_step_end: Callable | None = None, noise_level: int = 20, strength: float = 0.3,
                  color_fix: str | None = "backproject", max_memory: int | None = None, vae_tile_size: int | None = None,
                  output_path=None, output_metadata: dict | None = None, run_dir=None, checkpoint_every: int = 1,
-                 latent_memory: int | None = None, panorama: str = "stretch", regions=None,
+                 latent_memory: int | None = None, panorama: str = "auto", regions=None,
                  control_image=None, controlnet_conditioning_scale: float | list[float] = 1.0,
                  control_guidance_start: float | list[float] = 0.0,
                  control_guidance_end: float | list[float] = 1.0, eta: float | None = None,
@@ -555,8 +556,9 @@ class AnySizePipeline:
         never hold the whole image), with ``out.info`` and ``output_metadata`` stored in it.
         ``run_dir``: checkpoint every ``checkpoint_every`` steps there and continue from what it holds;
         Ctrl-C then stops at the next step boundary. ``panorama``, for a ratio outside the buckets:
-        "stretch" (default: stage 1 at the nearest bucket, resized to the ratio), "direct" or "tiled"
-        (at the ratio, untiled or tiled). ``latent_memory`` (bytes; None: 256 MiB on the CPU, no limit
+        "stretch" (stage 1 at the nearest bucket, resized to the ratio), "direct" or "tiled" (at the
+        ratio, untiled or tiled); "auto" (default): "direct" when a ControlNet steers stage 1 (its control
+        image sets the layout, and a stretch would distort it), else "stretch". ``latent_memory`` (bytes; None: 256 MiB on the CPU, no limit
         on CUDA): a pass whose sampling state would hold more keeps it on disk and samples by bands of
         rows (:mod:`anysize.core.bands`), bit-identical on the CPU for deterministic schedulers.
         ``regions``: region prompts, ``[(box, prompt), (box, prompt, weight), ...]`` with boxes

@@ -280,7 +280,10 @@ def build(request: Request, *, base_model=None, upscaler=None, buckets=None, gra
     phases: list[Phase] = []
     stages = None
     if request.call == "generate":
-        stages = stage_plan(*request.size, buckets, granularity, request.panorama, sr)
+        beyond = request.panorama
+        if beyond == "auto":  # a ControlNet's layout is kept by sampling at the ratio, not by a stretch
+            beyond = "direct" if steered["base"] else "stretch"
+        stages = stage_plan(*request.size, buckets, granularity, beyond, sr)
         source = stages.base
         chosen = stages.passes if passes is None else tuple(passes)
         first = sample("base", "stage 1", stages.base, base_model, request.num_inference_steps,

@@ -80,7 +80,7 @@ class Request:
     noise_level: int = 20
     strength: float = 0.3
     color_fix: str | None = "backproject"
-    panorama: str = "stretch"
+    panorama: str = "auto"  # beyond the buckets: "stretch", or "direct" when a ControlNet steers stage 1
     source_size: tuple[int, int] | None = None  # upscale: the input image's (width, height)
     source_digest: str | None = None  # upscale: a hash of the input's pixels (run directories compare it)
     output_path: str | None = None

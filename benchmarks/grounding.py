@@ -257,8 +257,9 @@ def main() -> None:
                         "the x4 upscaler, which no control steers: the layout is stage 1's)")
     p.add_argument("--strength", type=float, default=0.3, help="img2img passes")
     p.add_argument("--panorama", choices=("stretch", "direct", "tiled"), default="stretch",
-                   help="stage 1 at a ratio outside the buckets (4:1, 1:4): the 2:1 bucket stretched (default), or "
-                        "sampled at the ratio itself, untiled (direct) or tiled")
+                   help="stage 1 at a ratio outside the buckets (4:1, 1:4): the 2:1 bucket stretched (default here, "
+                        "for every method alike; the pipeline's own default, auto, is direct with a ControlNet), "
+                        "or sampled at the ratio itself, untiled (direct) or tiled")
     p.add_argument("--gligen", type=Path, default=None, metavar="DIR", help="a GLIGEN base, for --methods gligen")
     p.add_argument("--gligen-beta", type=float, default=0.3, help="GLIGEN's scheduled sampling (default 0.3)")
     p.add_argument("--figure", type=Path, default=None, metavar="JPG",

@@ -105,6 +105,20 @@ def test_the_plan_says_where_each_controlnet_acts_and_the_memory_plan_counts_it(
     assert [p.controls for p in tile.sampling] == [(), (0,)]  # stage 1 has no input to be steered by
 
 
+def test_beyond_the_buckets_a_controlnet_samples_stage_1_at_the_ratio_by_default(pipe, cpipe):
+    # 8:1 is far beyond the tiny model's buckets: "auto" stretches the nearest bucket, unless a ControlNet
+    # steers stage 1 (its control image sets the layout); an explicit mode is kept either way
+    request = dict(width=512, height=64)
+    plain = AnySizePipeline(pipe.base, None)
+    bucket = plain.plan_run(Request(**request))
+    assert not bucket.panorama and bucket.base in plain.buckets
+    steered = cpipe.plan_run(Request(control_images=("abc",), **request))
+    assert steered.panorama and not steered.tiled and steered.base[0] / steered.base[1] == 8
+    assert not cpipe.plan_run(Request(control_images=("abc",), panorama="stretch", **request)).panorama
+    assert not cpipe.plan_run(Request(control_images=("tile",), **request)).panorama  # stage 1 unsteered
+    assert cpipe.plan_run(Request(control_images=("abc",), panorama="tiled", **request)).tiled
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(), "0 given for 1 ControlNet"),
     (dict(control_image=["tile", "tile"]), "2 given for 1 ControlNet"),
