@@ -11,7 +11,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransfo
 from diffusers import StableDiffusion3Pipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-from anysize.core import dit
+from anysize.core import regions as core_regions
 from anysize.core.dit import FluxTileDenoiser, SD3TileDenoiser, flux_image_ids, pack, unpack
 from anysize.core.control import TileControl
 from anysize.core.regions import TileRegion
@@ -242,7 +242,7 @@ def test_region_prompts_in_transformer_tiles(arch, flux, sd3, monkeypatch):
     with the positions it has in the whole latent (a denoiser called on the crop's own box gives the
     same bits), and the ramp mixes the two. The crop's least side is off here (its growth to half the
     native side, which on these tiles would be the whole tile, is tested in test_regions)."""
-    monkeypatch.setattr(dit, "REGION_CONTEXT", 0.0)
+    monkeypatch.setattr(core_regions, "REGION_CONTEXT", 0.0)
     h, w = 16, 24
     (embeds, pooled), (other, other_pooled) = text(1), text(2)
     region = TileRegion(other, (0.0, 0.0, 12.0, 16.0), weight=1.0, feather=1.0, canvas=(h, w),

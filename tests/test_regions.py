@@ -127,14 +127,14 @@ def test_region_crop_is_the_box_grown_to_the_least_side_inside_the_tile():
     tile = (0, 16, 32, 48)  # top, left, bottom, right
     assert region_crop(r, tile, 1) == (3, 21, 10, 23)  # rounded outward, nothing more
     assert region_crop(r, tile, 4) == (3, 21, 11, 25)  # widened to multiples of 4, inside the tile
-    # at least 8 a side around the box's centre: rows 3..10 grow by 1 (to 3..11), columns 21..23 by 6
-    assert region_crop(r, tile, 1, context=8) == (3, 18, 11, 26)
+    # at least 8 a side (half the native 16) around the box's centre: rows 3..10 grow by 1 (to 3..11), columns 21..23 by 6
+    assert region_crop(r, tile, 1, native=16) == (3, 18, 11, 26)
     # near the tile's edge the grown crop shifts inward instead of leaving the tile
     edge = TileRegion(torch.zeros(1, 1, 1), (46.0, 30.0, 48.0, 32.0))
-    assert region_crop(edge, tile, 1, context=8) == (24, 40, 32, 48)
+    assert region_crop(edge, tile, 1, native=16) == (24, 40, 32, 48)
     # never more than the tile
-    assert region_crop(r, tile, 1, context=100) == tile
-    assert region_crop(r, tile, 4, context=6.5) == (3, 19, 11, 27)  # 7 px around the centre, then 8
+    assert region_crop(r, tile, 1, native=200) == tile
+    assert region_crop(r, tile, 4, native=13) == (3, 19, 11, 27)  # 7 px around the centre, then 8
 
 
 def test_a_small_region_is_evaluated_on_a_crop_of_half_the_native_side(unet, embeds):

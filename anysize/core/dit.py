@@ -35,7 +35,7 @@ import torch
 
 from . import nets
 from .control import TileControl
-from .regions import REGION_CONTEXT, TileRegion, region_crop, with_regions
+from .regions import TileRegion, region_crop, with_regions
 from .tiling import Box
 
 POSITIONS = ("global", "local")
@@ -82,8 +82,7 @@ class _TransformerTiles:
     def _with_regions(self, x: torch.Tensor, t: torch.Tensor, box: Box, out: torch.Tensor) -> torch.Tensor:
         """Tile ``box``'s guided output ``out`` with the region prompts reaching into it blended in."""
         return with_regions(out, x, box, self.regions,
-                            lambda r, b: region_crop(r, b, self.granularity, aligned=True,
-                                                         context=REGION_CONTEXT * self.native_tile_size),
+                            lambda r, b: region_crop(r, b, self.granularity, aligned=True, native=self.native_tile_size),
                             lambda r, xi, crop: self._tile(xi, t, crop, r.embeds, r.added["pooled_projections"]))
 
     @property

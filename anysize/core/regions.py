@@ -83,11 +83,11 @@ def reaches(region: TileRegion, box: Box) -> bool:
 REGION_CONTEXT = 0.5
 
 
-def region_crop(region: TileRegion, box: Box, granularity: int, aligned: bool = False, context: float = 0.0) -> Box:
+def region_crop(region: TileRegion, box: Box, granularity: int, aligned: bool = False, native: int = 0) -> Box:
     """The part of tile ``box`` a region prompt is evaluated on: the tile cut to the region's box,
-    rounded outward to whole pixels, widened to at least ``context`` latent px a side around the box's
-    centre (:data:`REGION_CONTEXT` of the model's native side, as the tile denoisers pass it), and to a
-    multiple of ``granularity``, all inside the tile. ``aligned``: the crop's sides on the tile's own
+    rounded outward to whole pixels, widened to at least :data:`REGION_CONTEXT` of the model's native
+    latent side ``native`` a side around the box's centre (0: not at all), and to a multiple of
+    ``granularity``, all inside the tile. ``aligned``: the crop's sides on the tile's own
     ``granularity`` grid, so a transformer's patches in the crop are the tile's patches (its positions
     then fall on the same patch grid)."""
     top, left, bottom, right = box
@@ -96,7 +96,7 @@ def region_crop(region: TileRegion, box: Box, granularity: int, aligned: bool = 
 
     def side(lo: float, hi: float, start: int, end: int) -> tuple[int, int]:
         a, b = max(start, math.floor(lo)), min(end, math.ceil(hi))
-        want = min(math.ceil(context), end - start)
+        want = min(math.ceil(REGION_CONTEXT * native), end - start)
         if want > b - a:  # grown around the box's centre, shifted to stay inside the tile
             a = max(start, min(a - (want - (b - a)) // 2, end - want))
             b = a + want

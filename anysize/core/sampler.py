@@ -25,7 +25,7 @@ from .control import TileControl
 from .control import residuals as control_residuals
 from .grounding import TileGrounding, gated_layers
 from .progress import Progress, progress_bar
-from .regions import REGION_CONTEXT, TileRegion, region_crop, with_regions
+from .regions import TileRegion, region_crop, with_regions
 from .tiling import Box, TilingConfig, tile_weights
 
 
@@ -639,7 +639,7 @@ class UNetTileDenoiser:
 
     def _region_crop(self, region: TileRegion, box: Box) -> Box:
         """The part of tile ``box`` a region prompt is evaluated on (:func:`anysize.core.regions.region_crop`)."""
-        return region_crop(region, box, self.granularity, context=REGION_CONTEXT * self.native_tile_size)
+        return region_crop(region, box, self.granularity, native=self.native_tile_size)
 
     def _with_regions(self, x: torch.Tensor, t: torch.Tensor, boxes: Sequence[Box], out: torch.Tensor) -> torch.Tensor:
         """Blend into each tile's guided output ``out`` the region prompts reaching into it. A region is
