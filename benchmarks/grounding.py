@@ -39,7 +39,6 @@ the regions). Each row is appended to ``--jsonl`` as it comes and a rerun skips 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -58,7 +57,7 @@ from anysize.train.evaluate import SAT_MIN, VALUE_MIN, _hsv, detect_objects, sco
 from anysize.train.scenes import BACKGROUND_PHRASES, object_boxes, render, render_mask, sample_scene  # noqa: E402
 from anysize.train.trainer import grounding  # noqa: E402
 from results_log import (STAGE1_SIZES, add_layout_arguments, append, ratio_label,  # noqa: E402
-                         run_and_tabulate, size_order)
+                         read_rows, run_and_tabulate, size_order)
 
 METHODS = ("truth", "controlnet", "regions", "gligen", "none")
 IOU_MIN = 0.5
@@ -139,7 +138,7 @@ def run(args) -> None:
     if "gligen" in args.methods and args.gligen is None:
         raise SystemExit("--methods gligen: needs --gligen DIR (a GLIGEN base)")
     pipes = pipelines(args)
-    done = {key(r) for r in rows_of(args.jsonl)} if args.jsonl.exists() else set()
+    done = {key(r) for r in read_rows(args.jsonl)}
     sizes = [tuple(map(int, args.full.split("x")))] if args.full else [STAGE1_SIZES[r] for r in args.ratios]
     for width, height in sizes:
         ratio, size = ratio_label(width, height), f"{width}x{height}"
@@ -169,10 +168,6 @@ def run(args) -> None:
                     image.save(args.samples / f"{stem}_{i}_{method}{'' if mode == 'stretch' else '_' + mode}.png")
 
 
-def rows_of(jsonl: Path) -> list[dict]:
-    return [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
-
-
 def key(row: dict) -> tuple:
     """A row's identity: ratio, size, layout, method and stage 1's panorama mode (rows without one: stretch)."""
     return row["ratio"], row["size"], row["layout"], row["method"], row.get("panorama", "stretch")
@@ -180,7 +175,7 @@ def key(row: dict) -> tuple:
 
 def table(jsonl: Path) -> str:
     """Two tables: objects in their box per method (and centred in it), then mask IoU, exact and time."""
-    rows = rows_of(jsonl)
+    rows = read_rows(jsonl)
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     keys = sorted({(r["ratio"], r["size"], key(r)[-1]) for r in rows}, key=lambda k: (*size_order(k), k[2] != "stretch"))
     head1 = " | ".join(f"in box: {m}" for m in methods) + " | " + " | ".join(f"centre in box: {m}" for m in methods)

@@ -6,11 +6,16 @@ import json
 from pathlib import Path
 
 
+def read_rows(path: Path) -> list[dict]:
+    """Every row already in ``path``, a JSON-lines file (none when it does not exist)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def done_keys(path: Path, fields: tuple[str, ...]) -> set[tuple]:
     """The ``fields`` of every row already in ``path`` (none when it does not exist)."""
-    if not path.exists():
-        return set()
-    return {tuple(json.loads(line)[f] for f in fields) for line in path.read_text().splitlines() if line.strip()}
+    return {tuple(row[f] for f in fields) for row in read_rows(path)}
 
 
 def append(path: Path, row: dict) -> None:

@@ -1,6 +1,7 @@
 """The pure parts of benchmarks/grounding.py: box IoU and which requested objects a detection answers."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,7 @@ def test_the_table_keeps_each_stage_one_mode_apart_and_shares_the_truth(tmp_path
     rows = [row("truth", 0, 2), row("truth", 1, 2), row("controlnet", 0, 0), row("controlnet", 1, 1),
             row("controlnet", 0, 2, "direct"), row("controlnet", 1, 2, "direct")]
     path = tmp_path / "g.jsonl"
-    path.write_text("".join(gb.json.dumps(r) + "\n" for r in rows))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert gb.key(rows[2]) == ("4:1", "256x64", 0, "controlnet", "stretch")
     assert gb.key(rows[4]) == ("4:1", "256x64", 0, "controlnet", "direct")
     lines = [line for line in gb.table(path).splitlines() if line.startswith("| 4:1")]
