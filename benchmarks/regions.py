@@ -20,7 +20,6 @@ rerun skips the rows there.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -36,7 +35,7 @@ from anysize import AnySizePipeline  # noqa: E402
 from anysize.train.evaluate import detect_objects  # noqa: E402
 from anysize.train.scenes import BACKGROUND_PHRASES, COLORS  # noqa: E402
 from results_log import (STAGE1_SIZES, add_layout_arguments, append, done_keys, ratio_label,  # noqa: E402
-                         run_and_tabulate, size_order)
+                         read_rows, run_and_tabulate, size_order)
 
 SHAPES = ("circle", "square", "triangle")  # the shapes the default model draws most reliably at 64 px
 
@@ -94,7 +93,7 @@ def run(args) -> None:
 
 
 def table(jsonl: Path) -> str:
-    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    rows = read_rows(jsonl)
     keys = sorted({(r["ratio"], r["size"]) for r in rows}, key=size_order)
     lines = ["| W:H | size | layouts | objects in their box: regions | no regions | exact layout: regions | "
              "no regions |", "|---|---|---|---|---|---|---|"]

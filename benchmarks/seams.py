@@ -21,7 +21,6 @@ run can stop and continue); ``--table`` writes the markdown table of medians ove
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -41,7 +40,7 @@ from anysize.core.vae import vae_scale_factor  # noqa: E402
 from anysize.train.scenes import render, sample_scene  # noqa: E402
 from anysize.train.seams import (band_score, bootstrap_interval, boundary_ratios, paired_interval,  # noqa: E402
                                  pooled_ratio, profile, ratios_at)
-from results_log import append, done_keys, run_and_tabulate  # noqa: E402
+from results_log import append, done_keys, read_rows, run_and_tabulate  # noqa: E402
 
 SIZES = ["1024x768", "1280x720", "720x1280", "1600x400", "768x384", "512x1024", "2048x512", "4096x1024"]
 METHODS = {
@@ -248,7 +247,7 @@ def cuts_table(rows: list[dict]) -> str:
 
 
 def table(jsonl: Path) -> str:
-    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    rows = read_rows(jsonl)
     keys = sorted({(r["kind"], r["size"], r["method"]) for r in rows},
                   key=lambda k: (k[0], size_order(k[1]), k[2]))
     lines = []
