@@ -544,9 +544,6 @@ def _add_train(sub) -> None:
                    help="train at timesteps t >= F * T only (default 0: all; gligen: its gates act at the noisiest)")
     p.add_argument("--box-weight", type=_float_in(0, 1e6), default=0.0, metavar="W",
                    help="gligen: the loss inside the objects' boxes weighs 1 + W times the rest (default 0)")
-    p.add_argument("--pixel-weight", type=_float_in(0, 1e6), default=0.0, metavar="W",
-                   help="upscaler, with --final-t-fraction: add W times the pixel MSE of the decoded one-step "
-                        "estimate at the last timestep (default 0: the v loss alone)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_train)
 
@@ -561,7 +558,7 @@ def _train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, seed=args.seed, workers=args.workers,
         max_minutes=args.max_minutes, progress=not args.quiet, decoder_only=args.decoder_only,
         final_t_fraction=args.final_t_fraction, box_weight=args.box_weight,
-        min_t_fraction=args.min_t_fraction, pixel_weight=args.pixel_weight,
+        min_t_fraction=args.min_t_fraction,
     )
     print(train(config))
     return 0

@@ -35,10 +35,6 @@ from ..core.vae import vae_scale_factor
 from ..io.atomic import atomic_write, replace_dir
 
 TASKS = ("vae", "base", "upscaler", "controlnet", "gligen")
-# The upscaler's pixel loss decodes (and backpropagates through the VAE's decoder) this many samples'
-# windows of this many latent px: the whole batch of 128-px crops cost ~10x a training step on 2 CPU
-# cores, a quarter of the samples in 64-px windows about 1/16 of that.
-PIXEL_SAMPLES, PIXEL_WINDOW = 4, 16
 CONTROL_CAPTION_DROP = 0.3  # share of ControlNet batches' captions left empty: it must also work from the mask alone
 GLIGEN_GROUNDING_DROP = 0.1  # share of GLIGEN images trained without their grounding
 # GLIGEN's gates at the start of training: tanh(1.0) = 0.76 open, the gated layers' output projections
@@ -81,11 +77,6 @@ class TrainConfig:
     box_weight: "gligen" only: the loss inside the grounded objects' boxes weighs ``1 + box_weight``
         times the loss outside them (0: the plain epsilon loss). Where the objects are is what grounding
         must learn; most of a scene's pixels are background.
-    pixel_weight: "upscaler" only: adds ``pixel_weight`` times the mean squared error, in pixels, of the
-        frozen VAE's decode of the clean-latent estimate (from the v prediction) against the crop, on the
-        samples at the last timestep (those a one-step sampler's output is: ``final_t_fraction`` > 0 is
-        needed). The v loss weighs latent channels as the VAE happens to scale them; this term weighs
-        what PSNR scores (0: the v loss alone).
     decoder_only: "vae" only, with ``init``: train the decoder and keep the encoder (and its
         ``scaling_factor``) as they are, so the latents of models trained on this VAE stay valid. This is
         how a shipped VAE is sharpened without retraining the UNets that sample its latents.
@@ -113,7 +104,6 @@ class TrainConfig:
     final_t_fraction: float = 0.0
     box_weight: float = 0.0
     min_t_fraction: float = 0.0
-    pixel_weight: float = 0.0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -132,11 +122,6 @@ class TrainConfig:
             raise ValueError(f"box_weight={self.box_weight!r}: must be a finite number >= 0")
         if self.box_weight and self.task != "gligen":
             raise ValueError(f"box_weight: only for task 'gligen' (got task {self.task!r})")
-        if not (math.isfinite(self.pixel_weight) and self.pixel_weight >= 0):
-            raise ValueError(f"pixel_weight={self.pixel_weight!r}: must be a finite number >= 0")
-        if self.pixel_weight and (self.task != "upscaler" or not self.final_t_fraction):
-            raise ValueError("pixel_weight: needs task 'upscaler' and final_t_fraction > 0 (it scores the "
-                             "one-step estimate at the last timestep)")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes={self.max_minutes!r}: must be positive")
         for name in ("resolution", "crop", "steps", "batch_size", "checkpoint_every"):
@@ -587,28 +572,7 @@ class Trainer:
         x = noisy if cond is None else torch.cat([noisy, cond], dim=1)
         labels = None if cond is None else level.to(device)
         pred = self.unet(x, t, encoder_hidden_states=self._encode_text(captions), class_labels=labels).sample
-        loss = F.mse_loss(pred, target)
-        last = t == T - 1
-        if c.pixel_weight and bool(last.any()):
-            loss = loss + c.pixel_weight * self._pixel_loss(noisy[last], pred[last], t[last], high[last.cpu().numpy()])
-        return loss
-
-    def _pixel_loss(self, noisy: torch.Tensor, v: torch.Tensor, t: torch.Tensor, high: np.ndarray) -> torch.Tensor:
-        """Mean squared error in pixels ([-1, 1]) of the frozen VAE's decode of the clean latent that the
-        v prediction ``v`` at ``t`` implies (``x0 = sqrt(a) x_t - sqrt(1 - a) v``, the one-step sampler's
-        output) against the crops ``high``; the gradient reaches the UNet through the decoder. On the
-        first :data:`PIXEL_SAMPLES` samples and one random window of :data:`PIXEL_WINDOW` latent px."""
-        n = min(PIXEL_SAMPLES, len(noisy))
-        side = min(PIXEL_WINDOW, noisy.shape[-2], noisy.shape[-1])
-        top = int(self.rng.integers(noisy.shape[-2] - side + 1))
-        left = int(self.rng.integers(noisy.shape[-1] - side + 1))
-        window = (slice(None, n), slice(None), slice(top, top + side), slice(left, left + side))
-        a = self.noise_scheduler.alphas_cumprod.to(noisy.device)[t[:n]].view(-1, 1, 1, 1)
-        x0 = a.sqrt() * noisy[window] - (1 - a).sqrt() * v[window]
-        decoded = self.vae.decode(x0 / self.vae.config.scaling_factor).sample
-        f = decoded.shape[-1] // side  # the VAE's factor
-        target = to_tensor(high[:n, top * f:(top + side) * f, left * f:(left + side) * f])
-        return F.mse_loss(decoded, target.to(noisy.device))
+        return F.mse_loss(pred, target)
 
     def _timesteps(self, n: int) -> torch.Tensor:
         """``n`` training timesteps, uniform over ``[min_t_fraction * T, T)``."""
