@@ -527,9 +527,6 @@ def _add_train(sub) -> None:
     p.add_argument("--resolution", type=_int_at_least(8), default=None, metavar="PX",
                    help="native side: buckets hold about PX^2 pixels (default: the --init model's, else 64)")
     p.add_argument("--crop", type=_int_at_least(16), default=128, metavar="PX", help="upscaler crop side (default 128)")
-    p.add_argument("--crop-scales", type=_float_in(1, 1e3), nargs=2, default=(2.0, 8.0), metavar=("LO", "HI"),
-                   help="upscaler on the scenes: crops from scenes rendered at LO to HI times the crop side "
-                        "(default 2 8)")
     p.add_argument("--steps", type=_int_at_least(1), default=2000, metavar="N")
     p.add_argument("--batch-size", type=_int_at_least(1), default=32, metavar="N")
     p.add_argument("--lr", type=_float_in(0, 1, low_open=True), default=3e-4, metavar="X")
@@ -557,7 +554,7 @@ def _train(args: argparse.Namespace) -> int:
     config = TrainConfig(
         task=args.task, output_dir=Path(args.output), init=args.init and Path(args.init),
         vae=args.vae and Path(args.vae), data=args.data, buckets=args.buckets, resolution=args.resolution,
-        crop=args.crop, crop_scales=tuple(args.crop_scales), steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        crop=args.crop, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         checkpoint_every=args.checkpoint_every, seed=args.seed, workers=args.workers,
         max_minutes=args.max_minutes, progress=not args.quiet, decoder_only=args.decoder_only,
         final_t_fraction=args.final_t_fraction, box_weight=args.box_weight,

@@ -193,19 +193,6 @@ def test_final_t_fraction_trains_at_the_last_timestep(tmp_path, vae_run):
         TrainConfig(task="upscaler", output_dir=tmp_path, final_t_fraction=1.5)
 
 
-def test_crop_scales_reach_the_scene_crops(tmp_path, vae_run):
-    """The upscaler's crops come from scenes rendered at crop_scales times the crop side; bad ranges are refused."""
-    t = Trainer(TrainConfig(task="upscaler", output_dir=tmp_path, vae=vae_run, crop=32, steps=1,
-                            crop_scales=(1.0, 1.5), **QUICK))
-    seen, crops = [], t.data.crops
-    t.data.crops = lambda size, n, **kw: seen.append(kw) or crops(size, n, **kw)
-    t.loss()
-    assert seen == [{"scale_range": (1.0, 1.5)}]
-    for bad in ((0.5, 2.0), (3.0, 2.0), (1.0, float("nan"))):
-        with pytest.raises(ValueError, match="crop_scales="):
-            TrainConfig(task="upscaler", output_dir=tmp_path, crop_scales=bad)
-
-
 def test_bad_config_names_the_argument(tmp_path):
     with pytest.raises(ValueError, match="task='gan'"):
         TrainConfig(task="gan", output_dir=tmp_path)

@@ -62,9 +62,6 @@ class TrainConfig:
         ``init`` model's (its UNet's ``sample_size`` times the VAE factor), else 64. A "base" fine-tune at
         another side re-registers the UNet's ``sample_size``, so the pipeline samples at the new buckets.
     crop: upscaler only: side of the high-resolution training crops (the low-res input is crop / 4).
-    crop_scales: upscaler on the scenes only: each crop is cut from a scene rendered with a side of
-        ``crop`` times a factor drawn uniformly from this range (default 2-8: no crop shows more than
-        half a scene's side, so the objects are never smaller than in a 256-px render).
     workers: processes that render the procedural scenes (0: in the training process). Rendering is
         plain numpy on the CPU, so on a GPU it can leave the model waiting (``log.jsonl`` says how long).
     max_minutes: stop after this much training time (checkpoint, then export); a later run with the
@@ -93,7 +90,6 @@ class TrainConfig:
     buckets: str = "arad"
     resolution: int | None = None
     crop: int = 128
-    crop_scales: tuple[float, float] = (2.0, 8.0)
     steps: int = 2000
     batch_size: int = 32
     lr: float = 3e-4
@@ -126,9 +122,6 @@ class TrainConfig:
             raise ValueError(f"box_weight={self.box_weight!r}: must be a finite number >= 0")
         if self.box_weight and self.task != "gligen":
             raise ValueError(f"box_weight: only for task 'gligen' (got task {self.task!r})")
-        lo, hi = self.crop_scales
-        if not (math.isfinite(lo) and math.isfinite(hi) and 1.0 <= lo <= hi):
-            raise ValueError(f"crop_scales={self.crop_scales!r}: must be (low, high) with 1 <= low <= high")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes={self.max_minutes!r}: must be positive")
         for name in ("resolution", "crop", "steps", "batch_size", "checkpoint_every"):
@@ -564,8 +557,7 @@ class Trainer:
             latents, cond = self._latents(to_tensor(images).to(device)), None
         else:
             with self._timing("data"):
-                high = (self.data.crops(c.crop, c.batch_size, scale_range=c.crop_scales) if c.data == "scenes"
-                        else self.data.crops(c.crop, c.batch_size))
+                high = self.data.crops(c.crop, c.batch_size)
             low = F.avg_pool2d(to_tensor(high), 4)
             level = torch.randint(0, c.max_noise_level + 1, (c.batch_size,))
             cond = self.low_res_scheduler.add_noise(low, torch.randn_like(low), level).to(device)
