@@ -159,8 +159,10 @@ def run(args) -> None:
                         upscale_inference_steps=args.upscale_steps, guidance_scale=4, upscale_guidance_scale=1,
                         strength=args.strength, panorama=args.panorama, generator=torch.Generator().manual_seed(args.seed + i),
                         **controls(method, scene, width, height, condition, args)).images[0]
+                steps = {} if method == "truth" or not args.full else {
+                    "upscale_steps": args.upscale_steps or pipes[method].default_upscale_steps}
                 row = {"ratio": ratio, "size": size, "layout": i, "method": method,
-                       **({} if mode == "stretch" else {"panorama": mode}),
+                       **({} if mode == "stretch" else {"panorama": mode}), **steps,
                        "seconds": round(time.perf_counter() - start, 2), **measure(np.asarray(image), scene, condition)}
                 append(args.jsonl, row)
                 if args.samples is not None and i < 4:

@@ -60,7 +60,8 @@ def add_layout_arguments(p, *, layouts: int, seed: int) -> None:
     p.add_argument("--layouts", type=int, default=layouts)
     p.add_argument("--seed", type=int, default=seed)
     p.add_argument("--steps", type=int, default=20, help="stage-1 steps")
-    p.add_argument("--upscale-steps", type=int, default=20)
+    p.add_argument("--upscale-steps", type=int, default=None,
+                   help="stage-2 steps (default: the upscaler's own, as the pipeline does: 1 for the default model)")
     p.add_argument("--full", default=None, metavar="WxH", help="both stages at this size instead of stage 1 alone")
     p.add_argument("--jsonl", type=Path, required=True)
     p.add_argument("--table", type=Path, default=None)
