@@ -21,11 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -61,7 +59,9 @@ def main() -> None:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from anysize.core.vae import vae_scale_factor
     from anysize.train.scenes import object_boxes, render, sample_scene
+    from anysize.train.trainer import to_tensor
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", type=Path, help="a diffusers SD-layout directory (the default base)")
@@ -79,10 +79,10 @@ def main() -> None:
     tokenizer = CLIPTokenizer.from_pretrained(args.model, subfolder="tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(args.model, subfolder="text_encoder", **f32).eval()
     scheduler = DDPMScheduler.from_pretrained(args.model, subfolder="scheduler")
-    side = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)  # the native image side
+    side = unet.config.sample_size * vae_scale_factor(vae)  # the native image side
 
     scenes = [sample_scene(args.seed + i, 1.0) for i in range(args.scenes)]
-    images = torch.from_numpy(np.stack([render(s, side, side) for s in scenes])).permute(0, 3, 1, 2)
+    images = to_tensor(np.stack([render(s, side, side) for s in scenes]))
     boxes = [b for s in scenes for b in object_boxes(s, side, side)]
     box_side = float(np.mean([((b - t) + (r - l)) / 2 for t, l, b, r in boxes])) / side
 
@@ -95,7 +95,7 @@ def main() -> None:
 
     rows, g = [], torch.Generator().manual_seed(0)
     with torch.no_grad():
-        latents = vae.encode(images.float() / 127.5 - 1).latent_dist.mean * vae.config.scaling_factor
+        latents = vae.encode(images).latent_dist.mean * vae.config.scaling_factor
         ids = tokenizer([s.caption for s in scenes], padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids
         text = text_encoder(ids)[0]
